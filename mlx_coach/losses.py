@@ -1,0 +1,321 @@
+"""Advantages, KL estimators and the clipped policy-gradient loss, as pure functions on mx.arrays.
+
+Shapes: B sequences grouped contiguously (rows [g*G:(g+1)*G] share a prompt), T completion tokens
+right-padded, ``mask`` [B, T] float with 1 for a real token.
+
+Conventions:
+- Group and batch standard deviations are *population* stds (ddof=0), so a group of one is
+  well defined (std 0) rather than NaN. TRL uses the unbiased std; for G samples the two differ
+  by a factor sqrt(G / (G - 1)).
+- Aggregations ("token", "sequence", "constant") are defined in ``aggregate``.
+- Rows whose mask is all zero contribute nothing and never produce NaN.
+"""
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+AGGREGATIONS = ("token", "sequence", "constant")
+KL_KINDS = ("k1", "k2", "k3")
+ADV_SCALES = ("group", "batch", "none")
+
+
+def _f32(x):
+    if isinstance(x, mx.array):
+        return x.astype(mx.float32)
+    return mx.array(x, dtype=mx.float32)
+
+
+def _groups(rewards, group_size):
+    r = _f32(rewards)
+    if group_size < 1 or r.ndim != 1 or r.size % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(r.shape)} cannot be split into groups of {group_size}"
+        )
+    return r.reshape(-1, group_size)
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """(r - group mean) / (std + eps), std of the group ("group"), of all rewards ("batch"), or 1 ("none")."""
+    if scale not in ADV_SCALES:
+        raise ValueError(f"advantage scale must be one of {ADV_SCALES}, got {scale!r}")
+    g = _groups(rewards, group_size)
+    # float32 rounding makes mean([0.2]*3) != 0.2, and dividing by (0 + eps) would blow that
+    # residue up to ~1e-4; a group of equal rewards carries no signal, so force it to 0.
+    flat = mx.max(g, axis=1, keepdims=True) == mx.min(g, axis=1, keepdims=True)
+    adv = mx.where(flat, 0.0, g - mx.mean(g, axis=1, keepdims=True))
+    if scale == "group":
+        adv = adv / (mx.sqrt(mx.var(g, axis=1, keepdims=True)) + eps)
+    elif scale == "batch":
+        adv = adv / (mx.sqrt(mx.var(g)) + eps)
+    return adv.reshape(-1)
+
+
+def dr_grpo_advantages(rewards, group_size):
+    """Dr. GRPO: reward minus its group mean, no std division (removes the difficulty bias)."""
+    return grpo_advantages(rewards, group_size, scale="none")
+
+
+def reinforce_advantages(rewards, baseline, decay):
+    """REINFORCE with a moving-average baseline. Returns (adv, new_baseline).
+
+    adv = r - baseline, using the baseline *before* this batch updates it (so a batch is never
+    its own baseline, except on the first call, when baseline is None and starts at the batch
+    mean). new_baseline = decay * baseline + (1 - decay) * mean(r).
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"baseline decay must be in [0, 1], got {decay}")
+    r = _f32(rewards)
+    batch_mean = float(mx.mean(r).item())
+    if baseline is None:
+        baseline = batch_mean
+    adv = r - baseline
+    return adv, decay * float(baseline) + (1.0 - decay) * batch_mean
+
+
+def zero_std_fraction(rewards, group_size):
+    """Share of groups whose rewards are all equal, i.e. that carry no GRPO learning signal."""
+    g = _groups(rewards, group_size)
+    flat = mx.max(g, axis=1) == mx.min(g, axis=1)
+    return float(mx.mean(flat.astype(mx.float32)).item())
+
+
+# ---------------------------------------------------------------------------- KL and masks
+
+
+def kl_estimate(logp, ref_logp, kind="k3"):
+    """Per-token estimate of KL(policy || ref) from log-probs of tokens sampled by the policy.
+
+    k1 = logp - ref (unbiased, high variance, can be negative); k2 = (logp - ref)^2 / 2;
+    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and always >= 0).
+    """
+    d = ref_logp - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return mx.exp(d) - d - 1.0
+    raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+def _is_zero(coef):
+    # An mx.array coefficient (one that changes under mx.compile without retracing) cannot be
+    # tested without evaluating it, so it always counts as used.
+    return not isinstance(coef, mx.array) and coef == 0
+
+
+def _masked(x, mask):
+    # where, not just x * mask: padding may hold inf or NaN (e.g. an overflowing k3), and 0 * inf is NaN.
+    return mx.where(mask > 0, x * mask, 0.0)
+
+
+def aggregate(per_token, mask, mode="token", max_len=None):
+    """Reduce [B, T] per-token values to a scalar over the real tokens.
+
+    token:    sum(x * mask) / sum(mask)  -- every real token in the batch weighs the same.
+    sequence: mean, over sequences with at least one real token, of each one's masked mean.
+    constant: sum(x * mask) / (B * max_len), max_len defaulting to T (Dr. GRPO: no length bias).
+    An all-zero mask gives 0.
+    """
+    masked = _masked(per_token, mask)
+    if mode == "token":
+        return mx.sum(masked) / mx.maximum(mx.sum(mask), 1.0)
+    if mode == "sequence":
+        lengths = mx.sum(mask, axis=1)
+        seq_means = mx.sum(masked, axis=1) / mx.maximum(lengths, 1.0)
+        n_seqs = mx.sum((lengths > 0).astype(per_token.dtype))
+        return mx.sum(seq_means) / mx.maximum(n_seqs, 1.0)
+    if mode == "constant":
+        max_len = per_token.shape[1] if max_len is None else max_len
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        return mx.sum(masked) / (per_token.shape[0] * max_len)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def _token_mean(x, mask):
+    return aggregate(x, mask, "token")
+
+
+def mask_truncated(mask, truncated):
+    """Zero the rows of completions cut off by the length limit (truncated: [B] bool)."""
+    keep = 1.0 - mx.array(truncated).astype(mask.dtype)
+    return mask * keep[:, None]
+
+
+def kl_penalized_rewards(rewards, logp, ref_logp, mask, beta, kind="k3"):
+    """"KL in reward" mode: r - beta * sum over real tokens of the per-token KL estimate.
+
+    The result is a reward, a constant for the policy gradient, so no gradient flows through it.
+    """
+    kl = kl_estimate(_f32(logp), _f32(ref_logp), kind)
+    penalty = mx.sum(_masked(kl, mask), axis=1)
+    return mx.stop_gradient(_f32(rewards) - beta * penalty)
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    epsilon=0.2,
+    epsilon_high=None,
+    aggregation="token",
+    max_len=None,
+    ref_logp=None,
+    beta=0.0,
+    kl_kind="k3",
+    entropy=None,
+    entropy_coef=0.0,
+):
+    """PPO-style clipped surrogate with optional KL penalty and entropy bonus.
+
+    loss = -agg(min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)) + beta * agg(kl)
+           - entropy_coef * agg(entropy),  ratio = exp(logp - old_logp).
+    Returns (loss, stats); stats are gradient-free scalars and their token means ignore
+    ``aggregation``: clip_frac, ratio_mean, kl_mean, pg_loss, kl_loss, entropy_mean.
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    # bfloat16 log-probs would round ratios near 1 (8-bit mantissa), so compute in float32.
+    logp = _f32(logp)
+    mask = _f32(mask)
+    adv = _f32(advantages)[:, None]
+
+    ratio = mx.exp(logp - _f32(old_logp))
+    unclipped = ratio * adv
+    clipped = mx.clip(ratio, 1.0 - epsilon, 1.0 + eps_high) * adv
+    objective = mx.minimum(unclipped, clipped)
+    pg_loss = -aggregate(objective, mask, aggregation, max_len)
+    loss = pg_loss
+
+    zero = mx.array(0.0)
+    kl_mean, kl_loss = zero, zero
+    if ref_logp is not None:
+        kl = kl_estimate(logp, _f32(ref_logp), kl_kind)
+        kl_mean = _token_mean(kl, mask)
+        # Skip an unused term: 0 * inf (an overflowing k3) would be NaN.
+        if not _is_zero(beta):
+            kl_loss = beta * aggregate(kl, mask, aggregation, max_len)
+            loss = loss + kl_loss
+    elif not _is_zero(beta):
+        raise ValueError("beta != 0 needs ref_logp")
+
+    entropy_mean = zero
+    if entropy is not None:
+        entropy = _f32(entropy)
+        entropy_mean = _token_mean(entropy, mask)
+        if not _is_zero(entropy_coef):
+            loss = loss - entropy_coef * aggregate(entropy, mask, aggregation, max_len)
+
+    stats = {
+        "clip_frac": _token_mean((clipped < unclipped).astype(mx.float32), mask),
+        "ratio_mean": _token_mean(ratio, mask),
+        "kl_mean": kl_mean,
+        "pg_loss": pg_loss,
+        "kl_loss": kl_loss,
+        "entropy_mean": entropy_mean,
+    }
+    return loss, {k: mx.stop_gradient(v) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------- KL controllers
+
+
+@dataclass
+class FixedKLController:
+    beta: float
+
+    def update(self, observed_kl, n_steps=1):
+        return self.beta
+
+    def state_dict(self):
+        return {"kind": "fixed", "beta": self.beta}
+
+    @classmethod
+    def from_state(cls, d):
+        return cls(beta=float(d["beta"]))
+
+
+@dataclass
+class AdaptiveKLController:
+    """Proportional controller of Ziegler et al. (2019) that steers the observed KL to ``target``."""
+
+    beta: float
+    target: float
+    horizon: int = 10000
+
+    def __post_init__(self):
+        if self.beta < 0 or self.target <= 0 or self.horizon <= 0:
+            raise ValueError(
+                f"adaptive KL needs beta >= 0, target > 0, horizon > 0; got {self.beta}, "
+                f"{self.target}, {self.horizon}"
+            )
+
+    def update(self, observed_kl, n_steps=1):
+        kl = float(observed_kl)
+        if kl != kl or kl in (float("inf"), float("-inf")):
+            return self.beta  # a non-finite KL must not poison beta; the trainer skips that step
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+    def state_dict(self):
+        return {"kind": "adaptive", **asdict(self)}
+
+    @classmethod
+    def from_state(cls, d):
+        return cls(beta=float(d["beta"]), target=float(d["target"]), horizon=d["horizon"])
+
+
+def make_kl_controller(beta, target=None, horizon=10000):
+    """Adaptive controller when a KL target is given, else a fixed beta."""
+    if target is None:
+        return FixedKLController(beta)
+    return AdaptiveKLController(beta, target, horizon)
+
+
+def kl_controller_from_state(d):
+    """Rebuild whichever controller wrote ``d`` (its state_dict)."""
+    cls = AdaptiveKLController if d.get("kind") == "adaptive" else FixedKLController
+    return cls.from_state(d)
+
+
+# ---------------------------------------------------------------------------- entropy, gradients
+
+
+def token_entropy(logits):
+    """Entropy [B, T] of the softmax over the last axis, computed from log-softmax."""
+    logits = _f32(logits)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    p = mx.exp(logp)
+    # Masked-out vocabulary (-inf logits) has p = 0; 0 * -inf would be NaN in value and gradient.
+    safe_logp = mx.where(p > 0, logp, 0.0)
+    return -mx.sum(p * safe_logp, axis=-1)
+
+
+def grad_global_norm(grads):
+    """sqrt of the sum of squares over every leaf of a gradient tree (float32)."""
+    total = mx.array(0.0)
+    for _, g in tree_flatten(grads):
+        total = total + mx.sum(mx.square(g.astype(mx.float32)))
+    return mx.sqrt(total)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale grads so their global norm is at most max_norm. Returns (grads, norm).
+
+    A NaN or Inf norm leaves the grads untouched and is returned as is, so the caller can see it
+    and skip the step; scaling would turn inf entries into NaN and finite ones into 0.
+    """
+    norm = grad_global_norm(grads)
+    scale = mx.where(mx.isfinite(norm) & (norm > max_norm), max_norm / norm, 1.0)
+    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -1,0 +1,363 @@
+"""Watch MLX memory, apply its limits, clear its buffer cache before it hurts throughput.
+
+MLX keeps freed buffers in a cache and hands them out again to allocations of a fitting size.
+Three numbers describe the allocator (bytes, from `mx.get_*_memory`):
+
+    active  memory held by live arrays
+    cache   freed buffers MLX keeps for reuse
+    peak    highest `active` since the last `mx.reset_peak_memory()`
+
+    fragmentation = cache / (active + cache)     (0 when both are 0)
+
+MLX does not expose real fragmentation (unused tails inside buffers); the cache share is the proxy
+we can measure: buffers that sit cached while new allocations of other sizes go to the system.
+When generation shapes keep changing (growing KV caches, varying prompt lengths) that share climbs and
+Metal throughput falls; a clear brings it back. The raw bytes are kept in every sample.
+
+Clearing policy (`clear_decision`, a pure function of one sample) fires on, in this order:
+fragmentation above `clear_fragmentation`, cache above `clear_cache_gb`, every `clear_every` steps.
+A clear either drops the whole cache (`mx.clear_cache()`) or, with `clear_fraction` set, trims it by
+that fraction: the cache limit is lowered to `(1 - clear_fraction) * cache`, the allocator evicts its
+least recently used buffers down to the limit, and the old limit is restored. MLX's CPU allocator
+trims inside `set_cache_limit`; the Metal allocator enforces the limit on its next allocation, so a
+one-element array is allocated while the lower limit is in force. Buffers still in use stay cached,
+so a trim costs fewer re-allocations than a full clear.
+
+GB in metric names is 1e9 bytes, as mlx-lm reports peak memory.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlx_coach.errors import UserError
+
+GB = 1e9
+
+# Substrings of the errors MLX raises when an allocation fails (Metal and CPU allocators),
+# matched case-insensitively.
+OOM_MARKERS = (
+    "[metal::malloc]",
+    "[malloc] unable to allocate",
+    "resource limit",
+    "out of memory",
+    "insufficient memory",
+)
+
+
+@dataclass
+class MemoryConfig:
+    # Limits: bytes (int), a fraction in (0, 1] of the device's recommended working set (Metal) or
+    # total memory (CPU), or None to leave MLX's default.
+    cache_limit: int | float | None = None
+    memory_limit: int | float | None = None
+    wired_limit: int | float | None = None  # Metal only; fraction of the recommended working set
+    clear_fragmentation: float | None = 0.5  # clear when cache / (active + cache) exceeds this
+    clear_cache_gb: float | None = None  # clear when the cache holds more than this
+    clear_every: int = 0  # clear every N steps; 0 = off
+    clear_fraction: float | None = None  # trim the cache by this fraction; None = drop all of it
+    clear_min_cache_gb: float = 0.0625  # the fragmentation rule ignores caches smaller than this
+    clear_min_interval: int = 1  # steps between proactive clears (1 = at most one per step)
+    oom_min_batch: int = 1
+
+    def __post_init__(self):
+        for name in ("cache_limit", "memory_limit", "wired_limit"):
+            _check_limit(getattr(self, name), f"memory.{name}")
+        if self.clear_fragmentation is not None and not 0 < self.clear_fragmentation <= 1:
+            raise UserError(f"memory.clear_fragmentation must be in (0, 1], got {self.clear_fragmentation}")
+        if self.clear_cache_gb is not None and self.clear_cache_gb < 0:
+            raise UserError(f"memory.clear_cache_gb must be >= 0, got {self.clear_cache_gb}")
+        if not isinstance(self.clear_every, int) or self.clear_every < 0:
+            raise UserError(f"memory.clear_every must be an integer >= 0, got {self.clear_every!r}")
+        if self.clear_fraction is not None and not 0 < self.clear_fraction <= 1:
+            raise UserError(f"memory.clear_fraction must be in (0, 1], got {self.clear_fraction}")
+        if self.clear_min_cache_gb < 0:
+            raise UserError(f"memory.clear_min_cache_gb must be >= 0, got {self.clear_min_cache_gb}")
+        if not isinstance(self.clear_min_interval, int) or self.clear_min_interval < 0:
+            raise UserError(f"memory.clear_min_interval must be an integer >= 0, got {self.clear_min_interval!r}")
+        if not isinstance(self.oom_min_batch, int) or self.oom_min_batch < 1:
+            raise UserError(f"memory.oom_min_batch must be an integer >= 1, got {self.oom_min_batch!r}")
+
+
+def _check_limit(value, name):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be bytes (int), a fraction in (0, 1] or null, got {value!r}")
+    if isinstance(value, float) and not (0 < value <= 1 or (value > 1 and value.is_integer())):
+        raise UserError(f"{name} must be bytes (int) or a fraction in (0, 1], got {value!r}")
+    if value < 0:
+        raise UserError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass
+class MemorySample:
+    active: int
+    cache: int
+    peak: int
+    phase: str
+    t: float
+
+    @property
+    def fragmentation(self):
+        return fragmentation(self.active, self.cache)
+
+
+@dataclass
+class ClearEvent:
+    reason: str  # "fragmentation" | "cache_size" | "periodic" | "oom" | a caller's reason
+    freed_bytes: int
+    ms: float
+    step: int
+    cache_before: int = 0
+    cache_after: int = 0
+    fragmentation: float = 0.0  # before the clear
+    partial: bool = False  # True when the cache was trimmed by clear_fraction, not dropped
+    kind: str = field(default="memory/clear", init=False)
+
+    def fields(self):
+        """Keyword arguments for `Telemetry.event(step, event.kind, **event.fields())`."""
+        return {
+            "reason": self.reason,
+            "freed_bytes": self.freed_bytes,
+            "ms": self.ms,
+            "cache_before": self.cache_before,
+            "cache_after": self.cache_after,
+            "fragmentation": self.fragmentation,
+            "partial": self.partial,
+        }
+
+
+@dataclass
+class OomEvent:
+    step: int | None
+    batch: int
+    new_batch: int | None  # None: already at oom_min_batch, the error was re-raised
+    message: str
+    freed_bytes: int = 0
+    kind: str = field(default="memory/oom", init=False)
+
+    def fields(self):
+        return {
+            "batch": self.batch,
+            "new_batch": self.new_batch,
+            "message": self.message,
+            "freed_bytes": self.freed_bytes,
+        }
+
+
+def fragmentation(active, cache):
+    total = active + cache
+    return cache / total if total > 0 else 0.0
+
+
+def device_memory_bytes(info):
+    """Bytes that limit fractions refer to: Metal's recommended working set, else total memory."""
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        value = info.get(key) if info else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_limit(value, device_bytes, name="limit"):
+    """A configured limit in bytes: ints are bytes, floats in (0, 1] a fraction of device_bytes."""
+    if value is None:
+        return None
+    _check_limit(value, name)
+    if isinstance(value, float) and value <= 1:
+        if not device_bytes:
+            raise UserError(f"{name} is a fraction ({value}) but the device memory size is unknown; give bytes")
+        return int(value * device_bytes)
+    return int(value)
+
+
+def resolve_wired_limit(value, info, name="memory.wired_limit"):
+    """Wired limit in bytes; Metal refuses limits above the recommended working set, so do we."""
+    if value is None:
+        return None
+    ceiling = (info or {}).get("max_recommended_working_set_size")
+    limit = resolve_limit(value, ceiling or device_memory_bytes(info), name)
+    if ceiling and limit > ceiling:
+        raise UserError(f"{name} ({limit} bytes) exceeds the recommended working set ({ceiling} bytes)")
+    return limit
+
+
+def clear_decision(sample, cfg, step, last_clear_step):
+    """(should_clear, reason) for one sample; reason is None when no clear is due."""
+    if last_clear_step is not None and step - last_clear_step < cfg.clear_min_interval:
+        return False, None
+    if (
+        cfg.clear_fragmentation is not None
+        and sample.cache >= cfg.clear_min_cache_gb * GB
+        and sample.cache > 0
+        and fragmentation(sample.active, sample.cache) > cfg.clear_fragmentation
+    ):
+        return True, "fragmentation"
+    if cfg.clear_cache_gb is not None and sample.cache > cfg.clear_cache_gb * GB:
+        return True, "cache_size"
+    if cfg.clear_every and step > 0 and step % cfg.clear_every == 0:
+        return True, "periodic"
+    return False, None
+
+
+def trim_target(cache, clear_fraction):
+    """Cache limit that trims `cache` bytes by `clear_fraction`; 0 means drop everything."""
+    if clear_fraction is None or clear_fraction >= 1:
+        return 0
+    return int(cache * (1 - clear_fraction))
+
+
+def halve_batch(batch, min_batch):
+    """Next batch size after an out-of-memory error, or None when batch is already at the floor."""
+    if batch <= min_batch:
+        return None
+    return max(min_batch, batch // 2)
+
+
+def is_oom_error(exc):
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def _device_info():
+    try:
+        return dict(mx.device_info())
+    except Exception:  # older MLX: only the Metal query exists
+        return dict(mx.metal.device_info()) if mx.metal.is_available() else {}
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class MemoryManager:
+    def __init__(self, cfg, device_info=None, clock=time.perf_counter):
+        self.cfg = cfg
+        self.info = dict(device_info) if device_info is not None else _device_info()
+        self.device_bytes = device_memory_bytes(self.info) or _physical_memory()
+        self.clock = clock
+        self.latest = None
+        self.by_phase = {}  # phase -> latest MemorySample in the current step
+        self.events = []  # ClearEvent and OomEvent, in order
+        self.previous_limits = {}  # what MLX had before apply_limits
+        self.last_clear_step = None
+        self.clear_count = 0
+        self.freed_total = 0
+        self.oom_count = 0
+        self.run_peak = 0
+        self.last_ok_batch = None
+
+    def apply_limits(self):
+        """Set the configured limits in MLX; returns {name: bytes} for those set."""
+        cfg, applied = self.cfg, {}
+        memory = resolve_limit(cfg.memory_limit, self.device_bytes, "memory.memory_limit")
+        cache = resolve_limit(cfg.cache_limit, self.device_bytes, "memory.cache_limit")
+        wired = resolve_wired_limit(cfg.wired_limit, self.info)
+        if memory is not None:  # first: MLX's cache limit defaults to the memory limit
+            self.previous_limits["memory_limit"] = mx.set_memory_limit(memory)
+            applied["memory_limit"] = memory
+        if cache is not None:
+            self.previous_limits["cache_limit"] = mx.set_cache_limit(cache)
+            applied["cache_limit"] = cache
+        if wired is not None and mx.metal.is_available():
+            self.previous_limits["wired_limit"] = mx.set_wired_limit(wired)
+            applied["wired_limit"] = wired
+        return applied
+
+    def sample(self, phase):
+        s = MemorySample(
+            active=mx.get_active_memory(),
+            cache=mx.get_cache_memory(),
+            peak=mx.get_peak_memory(),
+            phase=phase,
+            t=self.clock(),
+        )
+        self.latest = s
+        self.by_phase[phase] = s
+        self.run_peak = max(self.run_peak, s.peak)
+        return s
+
+    def maybe_clear(self, step):
+        """Clear (or trim) the cache if the policy says so for the latest sample."""
+        s = self.latest or self.sample("clear")
+        due, reason = clear_decision(s, self.cfg, step, self.last_clear_step)
+        if not due:
+            return None
+        return self.clear(step, reason, fraction=self.cfg.clear_fraction)
+
+    def clear(self, step, reason="manual", fraction=None):
+        """Clear now, whatever the policy; fraction as in MemoryConfig.clear_fraction."""
+        mx.synchronize()  # buffers of in-flight work return to the cache first
+        frag = fragmentation(mx.get_active_memory(), mx.get_cache_memory())
+        before = mx.get_cache_memory()
+        t0 = time.perf_counter()
+        target = trim_target(before, fraction)
+        if target == 0:
+            mx.clear_cache()
+        else:
+            previous = mx.set_cache_limit(target)
+            mx.eval(mx.zeros((1,)))  # Metal enforces the limit on its next allocation
+            mx.set_cache_limit(previous)
+        ms = (time.perf_counter() - t0) * 1000
+        after = mx.get_cache_memory()
+        event = ClearEvent(reason, max(0, before - after), ms, step, before, after, frag, target > 0)
+        self.events.append(event)
+        self.clear_count += 1
+        self.freed_total += event.freed_bytes
+        self.last_clear_step = step
+        self.sample("after_clear")
+        return event
+
+    def run_with_oom_backoff(self, fn, batch, step=None):
+        """fn(batch), halving batch after each MLX out-of-memory error down to oom_min_batch."""
+        while True:
+            try:
+                result = fn(batch)
+                self.last_ok_batch = batch
+                return result
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom_error(exc):
+                    raise
+                before = mx.get_cache_memory()
+                mx.clear_cache()
+                new_batch = halve_batch(batch, self.cfg.oom_min_batch)
+                freed = max(0, before - mx.get_cache_memory())
+                self.events.append(OomEvent(step, batch, new_batch, str(exc).splitlines()[0][:200], freed))
+                self.oom_count += 1
+                if new_batch is None:
+                    raise
+                batch = new_batch
+
+    def step_metrics(self, reset_peak=True):
+        """Metrics for the step; peak is per step (MLX's peak is reset here unless reset_peak=False)."""
+        s = self.latest or self.sample("step")
+        step_peak = max([p.peak for p in self.by_phase.values()] + [s.peak])
+        m = {
+            "memory/active_gb": s.active / GB,
+            "memory/cache_gb": s.cache / GB,
+            "memory/peak_gb": step_peak / GB,
+            "memory/peak_run_gb": self.run_peak / GB,
+            "memory/fragmentation": s.fragmentation,
+            "memory/clear_events": self.clear_count,
+            "memory/freed_gb": self.freed_total / GB,
+            "memory/oom_events": self.oom_count,
+        }
+        for phase, p in self.by_phase.items():
+            m[f"memory/phase/{phase}/active_gb"] = p.active / GB
+            m[f"memory/phase/{phase}/cache_gb"] = p.cache / GB
+            m[f"memory/phase/{phase}/peak_gb"] = p.peak / GB
+            m[f"memory/phase/{phase}/fragmentation"] = p.fragmentation
+        self.by_phase = {}
+        if reset_peak:
+            mx.reset_peak_memory()
+        return m

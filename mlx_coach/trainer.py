@@ -1,0 +1,527 @@
+"""The RL loop: rollout -> score -> advantages -> policy-gradient update with a KL penalty.
+
+Read `train()` top to bottom: setup, then one step per loop iteration in visible phases
+(data, rollout, scoring, advantages, update, logging, checkpoint). Randomness is a pure
+function of (seed, step) and (seed, epoch), so a resumed run replays exactly the same
+samples, and N steps + resume to 2N gives the weights of a straight 2N-step run.
+"""
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import losses
+from .alerts import AlertConfig, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
+from .cache import CacheConfig, ScoreCache
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, load_config, save_config, to_dict
+from .errors import UserError
+from .evaluate import generate_and_score, pass_at_k_summary
+from .health import (bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas, top_layers_text,
+                     update_ratio)
+from .memory import MemoryConfig, MemoryManager
+from .models import adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs
+from .rewards import RewardSet
+from .rollout import DEFAULT_STOPS, RolloutConfig, generate_rollouts
+from .tasks import load_tasks, split_tasks
+from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
+
+LENGTH_EDGES = (200, 400)  # prompt length buckets (characters) for the category x length heatmap
+
+
+def step_seed(seed, step):
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**31)
+
+
+def epoch_order(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def select_tasks(data):
+    tasks = load_tasks(data.tasks)
+    if data.categories:
+        tasks = [t for t in tasks if t.tags.get("category") in data.categories]
+    if data.limit:
+        tasks = tasks[: data.limit]
+    if not tasks:
+        raise UserError(f"config key 'data.tasks': no tasks selected from {data.tasks!r}")
+    return split_tasks(tasks, data.val_fraction, data.split_seed)
+
+
+def make_optimizer(o, total_updates):
+    decay_steps = max(1, total_updates - o.warmup_steps)
+    if o.schedule == "cosine":
+        main = optim.cosine_decay(o.lr, decay_steps, end=o.lr * o.min_lr_ratio)
+    else:
+        main = o.lr
+    lr = main
+    if o.warmup_steps:
+        warm = optim.linear_schedule(o.lr / o.warmup_steps, o.lr, o.warmup_steps)
+        lr = optim.join_schedules([warm, main if callable(main) else (lambda _: o.lr)], [o.warmup_steps])
+    return optim.AdamW(learning_rate=lr, weight_decay=o.weight_decay)
+
+
+def rollout_config(cfg, *, temperature=None, max_new_tokens=None):
+    r = cfg.rollout
+    return RolloutConfig(
+        group_size=r.group_size, max_new_tokens=max_new_tokens or r.max_new_tokens,
+        temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
+        max_batch_tokens=r.max_batch_tokens, stop=tuple(r.stop) if r.stop is not None else DEFAULT_STOPS,
+        chat_template=cfg.model.chat_template, extract_code=cfg.model.extract_code,
+    )
+
+
+def _pad(rows, width):
+    return mx.array([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=mx.float32)
+
+
+def _finite(x):
+    return bool(mx.all(mx.isfinite(x)).item())
+
+
+class Trainer:
+    """Holds what one run needs; `train()` below drives it. Methods are the loop's phases."""
+
+    def __init__(self, cfg: Config, run_dir, *, resume=False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.train_tasks, self.val_tasks = select_tasks(cfg.data)
+        if cfg.train.val_limit:
+            self.val_tasks = self.val_tasks[: cfg.train.val_limit]
+        self.steps_per_epoch = math.ceil(len(self.train_tasks) / cfg.rollout.prompts_per_step)
+
+        # --- policy, reference, optimizer ---
+        mx.random.seed(cfg.train.seed)
+        self.model, self.tokenizer, self.model_info = load_policy(cfg.model.path)
+        m = cfg.model
+        if m.fine_tune == "lora":
+            apply_lora(self.model, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                       num_layers=m.lora_layers, keys=m.lora_keys)
+            self.ref_model = None  # reference = the same weights with adapters switched off
+        else:
+            self.ref_model = frozen_copy(self.model)
+            self.model.unfreeze()
+        self.adapter_cfg = adapter_config(self.model_info, fine_tune=m.fine_tune, rank=m.lora_rank,
+                                          alpha=m.lora_alpha, dropout=m.lora_dropout, num_layers=m.lora_layers,
+                                          keys=m.lora_keys)
+        total_updates = cfg.train.steps * cfg.algo.num_iterations
+        self.optimizer = make_optimizer(cfg.optim, total_updates)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
+        self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+
+        # --- scoring, memory, telemetry ---
+        c = cfg.cache
+        self.cache = ScoreCache.from_config(CacheConfig(policy=c.policy, maxsize=c.maxsize, ttl_s=c.ttl_s,
+                                                        sqlite_path=c.sqlite_path))
+        self.rewards = RewardSet(cfg, self.cache)
+        self.val_scorer = self.rewards.tests.impl if self.rewards.tests else None
+        mc = cfg.memory
+        self.memory = MemoryManager(MemoryConfig(
+            cache_limit=mc.cache_limit, memory_limit=mc.memory_limit, wired_limit=mc.wired_limit,
+            clear_fragmentation=mc.clear_fragmentation, clear_cache_gb=mc.clear_cache_gb,
+            clear_every=mc.clear_every, clear_fraction=mc.clear_fraction))
+        self.memory_limits = self.memory.apply_limits()
+        self.alert_cfg = AlertConfig(kl_max=cfg.telemetry.kl_max, lr_adjust=cfg.telemetry.lr_adjust)
+        self.alert_state = AlertState()
+        self.phases = PhaseAccumulator()
+        self.reward_ema, self.loss_ema = Ema(0.1), Ema(0.1)
+        self.lr_scale = 1.0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+
+        # --- state (what a checkpoint restores) ---
+        self.step, self.epoch, self.pos = 0, 0, 0
+        self.baseline = None
+        self.skipped = 0
+        self.first_epoch_fresh = []
+        self.baseline_reward = None
+        if resume:
+            self._resume()
+        self.order = epoch_order(len(self.train_tasks), cfg.train.seed, self.epoch)
+        self.telemetry = Telemetry(self.run_dir, tensorboard=cfg.telemetry.tensorboard,
+                                   console=cfg.telemetry.progress, purge_step=self.step + 1 if resume else None)
+        self.telemetry.custom_layout()
+        if not resume:
+            self._log_cache_clear(self.cache.on_epoch_start(0), step=0)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self):
+        return {
+            "step": self.step, "epoch": self.epoch, "pos": self.pos,
+            "rng": {"scheme": "seed(step_seed(seed, step)) at each step; epoch order from (seed, epoch)",
+                    "seed": self.cfg.train.seed},
+            "baseline": self.baseline, "kl_controller": self.kl_ctl.state_dict(), "skipped_steps": self.skipped,
+            "first_epoch_fresh": self.first_epoch_fresh, "baseline_reward": self.baseline_reward,
+            "reward_ema": self.reward_ema.state_dict(), "loss_ema": self.loss_ema.state_dict(),
+            "lr_scale": self.lr_scale, "model": self.model_info.get("path"),
+        }
+
+    def save(self):
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._state(),
+                               self.adapter_cfg, self.cache.snapshot())
+
+    def _resume(self):
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise UserError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+        state, cache_snapshot = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        self.baseline, self.skipped = state["baseline"], state["skipped_steps"]
+        self.kl_ctl = losses.kl_controller_from_state(state["kl_controller"])
+        self.first_epoch_fresh = state["first_epoch_fresh"]
+        self.baseline_reward = state["baseline_reward"]
+        self.reward_ema.load_state_dict(state["reward_ema"])
+        self.loss_ema.load_state_dict(state["loss_ema"])
+        self.lr_scale = state["lr_scale"]
+        if cache_snapshot is not None:
+            self.cache.restore(cache_snapshot)
+        print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
+
+    # ---------------------------------------------------------------- phases
+    def next_prompts(self):
+        """The next prompts of this epoch's seeded order; None when the epoch is used up."""
+        n = self.cfg.rollout.prompts_per_step
+        if self.pos >= len(self.order):
+            return None
+        idx = self.order[self.pos: self.pos + n]
+        position = self.pos / len(self.order)
+        self.pos += len(idx)
+        return [self.train_tasks[i] for i in idx], position
+
+    def reference_logprobs(self, prompt_ids, comp_ids):
+        if self.ref_model is not None:
+            logp, _, _ = sequence_logprobs(self.ref_model, prompt_ids, comp_ids)
+        else:
+            with adapters_disabled(self.model):
+                logp, _, _ = sequence_logprobs(self.model, prompt_ids, comp_ids)
+        return mx.stop_gradient(logp)
+
+    def _loss(self, model, batch, beta):
+        a = self.cfg.algo
+        logp, mask, entropy = sequence_logprobs(model, batch["prompt_ids"], batch["comp_ids"],
+                                                with_entropy=a.entropy_coef > 0)
+        mask = mask * batch["loss_mask"][:, : mask.shape[1]]
+        old = batch["old_logp"][:, : logp.shape[1]]
+        old = mx.where(mask > 0, old, mx.stop_gradient(logp))
+        ref = batch["ref_logp"][:, : logp.shape[1]] if a.kl_in == "loss" else None
+        loss, stats = losses.policy_loss(
+            logp, old, batch["adv"], mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+            aggregation=a.aggregation, max_len=self.cfg.rollout.max_new_tokens, ref_logp=ref,
+            beta=beta if a.kl_in == "loss" else 0.0, kl_kind=a.kl_estimator, entropy=entropy,
+            entropy_coef=a.entropy_coef)
+        if batch.get("inject_nan"):
+            loss = loss * mx.array(float("nan"))
+        return loss, stats
+
+    def update(self, batch, beta):
+        """num_iterations optimizer updates on one rollout batch, each with gradient accumulation.
+
+        A non-finite loss or gradient skips that update: weights and optimizer state stay as
+        they were, the skip is counted and alerted, nothing is clamped."""
+        a, o = self.cfg.algo, self.cfg.optim
+        B = len(batch["comp_ids"])
+        chunks = np.array_split(np.arange(B), min(o.grad_accum, B))
+        tokens = batch["mask_np"].sum()
+        out = {"skipped": 0, "clip_frac": [], "kl_mean": [], "grad_norm": [], "loss": [], "pg_loss": [],
+               "kl_loss": [], "ratio_mean": [], "update_ratio": [], "group_norms": {}}
+        for _ in range(a.num_iterations):
+            grads_sum, loss_sum, stats_sum = None, 0.0, {}
+            for idx in chunks:
+                sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
+                       for k, v in batch.items() if k not in ("mask_np", "inject_nan")}
+                sub["inject_nan"] = batch.get("inject_nan", False)
+                w = self._chunk_weight(batch["mask_np"][idx], tokens, len(idx), B)
+                (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
+                grads = tree_map(lambda g: g * w, grads)
+                grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+                loss_sum += loss * w
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w
+            mx.eval(grads_sum, loss_sum, stats_sum)
+            norm = losses.grad_global_norm(grads_sum)
+            finite = _finite(loss_sum) and math.isfinite(norm.item())
+            out["grad_norm"].append(norm.item())
+            out["loss"].append(loss_sum.item())
+            for k in ("clip_frac", "kl_mean", "pg_loss", "kl_loss", "ratio_mean"):
+                if k in stats_sum:
+                    out[k].append(stats_sum[k].item())
+            if not finite:
+                out["skipped"] += 1
+                continue
+            if o.grad_clip > 0:
+                grads_sum, _ = losses.clip_grad_norm(grads_sum, o.grad_clip)
+            out["group_norms"] = grad_norms_by_group(grads_sum)
+            before = dict(tree_flatten(self.model.trainable_parameters()))
+            if self.lr_scale != 1.0:
+                grads_sum = tree_map(lambda g: g * self.lr_scale, grads_sum)  # health adjustment
+            self.optimizer.update(self.model, grads_sum)
+            mx.eval(self.model.parameters(), self.optimizer.state)
+            out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
+        return out
+
+    def _chunk_weight(self, chunk_mask, tokens, n_chunk, B):
+        agg = self.cfg.algo.aggregation
+        if agg == "token":
+            return float(chunk_mask.sum() / max(tokens, 1))
+        return n_chunk / B
+
+    def _log_cache_clear(self, removed, step):
+        if removed or self.cfg.cache.policy == "epoch-clear":
+            self.telemetry.event(step, "cache/clear", removed=int(removed), epoch=self.epoch)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self):
+        """Score the fixed validation split fresh (the cache is bypassed) with greedy decoding."""
+        if not self.val_tasks or self.val_scorer is None:
+            return None
+        t = self.cfg.train
+        rc = rollout_config(self.cfg, temperature=0.0, max_new_tokens=t.val_max_new_tokens or None)
+        rc.group_size = 1
+        records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer, bypass_cache=True)
+        summary = pass_at_k_summary(records, ks=(1,))
+        triples = [(r["category"], len(r["prompt"]), r["passed"]) for r in records]
+        return summary, triples
+
+    # ---------------------------------------------------------------- one step
+    def run_step(self):
+        cfg, a = self.cfg, self.cfg.algo
+        t_step = time.perf_counter()
+        mx.random.seed(step_seed(cfg.train.seed, self.step))
+        picked = self.next_prompts()
+        if picked is None:
+            self.end_epoch()
+            picked = self.next_prompts()
+        tasks, position = picked
+        phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
+        metrics = {"epoch": self.epoch, "epoch/position": position}
+
+        # --- rollout: G samples per prompt, KV-cached, batched ---
+        self.memory.sample("generate_start")
+        rc = rollout_config(cfg)
+        t0 = time.perf_counter()
+        rb = self.memory.run_with_oom_backoff(
+            lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
+                                             _with_budget(rc, budget)), rc.max_batch_tokens)
+        t_gen = time.perf_counter() - t0
+        self.memory.sample("generate")
+        rollouts = rb.rollouts
+        G = rc.group_size
+        group_tasks = [tasks[r.prompt_index] for r in rollouts]
+
+        # --- scoring (in a worker thread) overlaps the reference forward pass ---
+        t0 = time.perf_counter()
+        fut = self.pool.submit(self.rewards.score, group_tasks, [t.prompt for t in group_tasks],
+                               [r.completion for r in rollouts])
+        prompt_ids = [r.prompt_ids for r in rollouts]
+        comp_ids = [r.token_ids for r in rollouts]
+        T = max(1, max(len(c) for c in comp_ids))
+        ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
+        mx.eval(ref_logp)
+        scored = fut.result()
+        t_score = time.perf_counter() - t0
+        self.memory.sample("score")
+
+        # --- rewards and advantages ---
+        rewards_np = np.array([s.total for s in scored], dtype=np.float32)
+        old_logp = _pad([r.logprobs for r in rollouts], T)
+        mask_np = np.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comp_ids], dtype=np.float32)
+        truncated = [r.finish_reason == "length" for r in rollouts]
+        loss_mask = mx.array(mask_np)
+        if a.mask_truncated:
+            loss_mask = losses.mask_truncated(loss_mask, mx.array(truncated))
+            mask_np = np.array(loss_mask)
+        beta = self.kl_ctl.beta
+        rewards = mx.array(rewards_np)
+        if a.kl_in == "reward" and beta > 0:
+            rewards = losses.kl_penalized_rewards(rewards, old_logp, ref_logp, mx.array(mask_np), beta, a.kl_estimator)
+        if a.advantage == "grpo":
+            adv = losses.grpo_advantages(rewards, G, scale=a.scale_rewards)
+        elif a.advantage == "dr_grpo":
+            adv = losses.dr_grpo_advantages(rewards, G)
+        else:
+            adv, self.baseline = losses.reinforce_advantages(rewards, self.baseline, a.baseline_decay)
+        batch = {"prompt_ids": prompt_ids, "comp_ids": comp_ids, "old_logp": old_logp, "ref_logp": ref_logp,
+                 "adv": adv, "loss_mask": loss_mask, "mask_np": mask_np,
+                 "inject_nan": self.step + 1 in cfg.train.debug_nan_steps}
+
+        # --- update ---
+        t0 = time.perf_counter()
+        upd = self.update(batch, beta)
+        t_update = time.perf_counter() - t0
+        self.memory.sample("update")
+        self.skipped += upd["skipped"]
+        kl_obs = float(np.mean(upd["kl_mean"])) if upd["kl_mean"] else 0.0
+        if upd["skipped"] == 0:
+            self.kl_ctl.update(kl_obs, 1)
+        self.step += 1
+
+        # --- metrics ---
+        fresh = [s.total for s in scored if s.provenance == "fresh"]
+        cached = [s.total for s in scored if s.provenance == "cached"]
+        comp_lens = [len(c) for c in comp_ids]
+        ent = [e for r in rollouts for e in r.entropies]
+        metrics.update({
+            "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
+            "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
+            "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
+            "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
+            "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),
+            "loss/policy_ema": self.loss_ema.update(float(np.mean(upd["loss"]))) if math.isfinite(np.mean(upd["loss"])) else self.loss_ema.value,
+            "kl/mean": kl_obs, "kl/beta": beta,
+            "policy/clip_frac": float(np.mean(upd["clip_frac"] or [0.0])),
+            "policy/ratio_mean": float(np.mean(upd["ratio_mean"] or [1.0])),
+            "policy/entropy": float(np.mean(ent)) if ent else 0.0,
+            "grad/norm": float(upd["grad_norm"][-1]),
+            "grad/update_ratio": float(np.mean(upd["update_ratio"])) if upd["update_ratio"] else 0.0,
+            "lr": float(self.optimizer.learning_rate.item()) * self.lr_scale,
+            "train/skipped_steps": self.skipped,
+            "train/pass_rate": float(np.mean([s.passed for s in scored])),
+            "gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,
+            "gen/decode_tokens": rb.decode_tokens, "gen/completion_len_mean": float(np.mean(comp_lens)),
+            "gen/truncated_frac": float(np.mean(truncated)),
+            "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
+        })
+        if fresh:
+            metrics["reward/fresh_mean"] = float(np.mean(fresh))
+        if cached:
+            metrics["reward/cached_mean"] = float(np.mean(cached))
+        if self.baseline_reward is not None and fresh:
+            metrics["reward/gain_from_baseline"] = float(np.mean(fresh)) - self.baseline_reward
+        if self.epoch == 0:
+            self.first_epoch_fresh.extend(fresh)
+        for src in self.rewards.sources:
+            vals = [s.parts.get(src.name) for s in scored]
+            vals = [v for v in vals if v is not None]
+            if vals and len(self.rewards.sources) > 1:
+                metrics[f"reward/{src.name}_mean"] = float(np.mean(vals))
+        metrics.update(self.rewards.stats())
+        metrics.update(upd["group_norms"])
+        metrics.update(self.cache_metrics())
+        mem = self.memory.step_metrics()
+        metrics.update(mem)
+        clear = self.memory.maybe_clear(self.step)
+        if clear is not None:
+            self.telemetry.event(self.step, "memory/clear", reason=clear.reason, freed_bytes=clear.freed_bytes,
+                                 ms=clear.ms)
+        self.phases.add(phase, {"tokens_per_sec": rb.tokens_per_sec, "hits": metrics.get("cache/step_hits", 0),
+                                "misses": metrics.get("cache/step_misses", 0),
+                                "fragmentation": mem.get("memory/fragmentation", 0.0),
+                                "fresh_reward_mean": metrics.get("reward/fresh_mean")})
+        metrics.update(self.phases.by_phase_metrics(phase))
+        metrics["time/step_s"] = time.perf_counter() - t_step
+
+        # --- alerts and health adjustments ---
+        if self.cfg.telemetry.alerts:
+            step_metrics = dict(metrics, **{"loss/nonfinite": float(upd["skipped"] > 0)})
+            for alert in evaluate_alerts(self.alert_state, step_metrics, self.alert_cfg):
+                self.telemetry.alert(self.step, alert)
+            factor = lr_adjustment(self.alert_state, step_metrics, self.alert_cfg)
+            if factor is not None:
+                self.lr_scale *= factor
+                self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
+        self.telemetry.log(self.step, metrics)
+        return metrics
+
+    def cache_metrics(self):
+        s = self.cache.stats()["student"]
+        prev = getattr(self, "_prev_cache", {"hits": 0, "misses": 0})
+        self._prev_cache = {"hits": s["hits"], "misses": s["misses"]}
+        dh, dm = s["hits"] - prev["hits"], s["misses"] - prev["misses"]
+        return {"cache/hit_rate": dh / (dh + dm) if dh + dm else 0.0, "cache/step_hits": dh, "cache/step_misses": dm,
+                "cache/hits": s["hits"], "cache/misses": s["misses"], "cache/evictions": s["evictions"],
+                "cache/expirations": s["expirations"], "cache/size": s["size"]}
+
+    def end_epoch(self):
+        """Validation (fresh), the per-phase table, then the next epoch's seeded order."""
+        if self.baseline_reward is None and self.first_epoch_fresh:
+            self.baseline_reward = float(np.mean(self.first_epoch_fresh))
+        rows = self.phases.epoch_rows()
+        self.telemetry.epoch_table(self.epoch, self.step, rows)
+        if self.cfg.train.epochs_val:
+            result = self.validate()
+            if result is not None:
+                summary, triples = result
+                self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "epoch": self.epoch})
+                cats, buckets, matrix = bucket_pass_rates(triples, LENGTH_EDGES)
+                self.telemetry.image("eval/category_length_heatmap", heatmap_image(matrix, cats, buckets), self.step)
+                for alert in evaluate_epoch(self.alert_state, {"eval/pass@1": summary["pass@1"],
+                                                               "memory/active_gb": self.memory.step_metrics().get("memory/active_gb", 0.0)},
+                                            self.alert_cfg):
+                    self.telemetry.alert(self.step, alert)
+        if self.cfg.model.fine_tune == "lora":
+            deltas = lora_deltas(self.initial_trainable, dict(tree_flatten(self.model.trainable_parameters())))
+            self.telemetry.text("adapters/top_layers", top_layers_text(deltas), self.step)
+        self.epoch += 1
+        self.pos = 0
+        self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, self.epoch)
+        self.phases.reset()
+        self._log_cache_clear(self.cache.on_epoch_start(self.epoch), self.step)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        self.rewards.close()
+        self.telemetry.close()
+
+
+def _with_budget(rc, budget):
+    from dataclasses import replace
+
+    return replace(rc, max_batch_tokens=budget)
+
+
+def train(cfg: Config, run_dir, *, resume=False, steps=None):
+    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics."""
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    total = steps or cfg.train.steps
+    every = cfg.train.checkpoint_every
+    last = {}
+    try:
+        while trainer.step < total:
+            last = trainer.run_step()
+            if cfg.telemetry.progress:
+                print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
+            if every and trainer.step % every == 0:
+                trainer.save()
+        if latest_checkpoint(trainer.run_dir) is None or trainer.step % max(every, 1) or not every:
+            trainer.save()
+    finally:
+        trainer.close()
+    return last
+
+
+def run_from_args(args):
+    from .config import from_dict
+    import yaml
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
+        base = yaml.safe_load(saved.read_text())
+        from .config import apply_overrides, validate
+
+        cfg = from_dict(apply_overrides(base, args.set))
+        validate(cfg)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.output or cfg.train.output)
+    if args.steps:
+        cfg.train.steps = args.steps
+    if not args.resume and args.output:
+        cfg.train.output = args.output
+    if not args.resume and latest_checkpoint(run_dir) is not None:
+        raise UserError(f"--output: {run_dir} already holds checkpoints; use --resume {run_dir} or a new --output")
+    last = train(cfg, run_dir, resume=bool(args.resume))
+    print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")
+    return 0
