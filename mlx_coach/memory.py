@@ -275,6 +275,11 @@ class MemoryManager:
         return applied
 
     def sample(self, phase):
+        s = self._read(phase)
+        self.by_phase[phase] = s
+        return s
+
+    def _read(self, phase):
         s = MemorySample(
             active=mx.get_active_memory(),
             cache=mx.get_cache_memory(),
@@ -283,13 +288,12 @@ class MemoryManager:
             t=self.clock(),
         )
         self.latest = s
-        self.by_phase[phase] = s
         self.run_peak = max(self.run_peak, s.peak)
         return s
 
     def maybe_clear(self, step):
         """Clear (or trim) the cache if the policy says so for the latest sample."""
-        s = self.latest or self.sample("clear")
+        s = self.latest or self._read("clear")
         due, reason = clear_decision(s, self.cfg, step, self.last_clear_step)
         if not due:
             return None
@@ -315,7 +319,7 @@ class MemoryManager:
         self.clear_count += 1
         self.freed_total += event.freed_bytes
         self.last_clear_step = step
-        self.sample("after_clear")
+        self._read("after_clear")  # later decisions in this step see the cleared state
         return event
 
     def run_with_oom_backoff(self, fn, batch, step=None):
@@ -340,7 +344,7 @@ class MemoryManager:
 
     def step_metrics(self, reset_peak=True):
         """Metrics for the step; peak is per step (MLX's peak is reset here unless reset_peak=False)."""
-        s = self.latest or self.sample("step")
+        s = self.latest or self._read("step")
         step_peak = max([p.peak for p in self.by_phase.values()] + [s.peak])
         m = {
             "memory/active_gb": s.active / GB,
@@ -358,6 +362,7 @@ class MemoryManager:
             m[f"memory/phase/{phase}/peak_gb"] = p.peak / GB
             m[f"memory/phase/{phase}/fragmentation"] = p.fragmentation
         self.by_phase = {}
+        self.latest = None
         if reset_peak:
             mx.reset_peak_memory()
         return m

@@ -2,9 +2,14 @@ import sys
 
 from mlx_coach._blas import reexec_with_openblas
 
-# MLX's Linux wheel ships a reference BLAS; re-run pytest under OpenBLAS when available.
-reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
+    # MLX's Linux wheel ships a reference BLAS; re-run pytest under OpenBLAS when available.
+    # Output capture must stop first, or the new process would write into pytest's capture file.
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.stop_global_capturing()
+    reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
+    if capman is not None:
+        capman.start_global_capturing()
