@@ -231,7 +231,6 @@ class Trainer:
         a, o = self.cfg.algo, self.cfg.optim
         B = len(batch["comp_ids"])
         chunks = np.array_split(np.arange(B), min(o.grad_accum, B))
-        tokens = batch["mask_np"].sum()
         out = {"skipped": 0, "clip_frac": [], "kl_mean": [], "grad_norm": [], "loss": [], "pg_loss": [],
                "kl_loss": [], "ratio_mean": [], "update_ratio": [], "group_norms": {}}
         for _ in range(a.num_iterations):
@@ -240,7 +239,7 @@ class Trainer:
                 sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
                        for k, v in batch.items() if k not in ("mask_np", "inject_nan")}
                 sub["inject_nan"] = batch.get("inject_nan", False)
-                w = self._chunk_weight(batch["mask_np"][idx], tokens, len(idx), B)
+                w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
                 (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
                 grads = tree_map(lambda g: g * w, grads)
                 grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
@@ -269,11 +268,14 @@ class Trainer:
             out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
         return out
 
-    def _chunk_weight(self, chunk_mask, tokens, n_chunk, B):
+    def _chunk_weight(self, chunk_mask, batch_mask):
+        """Weight of one micro-batch so that accumulated gradients equal the full batch's."""
         agg = self.cfg.algo.aggregation
         if agg == "token":
-            return float(chunk_mask.sum() / max(tokens, 1))
-        return n_chunk / B
+            return float(chunk_mask.sum() / max(batch_mask.sum(), 1))
+        if agg == "sequence":  # the mean runs over rows with at least one real token
+            return float((chunk_mask.sum(1) > 0).sum() / max((batch_mask.sum(1) > 0).sum(), 1))
+        return len(chunk_mask) / len(batch_mask)
 
     def _log_cache_clear(self, removed, step):
         if removed or self.cfg.cache.policy == "epoch-clear":
