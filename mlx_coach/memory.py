@@ -54,10 +54,10 @@ class MemoryConfig:
     cache_limit: int | float | None = None
     memory_limit: int | float | None = None
     wired_limit: int | float | None = None  # Metal only; fraction of the recommended working set
-    clear_fragmentation: float | None = 0.5  # clear when cache / (active + cache) exceeds this
+    clear_fragmentation: float | None = 0.5  # clear when cache / (active + cache) exceeds this; 0/None off
     clear_cache_gb: float | None = None  # clear when the cache holds more than this
     clear_every: int = 0  # clear every N steps; 0 = off
-    clear_fraction: float | None = None  # trim the cache by this fraction; None = drop all of it
+    clear_fraction: float | None = None  # trim the cache by this fraction; None, 0 or 1 = drop all of it
     clear_min_cache_gb: float = 0.0625  # the fragmentation rule ignores caches smaller than this
     clear_min_interval: int = 1  # steps between proactive clears (1 = at most one per step)
     oom_min_batch: int = 1
@@ -65,14 +65,14 @@ class MemoryConfig:
     def __post_init__(self):
         for name in ("cache_limit", "memory_limit", "wired_limit"):
             _check_limit(getattr(self, name), f"memory.{name}")
-        if self.clear_fragmentation is not None and not 0 < self.clear_fragmentation <= 1:
-            raise UserError(f"memory.clear_fragmentation must be in (0, 1], got {self.clear_fragmentation}")
+        if self.clear_fragmentation is not None and not 0 <= self.clear_fragmentation <= 1:
+            raise UserError(f"memory.clear_fragmentation must be in [0, 1], got {self.clear_fragmentation}")
         if self.clear_cache_gb is not None and self.clear_cache_gb < 0:
             raise UserError(f"memory.clear_cache_gb must be >= 0, got {self.clear_cache_gb}")
         if not isinstance(self.clear_every, int) or self.clear_every < 0:
             raise UserError(f"memory.clear_every must be an integer >= 0, got {self.clear_every!r}")
-        if self.clear_fraction is not None and not 0 < self.clear_fraction <= 1:
-            raise UserError(f"memory.clear_fraction must be in (0, 1], got {self.clear_fraction}")
+        if self.clear_fraction is not None and not 0 <= self.clear_fraction <= 1:
+            raise UserError(f"memory.clear_fraction must be in [0, 1], got {self.clear_fraction}")
         if self.clear_min_cache_gb < 0:
             raise UserError(f"memory.clear_min_cache_gb must be >= 0, got {self.clear_min_cache_gb}")
         if not isinstance(self.clear_min_interval, int) or self.clear_min_interval < 0:
@@ -86,7 +86,7 @@ def _check_limit(value, name):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{name} must be bytes (int), a fraction in (0, 1] or null, got {value!r}")
-    if isinstance(value, float) and not (0 < value <= 1 or (value > 1 and value.is_integer())):
+    if isinstance(value, float) and not (0 <= value <= 1 or (value > 1 and value.is_integer())):
         raise UserError(f"{name} must be bytes (int) or a fraction in (0, 1], got {value!r}")
     if value < 0:
         raise UserError(f"{name} must be >= 0, got {value!r}")
@@ -167,7 +167,7 @@ def resolve_limit(value, device_bytes, name="limit"):
     if value is None:
         return None
     _check_limit(value, name)
-    if isinstance(value, float) and value <= 1:
+    if isinstance(value, float) and 0 < value <= 1:
         if not device_bytes:
             raise UserError(f"{name} is a fraction ({value}) but the device memory size is unknown; give bytes")
         return int(value * device_bytes)
@@ -190,7 +190,7 @@ def clear_decision(sample, cfg, step, last_clear_step):
     if last_clear_step is not None and step - last_clear_step < cfg.clear_min_interval:
         return False, None
     if (
-        cfg.clear_fragmentation is not None
+        cfg.clear_fragmentation  # None or 0: off
         and sample.cache >= cfg.clear_min_cache_gb * GB
         and sample.cache > 0
         and fragmentation(sample.active, sample.cache) > cfg.clear_fragmentation
@@ -205,7 +205,7 @@ def clear_decision(sample, cfg, step, last_clear_step):
 
 def trim_target(cache, clear_fraction):
     """Cache limit that trims `cache` bytes by `clear_fraction`; 0 means drop everything."""
-    if clear_fraction is None or clear_fraction >= 1:
+    if not clear_fraction or clear_fraction >= 1:
         return 0
     return int(cache * (1 - clear_fraction))
 
@@ -262,14 +262,15 @@ class MemoryManager:
         cfg, applied = self.cfg, {}
         memory = resolve_limit(cfg.memory_limit, self.device_bytes, "memory.memory_limit")
         cache = resolve_limit(cfg.cache_limit, self.device_bytes, "memory.cache_limit")
-        wired = resolve_wired_limit(cfg.wired_limit, self.info)
+        # the wired limit means nothing off Metal; a config shared with a Mac must still run here
+        wired = resolve_wired_limit(cfg.wired_limit, self.info) if mx.metal.is_available() else None
         if memory is not None:  # first: MLX's cache limit defaults to the memory limit
             self.previous_limits["memory_limit"] = mx.set_memory_limit(memory)
             applied["memory_limit"] = memory
         if cache is not None:
             self.previous_limits["cache_limit"] = mx.set_cache_limit(cache)
             applied["cache_limit"] = cache
-        if wired is not None and mx.metal.is_available():
+        if wired is not None:
             self.previous_limits["wired_limit"] = mx.set_wired_limit(wired)
             applied["wired_limit"] = wired
         return applied

@@ -53,17 +53,22 @@ def _read_rows(path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: task file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    data = path.read_bytes()
+    try:
+        lines = data.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     if not rows:
         raise UserError(f"{path}: no tasks in file (it is empty)")
     return rows
@@ -116,18 +121,22 @@ def _task_from_row(row: dict, where: str) -> Task:
                 _tags(row.get("tags"), where))
 
 
-def _no_duplicates(tasks_where: list[tuple[Task, str]]) -> list[Task]:
-    seen = {}
-    for task, where in tasks_where:
-        if task.task_id in seen:
-            raise UserError(f"{where}: duplicate task_id {task.task_id!r} (first at line {seen[task.task_id]})")
-        seen[task.task_id] = where.rsplit(":", 1)[1]
-    return [t for t, _ in tasks_where]
+def _load(path, make) -> list[Task]:
+    """make(row, where) for every row of the file; duplicate task ids are a UserError."""
+    tasks, first_line = [], {}
+    for lineno, row in _read_rows(path):
+        task = make(row, f"{path}:{lineno}")
+        if task.task_id in first_line:
+            raise UserError(f"{path}:{lineno}: duplicate task_id {task.task_id!r} "
+                            f"(first at line {first_line[task.task_id]})")
+        first_line[task.task_id] = lineno
+        tasks.append(task)
+    return tasks
 
 
 def load_jsonl(path) -> list[Task]:
     """Tasks from a HumanEval-format JSONL file (blank lines skipped)."""
-    return _no_duplicates([(_task_from_row(row, f"{path}:{n}"), f"{path}:{n}") for n, row in _read_rows(path)])
+    return _load(path, _task_from_row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +161,8 @@ def _docstring(text: str, example: str) -> str:
     return '    """' + textwrap.indent(body, "    ").lstrip() + '\n    """\n'
 
 
-def _mbpp_task(row: dict, where: str) -> Task:
+def _mbpp_parse(row: dict, where: str) -> tuple[str, ast.Module, list[ast.Module], str]:
+    """Validated (text, parsed code, parsed asserts, test setup code) of an MBPP row."""
     for key in _MBPP_KEYS:
         if key not in row:
             raise UserError(f"{where}: missing key '{key}'")
@@ -175,7 +185,11 @@ def _mbpp_task(row: dict, where: str) -> Task:
         raise UserError(f"{where}: key 'test_list' has an item with a syntax error: {e.msg}") from None
     if not all(len(a.body) == 1 and isinstance(a.body[0], ast.Assert) for a in asserts):
         raise UserError(f"{where}: key 'test_list' items must each be one assert statement")
+    return text, module, asserts, setup
 
+
+def _mbpp_task(row: dict, where: str) -> Task:
+    text, module, asserts, setup = _mbpp_parse(row, where)
     # The tested function is the first top-level function the asserts call (MBPP code often defines
     # helpers first); failing that, the first top-level function.
     funcs = [n for n in module.body if isinstance(n, ast.FunctionDef)]
@@ -193,7 +207,7 @@ def _mbpp_task(row: dict, where: str) -> Task:
     stub.body = [ast.Pass()]
     signature = ast.unparse(stub)
     signature = signature[: signature.rindex("\n")] + "\n"  # drop the placeholder "pass"
-    prompt = helpers + signature + _docstring(text, tests[0].strip())
+    prompt = helpers + signature + _docstring(text, row["test_list"][0].strip())
     solution = textwrap.indent("\n".join(ast.unparse(s) for s in body), "    ") + "\n"
     checks = [ast.unparse(_Rename(entry.name, "candidate").visit(a)) for a in asserts]
     test = (setup.strip() + "\n\n\n" if setup.strip() else "") + "def check(candidate):\n"
@@ -212,7 +226,7 @@ def load_mbpp(path) -> list[Task]:
 
     Ids are "mbpp/<task_id>" (the line number when a row has none). `challenge_test_list` is ignored.
     """
-    return _no_duplicates([(_mbpp_task(row, f"{path}:{n}"), f"{path}:{n}") for n, row in _read_rows(path)])
+    return _load(path, _mbpp_task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +249,14 @@ def builtin_tasks() -> list[Task]:
 
 
 def _looks_like_mbpp(path: Path) -> bool:
-    lineno, row = _read_rows(path)[0]
-    return all(k in row for k in _MBPP_KEYS)
+    """True when the first non-blank row has MBPP's keys; a bad row is left for the loader to report."""
+    with open(path, encoding="utf-8") as f:
+        line = next((ln for ln in f if ln.strip()), "")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and all(k in row for k in _MBPP_KEYS)
 
 
 def load_tasks(spec: str) -> list[Task]:
@@ -249,7 +269,7 @@ def load_tasks(spec: str) -> list[Task]:
     if spec.startswith("mbpp:"):
         return load_mbpp(spec[len("mbpp:"):])
     if spec.endswith(".jsonl"):
-        path = Path(spec)
+        path = Path(spec).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: task file not found")
         return load_mbpp(path) if _looks_like_mbpp(path) else load_jsonl(path)

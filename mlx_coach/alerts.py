@@ -1,0 +1,340 @@
+"""Smart alerts: rules over the step metrics that say what went wrong and what to do about it.
+
+`evaluate(state, metrics, cfg)` runs once per step on the dict the trainer logs (with its "step"
+key); `evaluate_epoch(state, epoch_metrics, cfg)` once at every epoch end. Both are pure apart from
+updating `state`, so recorded metric sequences drive them in tests. Each alert code fires at most
+once per `cooldown_steps`.
+
+Metrics read (all optional; a rule without its inputs stays quiet):
+    loss/*, grad/norm*          any non-finite value -> "nonfinite" (critical)
+    train/skipped_steps         cumulative count of steps skipped for non-finite values (a rise fires)
+    loss/nonfinite              1.0 when this step was skipped (fires too)
+    kl/mean, else loss/kl       unweighted KL estimate -> "kl_high"
+    reward/mean                 its EMA falling below (1 - reward_collapse_drop) x its best -> "reward_collapse"
+    reward/frac_zero_std        fraction of prompt groups whose rewards are all equal (no signal)
+    memory/active_gb            averaged per epoch -> "memory_growth" at epoch end
+    gen/tokens_per_sec, epoch/position (or the phase argument) -> "toks_drop" within an epoch
+    loss/total, else loss/policy  -> `lr_adjustment` volatility
+Epoch metrics read by evaluate_epoch: cfg.val_metric (default eval/pass@1; absent when no validation
+ran), optionally memory/active_gb (else the epoch mean seen by evaluate) and epoch.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from mlx_coach.errors import UserError
+from mlx_coach.health import TrendTracker
+from mlx_coach.telemetry import epoch_phase
+
+LEVELS = ("info", "warning", "critical")
+
+
+@dataclass
+class Alert:
+    level: str
+    code: str
+    message: str
+    action: str
+
+
+@dataclass
+class AlertConfig:
+    kl_max: float = 0.1
+    reward_collapse_drop: float = 0.5  # fraction of the best reward EMA lost
+    plateau_epochs: int = 3  # K epochs without a new best validation value
+    zero_std_max: float = 0.8  # recent mean fraction of groups with zero reward std
+    memory_growth_frac: float = 0.2  # epoch-mean active memory above the lowest epoch by this, still rising
+    toks_drop_frac: float = 0.3  # recent tok/s below the epoch's early-phase mean by this
+    lr_adjust: bool = False
+    lr_adjust_factor: float = 0.5
+    cooldown_steps: int = 50
+    warmup_steps: int = 10  # steps before the reward and volatility rules may fire
+    window: int = 5  # recent steps averaged by the tok/s and zero-std rules
+    ema_alpha: float = 0.1  # for the reward EMA and the loss-volatility EMAs
+    volatility_max: float = 0.5  # EMA|loss - EMA(loss)| / EMA|loss| above this lowers the LR
+    trend_min_delta: float = 0.0  # validation changes smaller than this count as flat
+    val_metric: str = "eval/pass@1"  # the epoch metric whose trend is tracked
+    val_higher_is_better: bool = True
+    phase_bounds: tuple = (1 / 3, 2 / 3)  # epoch/position -> early / mid / late, as in telemetry
+
+    def __post_init__(self):
+        fractions = ("reward_collapse_drop", "zero_std_max", "toks_drop_frac", "ema_alpha")
+        for name in fractions:
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise UserError(f"alerts.{name} must be in (0, 1], got {value}")
+        for name in ("kl_max", "memory_growth_frac", "volatility_max"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"alerts.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("plateau_epochs", "window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"alerts.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("cooldown_steps", "warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise UserError(f"alerts.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.lr_adjust_factor < 1:
+            raise UserError(f"alerts.lr_adjust_factor must be in (0, 1), got {self.lr_adjust_factor}")
+        epoch_phase(0.0, tuple(self.phase_bounds))  # raises UserError naming phase_bounds
+        if self.trend_min_delta < 0:
+            raise UserError(f"alerts.trend_min_delta must be >= 0, got {self.trend_min_delta}")
+
+
+@dataclass
+class AlertState:
+    steps_seen: int = 0
+    last_fired: dict = field(default_factory=dict)  # code -> step
+    nonfinite_count: int = 0
+    last_skipped: int = 0
+    reward_ema: float | None = None
+    best_reward_ema: float | None = None
+    zero_std_recent: list = field(default_factory=list)
+    # tok/s within the current epoch
+    early_toks_sum: float = 0.0
+    early_toks_n: int = 0
+    recent_toks: list = field(default_factory=list)
+    past_early: bool = False
+    # memory across epochs
+    epoch_active_sum: float = 0.0
+    epoch_active_n: int = 0
+    epoch_active: list = field(default_factory=list)
+    val_trend: dict | None = None  # TrendTracker.state_dict()
+    # loss volatility for lr_adjustment
+    loss_ema: float | None = None
+    dev_ema: float | None = None
+    abs_ema: float | None = None
+    vol_steps: int = 0
+    last_lr_adjust: int | None = None
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _num(metrics, key):
+    v = metrics.get(key)
+    if v is None or isinstance(v, (bool, str)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ema(old, x, alpha):
+    return x if old is None else alpha * x + (1 - alpha) * old
+
+
+def _fire(state, cfg, step, alert, out):
+    last = state.last_fired.get(alert.code)
+    if last is not None and step - last < cfg.cooldown_steps:
+        return
+    state.last_fired[alert.code] = step
+    out.append(alert)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def evaluate(state, metrics, cfg, phase=None):
+    """Alerts for one step's metrics. phase: "early"/"mid"/"late", else from metrics["epoch/position"]."""
+    step = int(metrics.get("step", state.steps_seen))
+    state.steps_seen += 1
+    out = []
+
+    # Non-finite loss or gradients: the trainer skipped the step; say so loudly.
+    bad = [k for k, v in metrics.items()
+           if (k.startswith("loss/") or k.startswith("grad/norm")) and (x := _num(metrics, k)) is not None
+           and not math.isfinite(x)]
+    skipped = _num(metrics, "train/skipped_steps")
+    newly_skipped = skipped is not None and skipped > state.last_skipped
+    flagged = (_num(metrics, "loss/nonfinite") or 0) > 0
+    if bad or newly_skipped or flagged:
+        state.nonfinite_count = int(skipped) if skipped is not None else state.nonfinite_count + 1
+        what = ", ".join(f"{k}={metrics[k]}" for k in sorted(bad)) or "a non-finite value"
+        _fire(state, cfg, step, Alert(
+            "critical", "nonfinite",
+            f"{what} at step {step}; the update was skipped and the weights kept "
+            f"({state.nonfinite_count} skipped step(s) so far)",
+            "Lower the learning rate (e.g. x0.5) or tighten grad clipping; check reward and advantage "
+            "scales; if it repeats, resume from the last good checkpoint.",
+        ), out)
+    if skipped is not None:
+        state.last_skipped = skipped
+
+    kl = _num(metrics, "kl/mean")
+    kl = _num(metrics, "loss/kl") if kl is None else kl
+    if kl is not None and math.isfinite(kl) and kl > cfg.kl_max:
+        _fire(state, cfg, step, Alert(
+            "warning", "kl_high",
+            f"KL to the reference is {kl:.4g}, above the bound {cfg.kl_max:g}",
+            "Raise the KL coefficient or lower the learning rate; the policy is drifting from the reference.",
+        ), out)
+
+    reward = _num(metrics, "reward/mean")
+    if reward is not None and math.isfinite(reward):
+        state.reward_ema = _ema(state.reward_ema, reward, cfg.ema_alpha)
+        if state.steps_seen > cfg.warmup_steps:
+            best = state.best_reward_ema
+            state.best_reward_ema = state.reward_ema if best is None else max(best, state.reward_ema)
+            best = state.best_reward_ema
+            # |best| below 0.01 is noise around zero reward, not a level that can collapse
+            if abs(best) >= 0.01 and best - state.reward_ema > cfg.reward_collapse_drop * abs(best):
+                _fire(state, cfg, step, Alert(
+                    "critical", "reward_collapse",
+                    f"reward EMA fell to {state.reward_ema:.4g} from its best {best:.4g} "
+                    f"(-{(best - state.reward_ema) / abs(best):.0%})",
+                    "Stop and resume from the checkpoint with the best reward; lower the learning rate or "
+                    "raise the KL coefficient; check the scorer (sandbox errors, teacher outages).",
+                ), out)
+
+    zero_std = _num(metrics, "reward/frac_zero_std")
+    if zero_std is not None and math.isfinite(zero_std):
+        state.zero_std_recent = (state.zero_std_recent + [zero_std])[-cfg.window:]
+        recent = _mean(state.zero_std_recent)
+        if len(state.zero_std_recent) >= cfg.window and recent > cfg.zero_std_max:
+            _fire(state, cfg, step, Alert(
+                "warning", "zero_std_groups",
+                f"{recent:.0%} of prompt groups have identical rewards (no learning signal) over the "
+                f"last {cfg.window} steps",
+                "Raise the sampling temperature or the group size, or drop tasks the model always passes "
+                "or always fails.",
+            ), out)
+
+    active = _num(metrics, "memory/active_gb")
+    if active is not None and math.isfinite(active):
+        state.epoch_active_sum += active
+        state.epoch_active_n += 1
+
+    if phase is None and _num(metrics, "epoch/position") is not None:
+        phase = epoch_phase(_num(metrics, "epoch/position"), tuple(cfg.phase_bounds))
+    toks = _num(metrics, "gen/tokens_per_sec")
+    if phase is not None and toks is not None and math.isfinite(toks):
+        if phase == "early":
+            if state.past_early:  # a new epoch began without evaluate_epoch
+                _reset_epoch_toks(state)
+            state.early_toks_sum += toks
+            state.early_toks_n += 1
+        else:
+            state.past_early = True
+        state.recent_toks = (state.recent_toks + [toks])[-cfg.window:]
+        early = state.early_toks_sum / state.early_toks_n if state.early_toks_n else None
+        recent = _mean(state.recent_toks)
+        if (phase != "early" and early and len(state.recent_toks) >= cfg.window
+                and recent < (1 - cfg.toks_drop_frac) * early):
+            frag = _num(metrics, "memory/fragmentation")
+            frag_text = f"; memory fragmentation is {frag:.0%}" if frag is not None else ""
+            _fire(state, cfg, step, Alert(
+                "warning", "toks_drop",
+                f"generation fell to {recent:.1f} tok/s in the {phase} phase from {early:.1f} early in the "
+                f"epoch (-{1 - recent / early:.0%}){frag_text}",
+                "Clear the MLX cache sooner (lower memory.clear_fragmentation, set memory.clear_every or "
+                "memory.cache_limit); check the score-cache hit rate by phase.",
+            ), out)
+    return out
+
+
+def _reset_epoch_toks(state):
+    state.early_toks_sum, state.early_toks_n = 0.0, 0
+    state.recent_toks, state.past_early = [], False
+
+
+def evaluate_epoch(state, epoch_metrics, cfg, step=None):
+    """Epoch-end alerts: validation trend over plateau_epochs, active memory growth across epochs.
+
+    Call it at every epoch end, with or without validation: it also closes the epoch's tok/s and
+    memory accounting. epoch_metrics: {cfg.val_metric: value (when validation ran),
+    "memory/active_gb": the epoch's active memory (optional; default: mean of the steps'), "epoch": N}.
+    """
+    step = state.steps_seen if step is None else step
+    out = []
+    val_metric = _num(epoch_metrics, cfg.val_metric)
+    if val_metric is not None and math.isfinite(val_metric):
+        tracker = TrendTracker(cfg.plateau_epochs, cfg.val_higher_is_better, cfg.trend_min_delta)
+        if state.val_trend:
+            tracker.load(state.val_trend)
+        epoch = epoch_metrics.get("epoch", len(tracker.history))
+        trend = tracker.update(val_metric, epoch)
+        state.val_trend = tracker.state_dict()
+        if trend in ("plateau", "regressing"):
+            _fire(state, cfg, step, _trend_alert(trend, tracker, cfg), out)
+
+    active_memory_gb = _num(epoch_metrics, "memory/active_gb")
+    if active_memory_gb is None and state.epoch_active_n:
+        active_memory_gb = state.epoch_active_sum / state.epoch_active_n
+    if active_memory_gb is not None:
+        history = state.epoch_active
+        if history:
+            lowest, last = min(history), history[-1]
+            if lowest > 0 and active_memory_gb > (1 + cfg.memory_growth_frac) * lowest and active_memory_gb > last:
+                _fire(state, cfg, step, Alert(
+                    "warning", "memory_growth",
+                    f"active memory grew to {active_memory_gb:.3g} GB this epoch from {lowest:.3g} GB "
+                    f"(+{active_memory_gb / lowest - 1:.0%}); something keeps arrays alive across steps",
+                    "Look for arrays kept across steps (metric histories holding mx.arrays, caches of "
+                    "logits, unbounded KV caches); set memory.memory_limit to fail early.",
+                ), out)
+        history.append(active_memory_gb)
+    state.epoch_active_sum, state.epoch_active_n = 0.0, 0
+    _reset_epoch_toks(state)
+    return out
+
+
+def _trend_alert(trend, tracker, cfg):
+    best_epoch, best = tracker.best
+    now = tracker.history[-1][1]
+    if trend == "plateau":
+        return Alert(
+            "warning", "val_plateau",
+            f"{cfg.val_metric} has not improved for {cfg.plateau_epochs} epochs "
+            f"(best {best:.4g} at epoch {best_epoch}, now {now:.4g})",
+            f"Consider stopping; the checkpoint from epoch {best_epoch} is the best. "
+            "Otherwise lower the learning rate.",
+        )
+    return Alert(
+        "critical", "val_regression",
+        f"{cfg.val_metric} has been below its best ({best:.4g}, epoch {best_epoch}) for "
+        f"{cfg.plateau_epochs} epochs (now {now:.4g})",
+        f"Roll back to the checkpoint from epoch {best_epoch}; lower the learning rate or raise "
+        "the KL coefficient.",
+    )
+
+
+def lr_adjustment(state, metrics, cfg):
+    """Learning-rate factor to apply now, or None. Call once per step (it updates the loss EMAs).
+
+    Volatility = EMA(|loss - EMA(loss)|) / EMA(|loss|). Above cfg.volatility_max, after warmup, with
+    cfg.lr_adjust on and cooldown_steps since the last adjustment, returns cfg.lr_adjust_factor.
+    A loss that hovers around zero (a policy-gradient loss with normalised advantages does) has a
+    large relative volatility by construction; feed the total loss, and keep lr_adjust off if it is
+    centred on zero.
+    """
+    step = int(metrics.get("step", state.vol_steps))
+    loss = _num(metrics, "loss/total")
+    loss = _num(metrics, "loss/policy") if loss is None else loss
+    if loss is None or not math.isfinite(loss):
+        return None
+    a = cfg.ema_alpha
+    state.vol_steps += 1
+    if state.loss_ema is not None:
+        state.dev_ema = _ema(state.dev_ema, abs(loss - state.loss_ema), a)
+    state.loss_ema = _ema(state.loss_ema, loss, a)
+    state.abs_ema = _ema(state.abs_ema, abs(loss), a)
+    if not cfg.lr_adjust or state.vol_steps <= cfg.warmup_steps or not state.abs_ema or state.dev_ema is None:
+        return None
+    if state.last_lr_adjust is not None and step - state.last_lr_adjust < cfg.cooldown_steps:
+        return None
+    if state.dev_ema / state.abs_ema > cfg.volatility_max:
+        state.last_lr_adjust = step
+        return cfg.lr_adjust_factor
+    return None
+
+
+def loss_volatility(state):
+    """The volatility lr_adjustment compares with volatility_max (None before two losses)."""
+    if state.dev_ema is None or not state.abs_ema:
+        return None
+    return state.dev_ema / state.abs_ema
