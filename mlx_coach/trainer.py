@@ -132,11 +132,13 @@ class Trainer:
             clear_fragmentation=mc.clear_fragmentation, clear_cache_gb=mc.clear_cache_gb,
             clear_every=mc.clear_every, clear_fraction=mc.clear_fraction))
         self.memory_limits = self.memory.apply_limits()
-        self.alert_cfg = AlertConfig(kl_max=cfg.telemetry.kl_max, lr_adjust=cfg.telemetry.lr_adjust)
+        self.alert_cfg = AlertConfig(kl_max=cfg.telemetry.kl_max, lr_adjust=cfg.telemetry.lr_adjust,
+                                     phase_bounds=tuple(cfg.telemetry.phase_bounds))
         self.alert_state = AlertState()
         self.phases = PhaseAccumulator()
         self.reward_ema, self.loss_ema = Ema(0.1), Ema(0.1)
         self.lr_scale = 1.0
+        self.events_seen = 0  # memory events already written to events.jsonl
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
 
         # --- state (what a checkpoint restores) ---
@@ -163,6 +165,7 @@ class Trainer:
             "baseline": self.baseline, "kl_controller": self.kl_ctl.state_dict(), "skipped_steps": self.skipped,
             "first_epoch_fresh": self.first_epoch_fresh, "baseline_reward": self.baseline_reward,
             "reward_ema": self.reward_ema.state_dict(), "loss_ema": self.loss_ema.state_dict(),
+            "alerts": self.alert_state.state_dict(), "phases": self.phases.state_dict(),
             "lr_scale": self.lr_scale, "model": self.model_info.get("path"),
         }
 
@@ -180,8 +183,10 @@ class Trainer:
         self.kl_ctl = losses.kl_controller_from_state(state["kl_controller"])
         self.first_epoch_fresh = state["first_epoch_fresh"]
         self.baseline_reward = state["baseline_reward"]
-        self.reward_ema.load_state_dict(state["reward_ema"])
-        self.loss_ema.load_state_dict(state["loss_ema"])
+        self.reward_ema.load(state["reward_ema"])
+        self.loss_ema.load(state["loss_ema"])
+        self.alert_state.load(state["alerts"])
+        self.phases.load(state["phases"])
         self.lr_scale = state["lr_scale"]
         if cache_snapshot is not None:
             self.cache.restore(cache_snapshot)
@@ -313,7 +318,7 @@ class Trainer:
         t0 = time.perf_counter()
         rb = self.memory.run_with_oom_backoff(
             lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
-                                             _with_budget(rc, budget)), rc.max_batch_tokens)
+                                             _with_budget(rc, budget)), rc.max_batch_tokens, step=self.step + 1)
         t_gen = time.perf_counter() - t0
         self.memory.sample("generate")
         rollouts = rb.rollouts
@@ -378,7 +383,7 @@ class Trainer:
             "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
             "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
             "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),
-            "loss/policy_ema": self.loss_ema.update(float(np.mean(upd["loss"]))) if math.isfinite(np.mean(upd["loss"])) else self.loss_ema.value,
+            "loss/policy_ema": self.loss_ema.update(float(np.mean(upd["loss"]))),
             "kl/mean": kl_obs, "kl/beta": beta,
             "policy/clip_frac": float(np.mean(upd["clip_frac"] or [0.0])),
             "policy/ratio_mean": float(np.mean(upd["ratio_mean"] or [1.0])),
@@ -411,20 +416,20 @@ class Trainer:
         metrics.update(self.cache_metrics())
         mem = self.memory.step_metrics()
         metrics.update(mem)
-        clear = self.memory.maybe_clear(self.step)
-        if clear is not None:
-            self.telemetry.event(self.step, "memory/clear", reason=clear.reason, freed_bytes=clear.freed_bytes,
-                                 ms=clear.ms)
+        self.memory.maybe_clear(self.step)
+        for ev in self.memory.events[self.events_seen:]:  # clears and OOM batch halvings
+            self.telemetry.event(self.step, ev.kind, **ev.fields())
+        self.events_seen = len(self.memory.events)
         self.phases.add(phase, {"tokens_per_sec": rb.tokens_per_sec, "hits": metrics.get("cache/step_hits", 0),
                                 "misses": metrics.get("cache/step_misses", 0),
                                 "fragmentation": mem.get("memory/fragmentation", 0.0),
-                                "fresh_reward_mean": metrics.get("reward/fresh_mean")})
+                                "fresh_reward_mean": metrics.get("reward/fresh_mean"), "fresh_count": len(fresh)})
         metrics.update(self.phases.by_phase_metrics(phase))
         metrics["time/step_s"] = time.perf_counter() - t_step
 
         # --- alerts and health adjustments ---
         if self.cfg.telemetry.alerts:
-            step_metrics = dict(metrics, **{"loss/nonfinite": float(upd["skipped"] > 0)})
+            step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
             for alert in evaluate_alerts(self.alert_state, step_metrics, self.alert_cfg):
                 self.telemetry.alert(self.step, alert)
             factor = lr_adjustment(self.alert_state, step_metrics, self.alert_cfg)
@@ -449,17 +454,17 @@ class Trainer:
             self.baseline_reward = float(np.mean(self.first_epoch_fresh))
         rows = self.phases.epoch_rows()
         self.telemetry.epoch_table(self.epoch, self.step, rows)
-        if self.cfg.train.epochs_val:
-            result = self.validate()
-            if result is not None:
-                summary, triples = result
-                self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "epoch": self.epoch})
-                cats, buckets, matrix = bucket_pass_rates(triples, LENGTH_EDGES)
-                self.telemetry.image("eval/category_length_heatmap", heatmap_image(matrix, cats, buckets), self.step)
-                for alert in evaluate_epoch(self.alert_state, {"eval/pass@1": summary["pass@1"],
-                                                               "memory/active_gb": self.memory.step_metrics().get("memory/active_gb", 0.0)},
-                                            self.alert_cfg):
-                    self.telemetry.alert(self.step, alert)
+        epoch_metrics = {"epoch": self.epoch}
+        result = self.validate() if self.cfg.train.epochs_val else None
+        if result is not None:
+            summary, triples = result
+            epoch_metrics["eval/pass@1"] = summary["pass@1"]
+            self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "epoch": self.epoch})
+            cats, buckets, matrix = bucket_pass_rates(triples, LENGTH_EDGES)
+            self.telemetry.image("eval/category_length_heatmap", heatmap_image(matrix, cats, buckets), self.step)
+        if self.cfg.telemetry.alerts:
+            for alert in evaluate_epoch(self.alert_state, epoch_metrics, self.alert_cfg, step=self.step):
+                self.telemetry.alert(self.step, alert)
         if self.cfg.model.fine_tune == "lora":
             deltas = lora_deltas(self.initial_trainable, dict(tree_flatten(self.model.trainable_parameters())))
             self.telemetry.text("adapters/top_layers", top_layers_text(deltas), self.step)
