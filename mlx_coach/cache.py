@@ -15,6 +15,7 @@ Stored values are `Score`s or strings; treat what `get` returns as read-only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -66,8 +67,6 @@ def normalize_completion(code: str) -> str:
                 lines.append("    " * depth + " ".join(line))
             line = []
         elif t.type not in _SKIP:
-            if not line and depth < 0:  # cannot happen for tokenizable code; be safe
-                depth = 0
             line.append(t.string)
     if line:
         lines.append("    " * depth + " ".join(line))
@@ -89,13 +88,27 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+@functools.lru_cache(maxsize=16384)
+def _completion_digest(completion: str) -> str:
+    # tokenize costs ~100 us per completion; policies repeat exact texts often
+    return _sha(normalize_completion(completion))
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_digest(text: str) -> str:
+    return _sha(text)
+
+
 def make_key(scorer_name: str, scorer_version: str, task, completion: str) -> tuple:
-    """(scorer, task id, sha256 of task.test, sha256 of the normalised completion)."""
+    """(scorer, task id, sha256 of the task's prompt and tests, sha256 of the normalised completion).
+
+    The prompt is part of the task hash because the scored program is prompt + completion: a
+    dataset edit that changes a prompt under the same id must not reuse old scores."""
     return (
         f"{scorer_name}@{scorer_version}",
         str(task.task_id),
-        _sha(getattr(task, "test", "") or ""),
-        _sha(normalize_completion(completion)),
+        _text_digest((getattr(task, "prompt", "") or "") + "\0" + (getattr(task, "test", "") or "")),
+        _completion_digest(completion),
     )
 
 
@@ -184,10 +197,14 @@ class _Counts:
     bytes: int = 0
 
 
+# a Score object and its attribute dict (measured once: the size of a live __dict__ varies)
+_SCORE_BYTES = sys.getsizeof(Score(0.0, "ok")) + sys.getsizeof({f.name: None for f in fields(Score)})
+
+
 def _approx_bytes(key, value) -> int:
     n = sys.getsizeof(key) + sum(sys.getsizeof(k) for k in key) + 72  # + the entry and its slots
     if isinstance(value, Score):
-        return n + sys.getsizeof(value) + sys.getsizeof(value.__dict__) + sys.getsizeof(value.error)
+        return n + _SCORE_BYTES + sys.getsizeof(value.error)
     return n + sys.getsizeof(value)
 
 
@@ -255,7 +272,7 @@ class ScoreCache:
             return _TimedLRU(bound, c.ttl_s, self._timer, on_evict, on_expire)
         return _LRU(c.maxsize, on_evict)
 
-    def _stores_student(self, namespace) -> bool:
+    def _keeps(self, namespace) -> bool:
         return namespace == "reference" or self.config.policy != "none"
 
     # -- lookups -------------------------------------------------------------------------------
@@ -283,7 +300,7 @@ class ScoreCache:
             return value
 
     def _read_through(self, key, namespace):
-        if self._db is None or not self._stores_student(namespace):
+        if self._db is None or not self._keeps(namespace):
             return None
         row = self._db.execute(
             "SELECT value, created FROM entries WHERE ns = ? AND key = ?", (namespace, json.dumps(key))
@@ -314,7 +331,7 @@ class ScoreCache:
             if isinstance(value, Score) and (not value.cacheable or value.fallback):
                 counts.rejected += 1
                 return False
-            if not self._stores_student(namespace):
+            if not self._keeps(namespace):
                 return False
             self._insert(key, value, namespace, 0.0)
             counts.puts += 1
@@ -427,7 +444,7 @@ class ScoreCache:
             self._stores = {"student": self._new_student_store(), "reference": {}}
             for ns in NAMESPACES:
                 self._counts[ns].bytes = 0
-                if not self._stores_student(ns):
+                if not self._keeps(ns):
                     continue
                 for key, value, age in snap["entries"].get(ns, []):
                     self._insert(tuple(key), _decode(json.dumps(value)), ns, float(age))

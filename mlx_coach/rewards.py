@@ -81,7 +81,7 @@ class RewardSet:
             if r.type == "function":
                 self.sources.append(Source(name, r.weight, "function", load_function(r.function, f"rewards[{i}].function")))
                 continue
-            scorer = _make_scorer(r, cfg, cache, policy)
+            scorer = _make_scorer(r, cfg, cache, policy, f"rewards[{i}]")
             self.sources.append(Source(name, r.weight, "scorer", CachedScorer(scorer, cache)))
         self.tests = next((s for s in self.sources if s.kind == "scorer" and s.impl.scorer.name == "tests"), None)
 
@@ -132,7 +132,7 @@ class RewardSet:
                 scorer.close()
 
 
-def _make_scorer(r, cfg, cache, policy):
+def _make_scorer(r, cfg, cache, policy, key):
     if r.type == "tests":
         from .scoring.sandbox import SandboxConfig, SandboxScorer
 
@@ -143,13 +143,13 @@ def _make_scorer(r, cfg, cache, policy):
         from .scoring.teacher import HttpJudge, JudgeConfig
 
         jc = JudgeConfig(base_url=r.base_url, model=r.model, api_key_env=r.api_key_env, timeout_s=r.timeout_s,
-                         max_retries=r.max_retries, concurrency=r.concurrency, fallback=r.fallback,
-                         use_reference=r.use_reference)
-        return HttpJudge(jc, cache=cache)
+                         max_retries=r.max_retries, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
+                         concurrency=r.concurrency, breaker_threshold=r.breaker_threshold,
+                         breaker_reset_s=r.breaker_reset_s, fallback=r.fallback, use_reference=r.use_reference,
+                         max_tokens=r.max_tokens)
+        return HttpJudge(jc, cache=cache, config_key=key)
     if r.type == "local-teacher":
-        from .models import load_policy
         from .scoring.teacher import LocalTeacher
 
-        model, tokenizer, _ = load_policy(r.model)
-        return LocalTeacher(model, tokenizer, low=r.low, high=r.high, batch_size=r.batch_size)
+        return LocalTeacher.from_spec(r.model, low=r.low, high=r.high, batch_size=r.batch_size)
     raise UserError(f"unknown reward type {r.type!r}")

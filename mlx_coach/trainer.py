@@ -28,7 +28,8 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas, top_layers_text,
                      update_ratio)
 from .memory import MemoryConfig, MemoryManager
-from .models import adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs
+from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs,
+                     unfreeze_all)
 from .rewards import RewardSet
 from .rollout import DEFAULT_STOPS, RolloutConfig, generate_rollouts
 from .tasks import load_tasks, split_tasks
@@ -104,15 +105,14 @@ class Trainer:
         self.model, self.tokenizer, self.model_info = load_policy(cfg.model.path)
         m = cfg.model
         if m.fine_tune == "lora":
-            apply_lora(self.model, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                       num_layers=m.lora_layers, keys=m.lora_keys)
+            lora = apply_lora(self.model, rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                              num_layers=m.lora_layers, keys=m.lora_keys)
             self.ref_model = None  # reference = the same weights with adapters switched off
         else:
+            lora = None
             self.ref_model = frozen_copy(self.model)
-            self.model.unfreeze()
-        self.adapter_cfg = adapter_config(self.model_info, fine_tune=m.fine_tune, rank=m.lora_rank,
-                                          alpha=m.lora_alpha, dropout=m.lora_dropout, num_layers=m.lora_layers,
-                                          keys=m.lora_keys)
+            unfreeze_all(self.model)
+        self.adapter_cfg = adapter_config(self.model_info["path"], lora)
         total_updates = cfg.train.steps * cfg.algo.num_iterations
         self.optimizer = make_optimizer(cfg.optim, total_updates)
         self.optimizer.init(self.model.trainable_parameters())

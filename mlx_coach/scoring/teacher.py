@@ -1,0 +1,424 @@
+"""Teacher scorers: an OpenAI-compatible HTTP judge and a local MLX teacher.
+
+HttpJudge asks a chat model to grade each completion and parses one strict grade line,
+`SCORE: N/10`. A request that fails (timeout, connection error, HTTP error, malformed reply) is
+retried with exponential backoff and jitter; consecutive failures open a circuit breaker. Any
+sample the judge could not judge gets the configured fallback value, fallback=True and
+cacheable=False, so it is never cached and never mistaken for a grade.
+
+LocalTeacher scores a completion by its mean per-token log-probability under a second model.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from mlx_coach.errors import UserError
+from mlx_coach.scoring.base import Score
+
+PROMPT_VERSION = "grade-v1"
+SOLVE_VERSION = "solve-v1"
+
+GRADE_SYSTEM = "You are a strict reviewer of Python code. You judge whether code solves a task correctly."
+GRADE_TEMPLATE = """Task: complete this Python function.
+```python
+{prompt}
+```
+
+Candidate completion (the code that follows the task above):
+```python
+{completion}
+```
+{reference}
+How likely is it that the candidate is correct, from 0 (certainly wrong) to 10 (certainly correct)?
+Reply with exactly one line and nothing else, in this format:
+SCORE: <an integer from 0 to 10>/10"""
+REFERENCE_BLOCK = """
+A reference solution, for comparison (it may itself be imperfect):
+```python
+{code}
+```
+"""
+SOLVE_SYSTEM = "You are an expert Python programmer."
+SOLVE_TEMPLATE = """Complete this Python function. Reply with the complete function in one ```python code block and nothing else.
+```python
+{prompt}
+```"""
+
+_GRADE_LINE = re.compile(r"SCORE:[ \t]*(\d{1,2})[ \t]*/[ \t]*10")
+_GRADE_MENTION = re.compile(r"score\s*:", re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def parse_grade(text: str) -> float:
+    """The grade in a judge's reply, in [0, 1]. Strict: the reply must contain exactly one
+    `score:` (any case) and its last non-empty line must be exactly `SCORE: N/10` with N an
+    integer 0..10 (spaces around N and '/' allowed). Reasoning lines above it are allowed.
+    Anything else raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("reply content is not a string")
+    n = len(_GRADE_MENTION.findall(text))
+    if n != 1:
+        raise ValueError(f"expected exactly one 'SCORE: N/10' line, found {n}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    m = _GRADE_LINE.fullmatch(lines[-1])
+    if m is None:
+        raise ValueError(f"last line is not 'SCORE: N/10': {lines[-1][:80]!r}")
+    grade = int(m.group(1))
+    if grade > 10:
+        raise ValueError(f"grade {grade} is out of 0..10")
+    return grade / 10
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of a reply, or the whole reply when there is none."""
+    m = _FENCE.search(text)
+    return (m.group(1) if m else text).strip("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP judge
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = "http://127.0.0.1:8080/v1"  # POST {base_url}/chat/completions
+    model: str = "default_model"
+    api_key_env: str | None = None  # name of the env var holding the API key; None = no key
+    timeout_s: float = 30.0  # per request (each socket operation)
+    max_retries: int = 2
+    backoff_s: float = 0.5  # first retry waits ~backoff_s, then doubling, capped at max_backoff_s
+    max_backoff_s: float = 8.0
+    concurrency: int = 4  # max requests in flight
+    breaker_threshold: int = 5  # consecutive failed requests that open the circuit
+    breaker_reset_s: float = 30.0  # open this long, then one half-open trial
+    fallback: float = 0.0  # value of a sample the judge could not judge
+    use_reference: bool = False
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+    def validate(self, prefix: str = "judge") -> "JudgeConfig":
+        """Raises UserError naming f"{prefix}.{field}" (e.g. prefix "rewards[0]")."""
+
+        def bad(name, what):
+            raise UserError(f"config key '{prefix}.{name}' must be {what}; got {getattr(self, name)!r}")
+
+        u = urlsplit(self.base_url or "")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            bad("base_url", "an http:// or https:// URL")
+        if not self.model or not isinstance(self.model, str):
+            bad("model", "a model name")
+        for name in ("timeout_s", "breaker_reset_s"):
+            if not _num(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a number > 0")
+        for name in ("backoff_s", "max_backoff_s", "temperature"):
+            if not _num(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "a number >= 0")
+        for name, lo in (("max_retries", 0), ("concurrency", 1), ("breaker_threshold", 1), ("max_tokens", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                bad(name, f"an integer >= {lo}")
+        if not _num(self.fallback) or not 0.0 <= self.fallback <= 1.0:
+            bad("fallback", "a number in [0, 1]")
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            raise UserError(f"config key '{prefix}.api_key_env': environment variable {self.api_key_env} is not set")
+        return self
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Failure(Exception):
+    def __init__(self, status: str, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.status, self.message, self.retryable = status, message, retryable
+
+
+class CircuitBreaker:
+    """closed -> (threshold consecutive failures) -> open -> (reset_s) -> half-open: one trial
+    request; its success closes the circuit, its failure opens it again."""
+
+    def __init__(self, threshold: int, reset_s: float, timer=time.monotonic):
+        self.threshold, self.reset_s, self._timer = threshold, reset_s, timer
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at = None  # None when closed
+        self._trial = False  # a half-open trial is in flight
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._opened_at is not None
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._trial or self._timer() - self._opened_at < self.reset_s:
+                return False
+            self._trial = True
+            return True
+
+    def record(self, ok: bool) -> None:
+        with self._lock:
+            self._trial = False
+            if ok:
+                self._failures, self._opened_at = 0, None
+                return
+            self._failures += 1  # not reset while open, so a failed trial re-opens
+            if self._failures >= self.threshold:
+                self._opened_at = self._timer()
+
+
+class HttpJudge:
+    """Scorer grading completions with an OpenAI-compatible chat endpoint.
+
+    cache: a ScoreCache whose pinned "reference" namespace holds the judge's reference solution
+    per task (use_reference); a private one is made when None. sleep, rng and timer are
+    injectable for tests (backoff sleeps, jitter, breaker clock). config_key prefixes the field
+    names in config errors.
+    """
+
+    name = "http-judge"
+
+    def __init__(self, config: JudgeConfig, cache=None, *, sleep=time.sleep, rng=None, timer=time.monotonic,
+                 config_key: str = "judge"):
+        from mlx_coach.cache import ScoreCache
+
+        self.config = c = config.validate(config_key)
+        self.version = f"{PROMPT_VERSION}:{c.model}:ref={int(c.use_reference)}"
+        self.cache = cache if cache is not None else ScoreCache("none")
+        self._sleep, self._rng = sleep, rng or random.Random()
+        self.breaker = CircuitBreaker(c.breaker_threshold, c.breaker_reset_s, timer)
+        self._slots = threading.BoundedSemaphore(c.concurrency)
+        self._api_key = os.environ.get(c.api_key_env) if c.api_key_env else None
+        u = urlsplit(c.base_url)
+        self._conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port = u.hostname, u.port
+        self._path = u.path.rstrip("/") + "/chat/completions"
+        self._lock = threading.Lock()
+        self._ref_locks: dict = {}
+        self._counts = {"requests": 0, "retries": 0, "errors": 0, "references": 0}
+        self._errors_by_status = {s: 0 for s in ("parse_error", "transport_error", "timeout", "circuit_open")}
+        self._latencies: list = []  # of the HTTP requests of the last score_batch call
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def score_batch(self, items) -> list[Score]:
+        items = list(items)
+        with self._lock:
+            self._latencies = []
+        if not items:
+            return []
+        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="judge") as pool:
+            refs = {}
+            if self.config.use_reference:
+                tasks = {t.task_id: t for t, _ in items}
+                refs = dict(zip(tasks, pool.map(self._reference_or_failure, tasks.values())))
+            return list(pool.map(lambda it: self._score_one(it[0], it[1], refs.get(it[0].task_id)), items))
+
+    def _score_one(self, task, completion, ref) -> Score:
+        t0 = time.perf_counter()
+        try:
+            if isinstance(ref, _Failure):
+                raise _Failure(ref.status, f"reference solution: {ref.message}")
+            reply = self._chat(GRADE_SYSTEM, GRADE_TEMPLATE.format(
+                prompt=task.prompt.rstrip("\n"), completion=completion.rstrip("\n"),
+                reference=REFERENCE_BLOCK.format(code=ref) if ref is not None else ""))
+            try:
+                value = parse_grade(reply)
+            except ValueError as e:
+                raise _Failure("parse_error", str(e), retryable=False) from None
+            return Score(value, "ok", time.perf_counter() - t0)
+        except _Failure as f:
+            with self._lock:
+                self._counts["errors"] += 1
+                self._errors_by_status[f.status] += 1
+            return Score(self.config.fallback, f.status, time.perf_counter() - t0, f.message[:300],
+                         cacheable=False, fallback=True)
+
+    def _reference_or_failure(self, task):
+        """The pinned reference solution of a task, asked for once; a _Failure if that failed."""
+        from mlx_coach.cache import reference_key
+
+        key = reference_key(f"{self.name}:{SOLVE_VERSION}:{self.config.model}", task)
+        with self._lock:
+            lock = self._ref_locks.setdefault(key, threading.Lock())
+        with lock:  # one request per task, even with concurrent score_batch calls
+            code = self.cache.get(key, "reference")
+            if isinstance(code, str):
+                return code
+            try:
+                code = extract_code(self._chat(SOLVE_SYSTEM, SOLVE_TEMPLATE.format(prompt=task.prompt.rstrip("\n"))))
+            except _Failure as f:
+                return f
+            with self._lock:
+                self._counts["references"] += 1
+            self.cache.put(key, code, "reference")
+            return code
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _chat(self, system: str, user: str) -> str:
+        """The reply content of one chat completion, retried; raises _Failure."""
+        c = self.config
+        body = json.dumps({
+            "model": c.model, "max_tokens": c.max_tokens, "temperature": c.temperature, "stream": False,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }).encode()
+        for attempt in range(c.max_retries + 1):
+            if not self.breaker.allow():
+                raise _Failure("circuit_open", "circuit breaker open", retryable=False)
+            with self._slots:
+                t0 = time.perf_counter()
+                try:
+                    content = self._post(body)
+                except _Failure as f:
+                    failure = f
+                else:
+                    failure = None
+                finally:
+                    with self._lock:
+                        self._counts["requests"] += 1
+                        self._latencies.append(time.perf_counter() - t0)
+            self.breaker.record(failure is None)
+            if failure is None:
+                return content
+            if not failure.retryable or attempt == c.max_retries:
+                raise failure
+            with self._lock:
+                self._counts["retries"] += 1
+            self._sleep(self._backoff(attempt))  # outside the slot: waiting is not in flight
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        """Equal jitter: half of the capped exponential delay, plus up to the other half at random."""
+        d = min(self.config.max_backoff_s, self.config.backoff_s * 2**attempt)
+        return d / 2 + self._rng.uniform(0, d / 2)
+
+    def _post(self, body: bytes) -> str:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        conn = self._conn_cls(self._host, self._port, timeout=self.config.timeout_s)
+        try:
+            conn.request("POST", self._path, body, headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except TimeoutError as e:  # socket.timeout is TimeoutError
+            raise _Failure("timeout", f"timed out after {self.config.timeout_s} s: {e}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _Failure("transport_error", f"{type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            # 429 and 5xx may pass; other 4xx (bad key, unknown model or path) will not
+            retry = resp.status == 429 or resp.status >= 500
+            raise _Failure("transport_error", f"HTTP {resp.status}: {data[:200]!r}", retryable=retry)
+        try:
+            content = json.loads(data)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Failure("transport_error", f"malformed response ({type(e).__name__}): {data[:200]!r}") from None
+        if not isinstance(content, str):
+            raise _Failure("transport_error", f"malformed response: content is {type(content).__name__}")
+        return content
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """teacher/requests (HTTP requests sent, retries included), teacher/retries,
+        teacher/errors (samples that got the fallback) and teacher/errors/<status>,
+        teacher/references (reference solutions fetched), teacher/latency_s (mean request
+        latency of the last score_batch call), teacher/circuit_open (0/1)."""
+        with self._lock:
+            out = {f"teacher/{k}": v for k, v in self._counts.items()}
+            out.update({f"teacher/errors/{k}": v for k, v in self._errors_by_status.items()})
+            lat = self._latencies
+            out["teacher/latency_s"] = sum(lat) / len(lat) if lat else 0.0
+        out["teacher/circuit_open"] = int(self.breaker.is_open)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Local MLX teacher
+
+
+class LocalTeacher:
+    """Scores a completion by its mean per-token log-probability under a teacher model given
+    the prompt, mapped to [0, 1] by clip((mean_logp - low) / (high - low), 0, 1).
+
+    The teacher tokenizes prompt and prompt + completion with its own tokenizer; the completion's
+    tokens are those after the two token sequences' common prefix. Items are sorted by length and
+    scored `batch_size` at a time, one padded forward pass per batch.
+    """
+
+    name = "local-teacher"
+
+    def __init__(self, model, tokenizer, *, model_id: str = "model", low: float = -6.0, high: float = 0.0,
+                 batch_size: int = 8, max_tokens: int = 4096):
+        if not (_num(low) and _num(high) and low < high):
+            raise UserError(f"config key 'teacher.low' must be < 'teacher.high'; got low={low!r}, high={high!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"config key 'teacher.batch_size' must be an integer >= 1; got {batch_size!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.low, self.high, self.batch_size, self.max_tokens = float(low), float(high), batch_size, max_tokens
+        self.version = f"logp-v1:{model_id}:{self.low:g}:{self.high:g}"
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs) -> "LocalTeacher":
+        from mlx_coach.models import load_policy
+
+        model, tokenizer, _ = load_policy(spec)
+        model.eval()
+        return cls(model, tokenizer, model_id=spec, **kwargs)
+
+    def split(self, task, completion) -> tuple[list, list]:
+        """(prompt ids, completion ids) from the teacher's tokenization of prompt + completion."""
+        p = list(self.tokenizer.encode(task.prompt))
+        full = list(self.tokenizer.encode(task.prompt + completion))[: self.max_tokens]
+        n = 0
+        while n < min(len(p), len(full)) and p[n] == full[n]:
+            n += 1
+        n = max(n, 1)  # the first token has no prediction
+        return full[:n], full[n:]
+
+    def mean_logprobs(self, items) -> list:
+        """Mean log-prob per completion token for each (task, completion); None when empty."""
+        import mlx.core as mx
+
+        from mlx_coach.models import sequence_logprobs
+
+        pairs = [self.split(t, c) for t, c in items]
+        out = [None] * len(pairs)
+        order = sorted((i for i, (_, c) in enumerate(pairs) if c), key=lambda i: sum(map(len, pairs[i])))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            logp, mask, _ = sequence_logprobs(self.model, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+            mean = logp.sum(axis=1) / mask.sum(axis=1)
+            mx.eval(mean)
+            for i, v in zip(idx, mean.tolist()):
+                out[i] = v
+        return out
+
+    def score_batch(self, items) -> list[Score]:
+        items = list(items)
+        t0 = time.perf_counter()
+        means = self.mean_logprobs(items)
+        per_item = (time.perf_counter() - t0) / max(1, len(items))
+        out = []
+        for m in means:
+            if m is None:
+                out.append(Score(0.0, "ok", per_item, "empty completion"))
+            else:
+                out.append(Score(min(1.0, max(0.0, (m - self.low) / (self.high - self.low))), "ok", per_item))
+        return out

@@ -1,0 +1,438 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mlx_coach.cache import CacheConfig, ScoreCache, make_key, normalize_completion, reference_key
+from mlx_coach.errors import UserError
+from mlx_coach.scoring.base import Score
+from mlx_coach.scoring.cached import CachedScorer
+from mlx_coach.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, dt):
+        self.t += dt
+
+
+def task(i=0, test="def check(f):\n    assert f(1) == 2\n"):
+    return Task(f"T/{i}", f"def inc{i}(x):\n", f"inc{i}", test)
+
+
+def k(name):
+    return ("s@1", "T/0", "t", name)
+
+
+def ok(v=1.0):
+    return Score(v, "passed")
+
+
+# --- policies -------------------------------------------------------------------------------
+
+
+def test_ttl_expiry_with_injected_clock():
+    clock = Clock()
+    c = ScoreCache("ttl", ttl_s=10.0, timer=clock)
+    assert c.put(k("a"), ok())
+    clock.advance(9.9)
+    assert c.get(k("a")) == ok()
+    clock.advance(0.1)  # exactly ttl: expired
+    assert c.get(k("a")) is None
+    s = c.stats()["student"]
+    assert (s["hits"], s["misses"], s["expirations"], s["evictions"], s["size"], s["bytes"]) == (1, 1, 1, 0, 0, 0)
+
+
+def test_lru_eviction_order():
+    c = ScoreCache("lru", maxsize=3)
+    for name in "abc":
+        c.put(k(name), ok())
+    assert c.get(k("a")) is not None  # a is now most recent; b is the least recent
+    c.put(k("d"), ok())
+    assert c.get(k("b")) is None
+    assert all(c.get(k(n)) is not None for n in "acd")
+    c.put(k("e"), ok())  # after the reads above, the order is a, c, d -> a goes
+    assert c.get(k("a")) is None
+    s = c.stats()["student"]
+    assert (s["evictions"], s["size"], s["hits"], s["misses"]) == (2, 3, 4, 2)
+
+
+def test_lru_plus_ttl_evicts_and_expires():
+    clock = Clock()
+    c = ScoreCache("lru+ttl", maxsize=2, ttl_s=5.0, timer=clock)
+    c.put(k("a"), ok())
+    clock.advance(1)
+    c.put(k("b"), ok())
+    c.put(k("c"), ok())  # evicts a (LRU)
+    clock.advance(4.5)  # b expires at 6.0 after start? b was put at +1 -> expires at +6
+    assert c.get(k("b")) is not None
+    clock.advance(1)
+    assert c.get(k("b")) is None and c.get(k("c")) is None
+    s = c.stats()["student"]
+    assert (s["evictions"], s["expirations"], s["size"]) == (1, 2, 0)
+
+
+def test_reference_entries_are_pinned_under_every_policy():
+    clock = Clock()
+    for policy in ("lru", "ttl", "lru+ttl", "epoch-clear", "none"):
+        c = ScoreCache(policy, maxsize=2, ttl_s=5.0, timer=clock)
+        for i in range(5):
+            assert c.put(reference_key("judge", task(i)), f"def inc{i}(x): return x + 1", "reference")
+        for i in range(10):
+            c.put(k(str(i)), ok())  # floods the student namespace
+        clock.advance(100)  # far past ttl
+        assert c.on_epoch_start(1) == (2 if policy == "epoch-clear" else 0)
+        for i in range(5):
+            assert c.get(reference_key("judge", task(i)), "reference") == f"def inc{i}(x): return x + 1", policy
+        r = c.stats()["reference"]
+        assert (r["size"], r["evictions"], r["expirations"], r["cleared"]) == (5, 0, 0, 0), policy
+
+
+def test_epoch_clear_drops_only_student_entries_and_counts():
+    c = ScoreCache("epoch-clear", maxsize=100)
+    for i in range(7):
+        c.put(k(str(i)), ok())
+    c.put(("judge", "T/0", "p", "solution"), "code", "reference")
+    assert c.on_epoch_start(1) == 7
+    assert c.on_epoch_start(2) == 0
+    assert c.size("student") == 0 and c.size("reference") == 1
+    s = c.stats()["student"]
+    assert (s["clears"], s["cleared"], s["bytes"]) == (2, 7, 0)
+    lru = ScoreCache("lru")
+    lru.put(k("x"), ok())
+    assert lru.on_epoch_start(1) == 0 and lru.get(k("x")) is not None
+
+
+def test_none_policy_stores_nothing():
+    c = ScoreCache("none")
+    assert not c.put(k("a"), ok())
+    assert c.get(k("a")) is None
+    s = c.stats()["student"]
+    assert (s["size"], s["puts"], s["misses"], s["hits"]) == (0, 0, 1, 0)
+
+
+def test_stats_numbers_are_exact():
+    c = ScoreCache("lru", maxsize=2)
+    for n in "ab":
+        c.put(k(n), ok())
+    c.get(k("a"))
+    c.get(k("zz"))
+    c.put(k("c"), ok())  # evicts b
+    c.get(k("b"))
+    c.put(k("bad"), Score(0.0, "infra_error", cacheable=False))
+    s = c.stats()["student"]
+    expected = dict(hits=1, misses=2, puts=3, rejected=1, evictions=1, expirations=0, clears=0, cleared=0,
+                    size=2, disk_hits=0)
+    assert {key: s[key] for key in expected} == expected
+    assert s["hit_rate"] == pytest.approx(1 / 3) == c.hit_rate()
+    assert s["lookup_s"] > 0 and s["mean_lookup_us"] == pytest.approx(1e6 * s["lookup_s"] / 3)
+    assert 200 < s["bytes"] < 4000  # two small entries
+    before = s["bytes"]
+    c.put(k("d"), ok())  # evicts a: the byte count stays that of two entries
+    assert c.stats()["student"]["bytes"] == before
+    assert c.clear() == 2 and c.stats()["student"]["bytes"] == 0
+
+
+@pytest.mark.parametrize("score", [
+    Score(0.0, "infra_error", cacheable=False),
+    Score(0.0, "timeout", cacheable=False),
+    Score(0.5, "parse_error", cacheable=False, fallback=True),
+    Score(0.5, "ok", fallback=True),
+])
+def test_non_cacheable_scores_are_refused(score):
+    c = ScoreCache("lru")
+    assert not c.put(k("a"), score)
+    assert c.get(k("a")) is None
+    assert c.stats()["student"]["rejected"] == 1
+    assert c.put(k("a"), Score(0.0, "failed"))  # a real failure is a real judgement
+
+
+def test_bad_config_raises_user_error_naming_the_field():
+    with pytest.raises(UserError, match="cache.policy"):
+        ScoreCache.from_config(CacheConfig(policy="lfu"))
+    with pytest.raises(UserError, match="cache.maxsize"):
+        ScoreCache("lru", maxsize=0)
+    with pytest.raises(UserError, match="cache.ttl_s"):
+        ScoreCache("ttl", ttl_s=-1)
+
+
+# --- normalisation ---------------------------------------------------------------------------
+
+BASE = "    y = x + 1  \n    return y\n"
+SAME = [
+    ("comment", "    y = x + 1  # add one\n    return y\n"),
+    ("comment-only line", "    # first\n    y = x + 1\n        # odd indent\n    return y\n"),
+    ("spaces inside a line", "    y   =   x+1\n    return   y\n"),
+    ("blank lines", "\n    y = x + 1\n\n\n    return y\n\n"),
+    ("trailing whitespace and no final newline", "    y = x + 1\t \n    return y   "),
+    ("indent width", "  y = x + 1\n  return y\n"),
+    ("tab indent", "\ty = x + 1\n\treturn y\n"),
+    ("CRLF", "    y = x + 1\r\n    return y\r\n"),
+]
+DIFFERENT = [
+    ("identifier", "    y = x + 1\n    return x\n"),
+    ("literal", "    y = x + 2\n    return y\n"),
+    ("operator", "    y = x - 1\n    return y\n"),
+    ("string added", "    y = x + 1\n    return 'y'\n"),
+]
+PAIRS_DIFFERENT = [
+    ("string contents", 's = "a  b"\n', 's = "a b"\n'),
+    ("# inside a string", 's = "a # b"\n', 's = "a"\n'),
+    ("indent structure", "if a:\n    b()\n    c()\n", "if a:\n    b()\nc()\n"),
+    ("nesting", "for i in r:\n    if i:\n        f()\n", "for i in r:\n    if i:\n        pass\n    f()\n"),
+    ("untokenizable, contents", '    s = """abc', '    s = """abd'),
+    ("untokenizable, comment is kept", "    x = (1,  # a", "    x = (1,"),
+]
+PAIRS_SAME = [
+    ("brackets across lines", "f(a,\n  b)\n", "f(a, b)\n"),
+    ("backslash continuation", "x = 1 + \\\n    2\n", "x = 1 + 2\n"),
+    ("untokenizable, spaces", "    x = (1,   2  ", "    x = (1, 2"),
+    ("untokenizable, blank lines", "    x = (1,\n\n   2", "    x = (1,\n   2"),
+]
+
+
+@pytest.mark.parametrize("why,code", SAME, ids=[w for w, _ in SAME])
+def test_normalisation_keeps_key(why, code):
+    assert normalize_completion(code) == normalize_completion(BASE)
+    assert make_key("s", "1", task(), code) == make_key("s", "1", task(), BASE)
+
+
+@pytest.mark.parametrize("why,code", DIFFERENT, ids=[w for w, _ in DIFFERENT])
+def test_normalisation_changes_key(why, code):
+    assert make_key("s", "1", task(), code) != make_key("s", "1", task(), BASE)
+
+
+@pytest.mark.parametrize("why,a,b", PAIRS_DIFFERENT, ids=[w for w, _, _ in PAIRS_DIFFERENT])
+def test_normalisation_pairs_differ(why, a, b):
+    assert normalize_completion(a) != normalize_completion(b)
+
+
+@pytest.mark.parametrize("why,a,b", PAIRS_SAME, ids=[w for w, _, _ in PAIRS_SAME])
+def test_normalisation_pairs_same(why, a, b):
+    assert normalize_completion(a) == normalize_completion(b)
+
+
+def test_key_parts():
+    key = make_key("tests", "3", task(), BASE)
+    assert key[0] == "tests@3" and key[1] == "T/0" and len(key[2]) == len(key[3]) == 64
+    assert make_key("tests", "4", task(), BASE) != key
+    assert make_key("tests", "3", task(test="def check(f):\n    pass\n"), BASE) != key
+    assert make_key("tests", "3", task(1), BASE) != key
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+def test_sqlite_survives_a_new_instance_and_is_seen_by_another_process(tmp_path):
+    db = str(tmp_path / "scores.sqlite")
+    c = ScoreCache("lru", sqlite_path=db)
+    key = make_key("tests", "1", task(), BASE)
+    c.put(key, Score(1.0, "passed", duration_s=0.25))
+    c.put(reference_key("judge", task()), "def inc0(x): return x + 1", "reference")
+    c.close()
+
+    c2 = ScoreCache("lru", sqlite_path=db)
+    assert c2.get(key) == Score(1.0, "passed", duration_s=0.25)
+    assert c2.get(key) is not None  # now from memory
+    s = c2.stats()["student"]
+    assert (s["hits"], s["disk_hits"], s["size"]) == (2, 1, 1)
+    assert c2.get(reference_key("judge", task()), "reference") == "def inc0(x): return x + 1"
+
+    # a second process reads it, and writes one that we then read
+    script = textwrap.dedent(f"""
+        import json, sys
+        from mlx_coach.cache import ScoreCache
+        from mlx_coach.scoring.base import Score
+        c = ScoreCache("lru", sqlite_path={db!r})
+        got = c.get(tuple({list(key)!r}))
+        c.put(("other", "T/9", "t", "c"), Score(0.5, "failed"))
+        print(json.dumps(got.to_dict()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["value"] == 1.0
+    assert c2.get(("other", "T/9", "t", "c")) == Score(0.5, "failed")
+
+
+def test_concurrent_processes_write_one_file(tmp_path):
+    db = str(tmp_path / "scores.sqlite")
+    script = textwrap.dedent("""
+        import sys
+        from mlx_coach.cache import ScoreCache
+        from mlx_coach.scoring.base import Score
+        c = ScoreCache("lru", sqlite_path=sys.argv[1])
+        for i in range(300):
+            c.put(("w" + sys.argv[2], "T", "t", str(i)), Score(float(i), "passed"))
+            c.get(("w" + sys.argv[3], "T", "t", str(i)))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, db, a, b], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+             for a, b in (("0", "1"), ("1", "0"))]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+    c = ScoreCache("lru", sqlite_path=db)
+    assert all(c.get((f"w{w}", "T", "t", str(i))) == Score(float(i), "passed") for w in "01" for i in range(300))
+
+
+def test_ttl_applies_to_persisted_rows(tmp_path):
+    db = str(tmp_path / "scores.sqlite")
+    mono, wall = Clock(50.0), Clock(1_700_000_000.0)
+    c = ScoreCache("ttl", ttl_s=10.0, sqlite_path=db, timer=mono, wall=wall)
+    c.put(k("a"), ok())
+    wall.advance(6)
+    c.put(k("b"), ok())
+    c.close()
+
+    mono2 = Clock(5.0)  # another process: an unrelated monotonic clock
+    c2 = ScoreCache("ttl", ttl_s=10.0, sqlite_path=db, timer=mono2, wall=wall)
+    wall.advance(5)  # a is 11 s old, b 5 s
+    assert c2.get(k("a")) is None
+    assert c2.get(k("b")) == ok()
+    mono2.advance(4.9)  # b keeps its remaining 5 s in memory, not a fresh 10 s
+    wall.advance(4.9)
+    assert c2.get(k("b")) is not None
+    mono2.advance(0.2)
+    wall.advance(0.2)
+    assert c2.get(k("b")) is None  # expired in memory, and the row is too old to read back
+    s = c2.stats()["student"]
+    assert (s["hits"], s["disk_hits"], s["misses"], s["expirations"]) == (2, 1, 2, 1)
+
+
+def test_epoch_clear_hides_persisted_rows_of_earlier_epochs(tmp_path):
+    db = str(tmp_path / "scores.sqlite")
+    wall = Clock(1_700_000_000.0)  # frozen: the clear and the next put share one instant
+    c = ScoreCache("epoch-clear", maxsize=1, sqlite_path=db, wall=wall)
+    c.put(k("a"), ok())
+    assert c.on_epoch_start(1) == 1
+    assert c.get(k("a")) is None  # not read back from the file
+    c.put(k("b"), ok())
+    c.put(k("c"), ok())  # evicts b from memory (maxsize 1)
+    assert c.get(k("b")) == ok()  # written after the clear: read back from the file
+    assert c.stats()["student"]["disk_hits"] == 1
+    other = ScoreCache("lru", sqlite_path=db)  # other runs sharing the file still see old rows
+    assert other.get(k("a")) == ok()
+
+
+def test_snapshot_restore_round_trip():
+    clock = Clock()
+    c = ScoreCache("lru+ttl", maxsize=3, ttl_s=10.0, timer=clock)
+    c.put(k("a"), Score(1.0, "passed", duration_s=0.5))
+    clock.advance(4)
+    c.put(k("b"), Score(0.0, "failed", error="AssertionError"))
+    c.put(k("c"), ok())
+    c.get(k("a"))  # LRU order now b, c, a
+    c.get(k("zz"))
+    c.put(("judge", "T/0", "p", "solution"), "def f(): pass", "reference")
+    snap = json.loads(json.dumps(c.snapshot()))  # must be JSON-serialisable
+    assert c.stats()["student"]["hits"] == 1  # snapshot itself is no lookup
+    assert snap["config"]["policy"] == "lru+ttl"
+
+    clock2 = Clock(7.0)  # resumed in a new process, unrelated monotonic clock
+    r = ScoreCache("lru+ttl", maxsize=3, ttl_s=10.0, timer=clock2)
+    r.restore(snap)
+    assert (r.size("student"), r.size("reference")) == (3, 1)
+    s, s0 = r.stats()["student"], c.stats()["student"]
+    assert {x: s[x] for x in ("hits", "misses", "puts", "bytes")} == {x: s0[x] for x in ("hits", "misses", "puts", "bytes")}
+    r.put(k("d"), ok())  # evicts the least recently used: b
+    assert r.get(k("b", )) is None
+    assert r.get(("judge", "T/0", "p", "solution"), "reference") == "def f(): pass"
+    clock2.advance(5.5)  # a was 4 s old at the snapshot: 9.5 s now, still alive
+    assert r.get(k("a")) == Score(1.0, "passed", duration_s=0.5)
+    clock2.advance(0.5)
+    assert r.get(k("a")) is None  # 10 s: expired, its age survived the restore
+    assert r.get(k("c")) == ok()
+    with pytest.raises(UserError):
+        r.restore({"format": 99})
+
+
+def test_snapshot_keeps_live_lru_order():
+    c = ScoreCache("lru", maxsize=3)
+    for n in "abc":
+        c.put(k(n), ok())
+    c.get(k("a"))  # order b, c, a
+    c.snapshot()
+    c.put(k("d"), ok())
+    assert c.get(k("b")) is None and c.get(k("a")) is not None
+
+
+# --- CachedScorer -------------------------------------------------------------------------------
+
+
+class ExecScorer:
+    """A real (in-process) test scorer: runs prompt + completion + test; counts what it sees."""
+
+    name, version = "exec", "1"
+
+    def __init__(self):
+        self.calls, self.items = 0, 0
+
+    def score_batch(self, items):
+        self.calls += 1
+        self.items += len(items)
+        out = []
+        for t, completion in items:
+            env = {}
+            try:
+                exec(t.prompt + completion + "\n" + t.test + f"\ncheck({t.entry_point})\n", env)
+                out.append(Score(1.0, "passed"))
+            except Exception as e:
+                out.append(Score(0.0, "failed", error=type(e).__name__))
+        return out
+
+
+class FlakyScorer(ExecScorer):
+    name = "flaky"
+
+    def score_batch(self, items):
+        self.calls += 1
+        self.items += len(items)
+        return [Score(0.0, "infra_error", cacheable=False) for _ in items]
+
+
+def test_cached_scorer_provenance_and_dedup():
+    scorer, cache = ExecScorer(), ScoreCache("lru")
+    cs = CachedScorer(scorer, cache)
+    t0, t1 = task(0), task(1)
+    good0, good1 = "    return x + 1\n", "    return x + 1\n"
+    bad = "    return x\n"
+    batch = [(t0, good0), (t0, "    return x+1  # same\n"), (t0, bad), (t1, good1), (t0, good0)]
+    out = cs.score_batch(batch)
+    assert [s.status for s, _ in out] == ["passed", "passed", "failed", "passed", "passed"]
+    assert [p for _, p in out] == ["fresh"] * 5
+    assert (scorer.calls, scorer.items) == (1, 3)  # one call, three distinct keys
+
+    out = cs.score_batch([(t0, bad), (t1, "    return 1 + x\n"), (t0, "    return  x  # same as bad\n")])
+    assert [p for _, p in out] == ["cached", "fresh", "cached"]
+    assert [s.value for s, _ in out] == [0.0, 1.0, 0.0]
+    assert (scorer.calls, scorer.items) == (2, 4)
+    assert cs.stats() == dict(items=8, fresh=6, cached=2, scored=4, deduped=2, calls=2)
+    assert cache.stats()["student"]["hits"] == 1  # duplicates are looked up once
+
+    # bypass: all fresh, the wrapped scorer sees them, and the cache is untouched
+    before = cache.stats()
+    out = cs.score_batch([(t0, bad), (t0, "    return x - 1\n")], bypass=True)
+    assert [p for _, p in out] == ["fresh", "fresh"] and scorer.items == 6
+    assert cache.stats() == before
+    assert cs.score_batch([(t0, "    return x - 1\n")])[0][1] == "fresh"  # bypass did not write
+
+
+def test_cached_scorer_never_caches_failures_of_the_scorer():
+    scorer, cache = FlakyScorer(), ScoreCache("lru")
+    cs = CachedScorer(scorer, cache)
+    for _ in range(3):
+        out = cs.score_batch([(task(), BASE), (task(), BASE)])
+        assert [p for _, p in out] == ["fresh", "fresh"]
+    assert scorer.items == 3 and cache.size() == 0
+    assert cache.stats()["student"]["rejected"] == 3
