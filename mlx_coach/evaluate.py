@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import UserError
-from .metrics import pass_at_k
+from .metrics import summarize
 
 
 def generate_and_score(model, tokenizer, tasks, rc, scorer, *, bypass_cache=True):
@@ -40,13 +40,7 @@ def pass_at_k_summary(records, ks=(1, 10, 100)):
     by_task = defaultdict(list)
     for r in records:
         by_task[r["task_id"]].append(r["passed"])
-    n_min = min((len(v) for v in by_task.values()), default=0)
-    out = {"tasks": len(by_task), "samples": len(records), "samples_per_task": n_min}
-    for k in ks:
-        if k <= n_min:
-            vals = [pass_at_k(len(v), sum(v), k) for v in by_task.values()]
-            out[f"pass@{k}"] = sum(vals) / len(vals) if vals else 0.0
-    return out
+    return summarize(by_task, ks)
 
 
 def eval_tasks(spec, limit):

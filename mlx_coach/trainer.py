@@ -194,10 +194,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- phases
     def next_prompts(self):
-        """The next prompts of this epoch's seeded order; None when the epoch is used up."""
+        """The next prompts of this epoch's seeded order, and the epoch fraction done before them."""
         n = self.cfg.rollout.prompts_per_step
-        if self.pos >= len(self.order):
-            return None
         idx = self.order[self.pos: self.pos + n]
         position = self.pos / len(self.order)
         self.pos += len(idx)
@@ -304,11 +302,7 @@ class Trainer:
         cfg, a = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
         mx.random.seed(step_seed(cfg.train.seed, self.step))
-        picked = self.next_prompts()
-        if picked is None:
-            self.end_epoch()
-            picked = self.next_prompts()
-        tasks, position = picked
+        tasks, position = self.next_prompts()
         phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
         metrics = {"epoch": self.epoch, "epoch/position": position}
 
@@ -398,10 +392,9 @@ class Trainer:
             "gen/truncated_frac": float(np.mean(truncated)),
             "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
         })
-        if fresh:
-            metrics["reward/fresh_mean"] = float(np.mean(fresh))
-        if cached:
-            metrics["reward/cached_mean"] = float(np.mean(cached))
+        # the mean of no samples is undefined: NaN, never a made-up 0
+        metrics["reward/fresh_mean"] = float(np.mean(fresh)) if fresh else float("nan")
+        metrics["reward/cached_mean"] = float(np.mean(cached)) if cached else float("nan")
         if self.baseline_reward is not None and fresh:
             metrics["reward/gain_from_baseline"] = float(np.mean(fresh)) - self.baseline_reward
         if self.epoch == 0:
@@ -423,7 +416,7 @@ class Trainer:
         self.phases.add(phase, {"tokens_per_sec": rb.tokens_per_sec, "hits": metrics.get("cache/step_hits", 0),
                                 "misses": metrics.get("cache/step_misses", 0),
                                 "fragmentation": mem.get("memory/fragmentation", 0.0),
-                                "fresh_reward_mean": metrics.get("reward/fresh_mean"), "fresh_count": len(fresh)})
+                                "fresh_reward_mean": metrics["reward/fresh_mean"] if fresh else None, "fresh_count": len(fresh)})
         metrics.update(self.phases.by_phase_metrics(phase))
         metrics["time/step_s"] = time.perf_counter() - t_step
 
@@ -437,6 +430,8 @@ class Trainer:
                 self.lr_scale *= factor
                 self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
         self.telemetry.log(self.step, metrics)
+        if self.pos >= len(self.order):
+            self.end_epoch()
         return metrics
 
     def cache_metrics(self):

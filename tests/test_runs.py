@@ -1,0 +1,120 @@
+"""Whole runs: `mlx-coach train -c configs/tiny.yaml` through the CLI, read back as a user would
+(metrics.jsonl, TensorBoard's own reader, mlx-lm loading the adapters), plus the cache's effect
+on a run and a run that outlives its judge server."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_coach.telemetry import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STEP_TAGS = [
+    # trainer (issue: RL loop)
+    "reward/mean", "reward/std", "loss/policy", "loss/kl", "kl/mean", "policy/clip_frac", "grad/norm", "lr",
+    "gen/tokens_per_sec", "gen/completion_len_mean", "time/generate_s", "time/score_s", "time/update_s",
+    # cache (issue: score cache)
+    "reward/fresh_mean", "reward/cached_mean", "reward/fresh_count", "reward/cached_count", "cache/hit_rate",
+    "cache/hits", "cache/misses", "cache/evictions", "cache/expirations", "cache/size",
+    # memory, phases, health (issue: telemetry)
+    "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/fragmentation", "memory/clear_events",
+    "memory/freed_gb", "reward/ema", "reward/frac_zero_std", "gen/truncated_frac", "policy/entropy",
+    "grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters", "grad/update_ratio",
+    "loss/policy_ema",
+]
+PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/fragmentation_by_phase/{}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Three epochs of configs/tiny.yaml on a 24-task slice of the builtin suite (5 steps per epoch)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_coach", "train", "-c", str(ROOT / "configs/tiny.yaml"), "--output", str(run),
+         "--steps", "15", "--set", "data.limit=24", "--set", "train.checkpoint_every=5",
+         "--set", "rollout.max_new_tokens=24"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
+
+
+@pytest.mark.slow
+def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
+    run, proc = tiny_run
+    rows = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, 16))
+    for r in steps:
+        missing = [t for t in STEP_TAGS if t not in r]
+        assert not missing, (r["step"], missing)
+        assert r["reward/fresh_count"] + r["reward/cached_count"] == 16  # 4 prompts x group of 4
+    for phase in ("early", "mid", "late"):
+        assert any(tag.format(phase) in r for r in steps for tag in PHASE_TAGS)
+    tables = [r for r in rows if "epoch_table" in r]
+    assert [t["epoch"] for t in tables] == [0, 1, 2]
+    for t in tables:
+        assert set(t["epoch_table"]) == {"early", "mid", "late"}
+    assert len([r for r in rows if "eval/pass@1" in r]) == 3
+    alerts = read_jsonl(run / "alerts.jsonl") if (run / "alerts.jsonl").exists() else []
+    assert alerts == [], alerts  # a healthy run raises no alert
+    assert "step  15/15" in proc.stderr  # the progress line
+
+
+@pytest.mark.slow
+def test_tensorboard_reads_the_run(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    run, _ = tiny_run
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for t in STEP_TAGS + ["eval/pass@1"]:
+        assert t in tags["scalars"], t
+    assert len(acc.Scalars("reward/mean")) == 15
+    assert "eval/category_length_heatmap" in tags["images"]
+    assert any(t.startswith("epoch/phase_table") for t in tags["tensors"])
+    layout_tensor = acc.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(layout_tensor.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    hit_chart = next(tags for title, tags in charts.items() if "hit rate" in title)
+    assert any("tokens_per_sec" in t for t in hit_chart) and any("hit_rate" in t for t in hit_chart)
+
+
+@pytest.mark.slow
+def test_mlx_lm_loads_and_generates_with_the_saved_adapters(tiny_run):
+    import mlx_lm
+
+    run, _ = tiny_run
+    ckpt = run / "checkpoints/step-15"
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    base = cfg["model"]
+    assert Path(base, "config.json").is_file()
+    model, tokenizer = mlx_lm.load(base, adapter_path=str(ckpt))
+    text = mlx_lm.generate(model, tokenizer, prompt="def add(a, b):\n", max_tokens=8)
+    assert isinstance(text, str)
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", base, "--adapter-path", str(ckpt),
+                           "--prompt", "def add(a, b):", "--max-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_command_scores_the_run(tiny_run, tmp_path):
+    run, _ = tiny_run
+    ckpt = run / "checkpoints/step-15"
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "mlx_coach", "eval", "--model", "builtin:tiny", "--adapter", str(ckpt),
+                           "--tasks", "builtin:val", "--limit", "4", "--samples", "2", "--max-new-tokens", "16",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"] == 4 and report["samples"] == 8 and 0.0 <= report["pass@1"] <= 1.0
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 8 and {"task_id", "completion", "status", "passed"} <= set(samples[0])
