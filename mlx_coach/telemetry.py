@@ -194,7 +194,15 @@ class Telemetry:
             for tag, value in metrics.items():
                 x = _as_float(value)
                 if x is not None:
-                    self.writer.add_scalar(tag, x, step)
+                    self._scalar(tag, x, step)
+
+    def _scalar(self, tag, value, step):
+        # tensorboardX's add_scalar rewrites characters such as '@' ("eval/pass@1" -> "eval/pass_1");
+        # TensorBoard itself accepts any tag, so write the summary proto with the tag as logged.
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        self.writer._get_file_writer().add_summary(summary, step)
 
     def text(self, tag, text, step):
         if self.writer is not None:

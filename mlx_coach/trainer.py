@@ -373,7 +373,7 @@ class Trainer:
         ent = [e for r in rollouts for e in r.entropies]
         metrics.update({
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
-            "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
+            "reward/count": len(scored), "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
             "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
             "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
             "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),

@@ -52,7 +52,8 @@ def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
     for r in steps:
         missing = [t for t in STEP_TAGS if t not in r]
         assert not missing, (r["step"], missing)
-        assert r["reward/fresh_count"] + r["reward/cached_count"] == 16  # 4 prompts x group of 4
+        # every scored sample is either fresh or cached; 4 prompts x group 4 (3 prompts at an epoch's end)
+        assert r["reward/fresh_count"] + r["reward/cached_count"] == r["reward/count"] in (12, 16)
     for phase in ("early", "mid", "late"):
         assert any(tag.format(phase) in r for r in steps for tag in PHASE_TAGS)
     tables = [r for r in rows if "epoch_table" in r]
@@ -62,7 +63,7 @@ def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
     assert len([r for r in rows if "eval/pass@1" in r]) == 3
     alerts = read_jsonl(run / "alerts.jsonl") if (run / "alerts.jsonl").exists() else []
     assert alerts == [], alerts  # a healthy run raises no alert
-    assert "step  15/15" in proc.stderr  # the progress line
+    assert "step 15/15" in proc.stderr  # the progress line
 
 
 @pytest.mark.slow
