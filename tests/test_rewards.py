@@ -1,0 +1,53 @@
+"""Reward sources combined: weights, user functions (sync/async, None), provenance through the cache."""
+
+import math
+
+import pytest
+
+from mlx_coach.cache import ScoreCache
+from mlx_coach.config import from_dict
+from mlx_coach.errors import UserError
+from mlx_coach.rewards import RewardSet
+from mlx_coach.tasks import builtin_tasks
+
+
+def reward_set(rewards, policy="lru"):
+    cfg = from_dict({"rewards": rewards, "sandbox": {"timeout_s": 5.0, "workers": 2}})
+    return RewardSet(cfg, ScoreCache(policy=policy))
+
+
+def test_weighted_sum_of_tests_and_functions():
+    task = builtin_tasks()[0]
+    rs = reward_set([{"type": "tests", "weight": 2.0},
+                     {"type": "function", "function": "reward_fns:async_length", "weight": 0.5, "name": "len"}])
+    try:
+        good, empty = task.canonical_solution, ""
+        out = rs.score([task, task], [task.prompt] * 2, [good, empty])
+        assert out[0].passed and out[0].parts["tests"] == 1.0
+        assert out[0].total == pytest.approx(2.0 + 0.5 * min(len(good), 10) / 10)
+        assert out[1].parts["len"] is None and not out[1].passed  # None contributes nothing
+        assert out[1].total == pytest.approx(0.0)
+        assert [o.provenance for o in out] == ["fresh", "fresh"]
+        again = rs.score([task], [task.prompt], [good + "\n\n# same program\n"])
+        assert again[0].provenance == "cached" and again[0].total == out[0].total
+        fresh = rs.score([task], [task.prompt], [good], bypass_cache=True)
+        assert fresh[0].provenance == "fresh"
+    finally:
+        rs.close()
+
+
+def test_non_finite_function_reward_is_surfaced_not_hidden():
+    task = builtin_tasks()[0]
+    rs = reward_set([{"type": "function", "function": "reward_fns:nan_reward"},
+                     {"type": "function", "function": "reward_fns:zero"}])
+    out = rs.score([task], [task.prompt], ["x"])
+    assert math.isnan(out[0].total)  # the trainer's non-finite guard then skips the step
+
+
+def test_bad_function_spec_is_a_user_error():
+    with pytest.raises(UserError, match=r"rewards\[0\].function"):
+        reward_set([{"type": "function", "function": "no_such_module_xyz:f"}])
+    with pytest.raises(UserError, match="not a callable"):
+        reward_set([{"type": "function", "function": "reward_fns:TARGET"}])
+    with pytest.raises(UserError, match="duplicate reward name"):
+        reward_set([{"type": "tests"}, {"type": "tests"}])
