@@ -74,7 +74,7 @@ class RewardSet:
         self.cache = cache
         seen = set()
         for i, r in enumerate(cfg.rewards):
-            name = r.name or r.type
+            name = r.name or (r.function.rpartition(":")[2] if r.type == "function" else r.type)
             if name in seen:
                 raise UserError(f"config key 'rewards[{i}].name': duplicate reward name '{name}'")
             seen.add(name)
