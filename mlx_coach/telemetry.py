@@ -134,6 +134,9 @@ def custom_scalar_layout():
     exact = lambda *tags: [f"^{t}$" for t in tags]  # noqa: E731
     return {
         "mlx-coach": {
+            # relative tok/s (1.0 = the run's first steps) shares the 0..1 scale of the hit rate
+            "relative tok/s vs cache hit rate and fragmentation": [
+                "Multiline", exact(TOKS + "_rel", "cache/hit_rate", FRAG)],
             "tok/s vs cache hit rate": ["Multiline", exact(TOKS, "cache/hit_rate")],
             "tok/s vs cache hit rate by epoch phase": [
                 "Multiline",

@@ -139,6 +139,7 @@ class Trainer:
         self.reward_ema, self.loss_ema = Ema(0.1), Ema(0.1)
         self.lr_scale = 1.0
         self.events_seen = 0  # memory events already written to events.jsonl
+        self.toks_first = []  # tok/s of the run's first steps: the reference for gen/tokens_per_sec_rel
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
 
         # --- state (what a checkpoint restores) ---
@@ -166,7 +167,7 @@ class Trainer:
             "first_epoch_fresh": self.first_epoch_fresh, "baseline_reward": self.baseline_reward,
             "reward_ema": self.reward_ema.state_dict(), "loss_ema": self.loss_ema.state_dict(),
             "alerts": self.alert_state.state_dict(), "phases": self.phases.state_dict(),
-            "lr_scale": self.lr_scale, "model": self.model_info.get("path"),
+            "lr_scale": self.lr_scale, "model": self.model_info.get("path"), "toks_first": self.toks_first,
         }
 
     def save(self):
@@ -188,6 +189,7 @@ class Trainer:
         self.alert_state.load(state["alerts"])
         self.phases.load(state["phases"])
         self.lr_scale = state["lr_scale"]
+        self.toks_first = state["toks_first"]
         if cache_snapshot is not None:
             self.cache.restore(cache_snapshot)
         print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
@@ -395,6 +397,9 @@ class Trainer:
         # the mean of no samples is undefined: NaN, never a made-up 0
         metrics["reward/fresh_mean"] = float(np.mean(fresh)) if fresh else float("nan")
         metrics["reward/cached_mean"] = float(np.mean(cached)) if cached else float("nan")
+        if len(self.toks_first) < 5:
+            self.toks_first.append(rb.tokens_per_sec)
+        metrics["gen/tokens_per_sec_rel"] = rb.tokens_per_sec / max(float(np.mean(self.toks_first)), 1e-9)
         if self.baseline_reward is not None and fresh:
             metrics["reward/gain_from_baseline"] = float(np.mean(fresh)) - self.baseline_reward
         if self.epoch == 0:
