@@ -1,0 +1,191 @@
+"""Decode throughput: mlx-coach's rollout engine vs mlx_lm.batch_generate, same model and work.
+
+Both engines get the same prompt token ids, the same number of sequences (prompts x group
+size), sample at temperature 1 with no stop strings and EOS disabled, so every sequence
+decodes exactly --max-tokens tokens. Ours prefills each prompt once and shares its cache
+across the group; mlx_lm.batch_generate gets every sequence as its own prompt.
+
+    python benchmarks/bench_rollout.py                         # builtin tiny (+ SmolLM2 if found)
+    python benchmarks/bench_rollout.py --model path/to/model.gguf --json out.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_coach._blas import preloaded, reexec_with_openblas  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_with_openblas([str(Path(__file__).resolve()), *sys.argv[1:]])
+
+import mlx.core as mx  # noqa: E402
+
+from mlx_coach.models import find_smollm2_gguf, load_policy  # noqa: E402
+from mlx_coach.rollout import RolloutConfig, encode_prompt, generate_rollouts  # noqa: E402
+
+CODE = '''def fizzbuzz(n: int) -> list:
+    """Return the FizzBuzz sequence from 1 to n as strings."""
+    out = []
+    for i in range(1, n + 1):
+        if i % 15 == 0:
+            out.append("FizzBuzz")
+        elif i % 3 == 0:
+            out.append("Fizz")
+        elif i % 5 == 0:
+            out.append("Buzz")
+        else:
+            out.append(str(i))
+    return out
+'''
+
+
+def make_prompts(tokenizer, n, prompt_len):
+    """n distinct prompts of exactly prompt_len tokens (plain encoding), decoded back to text."""
+    prompts = []
+    for i in range(n):
+        ids = tokenizer.encode(f"# task {i}\n" + CODE * (1 + prompt_len // 40), add_special_tokens=False)
+        ids = ids[:prompt_len]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def run_ours(model, tokenizer, prompts, args):
+    cfg = RolloutConfig(
+        group_size=args.group_size,
+        max_new_tokens=args.max_tokens,
+        temperature=1.0,
+        stop=[],
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    tic = time.perf_counter()
+    batch = generate_rollouts(model, tokenizer, prompts, cfg)
+    wall = time.perf_counter() - tic
+    assert all(len(r.token_ids) == args.max_tokens for r in batch.rollouts)
+    return {
+        "decode_tps": batch.tokens_per_sec,
+        "decode_tokens": batch.decode_tokens,
+        "decode_s": batch.decode_s,
+        "prefill_tokens": batch.prefill_tokens,
+        "prefill_s": batch.prefill_s,
+        "wall_s": wall,
+        "peak_batch": batch.peak_batch,
+    }
+
+
+def run_mlx_lm(model, tokenizer, prompts, args):
+    from mlx_lm import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    cfg = RolloutConfig()
+    ids = [encode_prompt(tokenizer, p, cfg) for p in prompts for _ in range(args.group_size)]
+    n = len(ids)
+    tic = time.perf_counter()
+    out = batch_generate(
+        model,
+        tokenizer,
+        ids,
+        max_tokens=args.max_tokens,
+        sampler=make_sampler(temp=1.0),
+        completion_batch_size=n,
+        prefill_batch_size=n,
+        return_token_ids=True,
+    )
+    wall = time.perf_counter() - tic
+    assert all(len(t) == args.max_tokens for t in out.token_ids)
+    s = out.stats
+    return {
+        "decode_tps": s.generation_tps,
+        "decode_tokens": s.generation_tokens,
+        "decode_s": s.generation_time,
+        "prefill_tokens": s.prompt_tokens,
+        "prefill_s": s.prompt_time,
+        "wall_s": wall,
+        "peak_batch": n,
+    }
+
+
+def bench_model(spec, args):
+    model, tokenizer, info = load_policy(spec)
+    tokenizer.eos_token_ids = set()  # both engines: every sequence runs to max tokens
+    prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
+    warm = argparse.Namespace(**{**vars(args), "max_tokens": 4})
+    run_ours(model, tokenizer, prompts, warm)
+    run_mlx_lm(model, tokenizer, prompts, warm)
+    ours, theirs = [], []
+    for i in range(args.repeats):
+        # alternate who goes first; a shared machine's load then hits both alike
+        for name in (("ours", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "ours")):
+            mx.random.seed(i)
+            if name == "ours":
+                ours.append(run_ours(model, tokenizer, prompts, args))
+            else:
+                theirs.append(run_mlx_lm(model, tokenizer, prompts, args))
+    pair_ratios = [o["decode_tps"] / t["decode_tps"] for o, t in zip(ours, theirs)]
+
+    def summary(runs):
+        best = max(runs, key=lambda r: r["decode_tps"])
+        return {**best, "decode_tps_median": statistics.median(r["decode_tps"] for r in runs)}
+
+    ours, theirs = summary(ours), summary(theirs)
+    return {
+        "model": spec,
+        "num_params": info["num_params"],
+        "sequences": args.prompts * args.group_size,
+        "ours": ours,
+        "mlx_lm_batch_generate": theirs,
+        "decode_ratio": ours["decode_tps"] / theirs["decode_tps"],
+        "decode_ratio_median_of_pairs": statistics.median(pair_ratios),
+        "wall_ratio": theirs["wall_s"] / ours["wall_s"],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="builtin:tiny, HF folder or .gguf (repeatable)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens decoded per sequence")
+    ap.add_argument("--max-batch-tokens", type=int, default=1 << 20, help="ours: decode batch budget")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write results here")
+    args = ap.parse_args(argv)
+    if not args.model:
+        args.model = ["builtin:tiny"]
+        if (gguf := find_smollm2_gguf()) is not None:
+            args.model.append(str(gguf))
+
+    results = {
+        "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, "
+        f"device {mx.default_device()}, openblas preloaded: {preloaded()}",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
+        "runs": [],
+    }
+    print(results["machine"])
+    print("decode tok/s: best of --repeats runs (median in brackets); ratio = ours / mlx-lm, "
+          "best and median over alternating pairs")
+    print(f"{'model':<36} {'seqs':>5} {'ours tok/s':>18} {'mlx-lm tok/s':>18} {'ratio':>12}"
+          f" {'ours wall':>10} {'mlx-lm wall':>12}")
+    for spec in args.model:
+        r = bench_model(spec, args)
+        results["runs"].append(r)
+        o, t = r["ours"], r["mlx_lm_batch_generate"]
+        print(f"{Path(spec).name[-36:]:<36} {r['sequences']:>5} "
+              f"{o['decode_tps']:>8.1f} ({o['decode_tps_median']:>7.1f}) "
+              f"{t['decode_tps']:>8.1f} ({t['decode_tps_median']:>7.1f}) "
+              f"{r['decode_ratio']:>5.2f} ({r['decode_ratio_median_of_pairs']:.2f}) "
+              f"{o['wall_s']:>9.2f}s {t['wall_s']:>11.2f}s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Batched, KV-cached sampling of G completions per prompt, with behaviour log-probs.
+
+Each prompt is prefilled once (prompts of a decode batch together, left-padded, in an
+mlx-lm `BatchKVCache`); its cache rows are then repeated G times and all prompts x G
+sequences decode together. Host-side bookkeeping (EOS, stop strings) for step t overlaps
+the device computing step t + 1; finished rows are dropped from the batch as they pile up.
+
+What a Rollout holds:
+- token_ids: the sampled ids (never re-tokenized). A finishing EOS token is included.
+  On a stop string, only the tokens whose bytes end at or before the start of the stop
+  string are kept, so the stop string, anything after it, and a token straddling its start
+  are all dropped.
+- text: the decoded kept tokens (EOS excluded), so `text` never contains the stop string.
+- logprobs / entropies: per kept token, log-prob of the token and entropy under the model's
+  RAW distribution (logits at temperature 1, before top-p): the same numbers
+  `models.sequence_logprobs` computes, so they serve as old_logp in PPO ratios whatever
+  temperature / top_p the sampler used.
+"""
+
+import bisect
+import re
+import time
+import weakref
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+from mlx_coach.errors import UserError
+
+DEFAULT_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 4
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_p: float = 1.0
+    # bound on rows-in-flight x (padded prompt + max_new_tokens) for one decode batch
+    max_batch_tokens: int = 16384
+    # None: DEFAULT_STOPS for plain prompts, no stop strings with the chat template
+    stop: Optional[Sequence[str]] = None
+    chat_template: bool = False
+    extract_code: bool = False
+    system_prompt: Optional[str] = None
+    prefill_step: int = 512  # prompt tokens per prefill forward (bounds activation memory)
+
+    def stops(self):
+        if self.stop is None:
+            return () if self.chat_template else DEFAULT_STOPS
+        return tuple(s for s in self.stop if s)
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: List[int]
+    token_ids: List[int]
+    logprobs: List[float]
+    entropies: List[float]
+    text: str
+    completion: str  # what gets scored: text, or the code in its fenced block (extract_code)
+    finish_reason: str  # "stop" | "eos" | "length"
+
+
+@dataclass
+class RolloutBatch:
+    rollouts: List[Rollout]
+    prefill_tokens: int = 0  # prompt tokens prefilled (each prompt once, padding excluded)
+    prefill_s: float = 0.0
+    decode_tokens: int = 0  # tokens sampled, including any later trimmed at a stop string
+    decode_s: float = 0.0
+    tokens_per_sec: float = 0.0  # decode_tokens / decode_s
+    peak_batch: int = 0  # most sequences decoding together
+    num_batches: int = 0
+
+
+# ---------------------------------------------------------------------------- text helpers
+
+_FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str) -> str:
+    """Code of the first ```python (or ```py) fenced block, else of the first fenced block,
+    else the text itself. An unterminated block (cut by max_new_tokens) runs to the end."""
+    blocks = _FENCED.findall(text)
+    for lang, body in blocks:
+        if lang.lower() in ("python", "py", "python3"):
+            return body
+    return blocks[0][1] if blocks else text
+
+
+def _gpt2_byte_decoder():
+    from mlx_coach.models import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+_TOKEN_BYTES = weakref.WeakKeyDictionary()
+
+
+def token_bytes(tokenizer) -> List[bytes]:
+    """The bytes each token id stands for, so completions decode incrementally in O(1).
+
+    Byte-level BPE: the GPT-2 byte map; SentencePiece: "▁" is a space, <0xNN> a byte;
+    added/special tokens: their content. Anything else: the tokenizer's own decode.
+    """
+    try:
+        return _TOKEN_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    import json
+
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    n = len(hf)
+    pieces = hf.convert_ids_to_tokens(list(range(n)))
+    decoder = {}
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is not None:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    added = {i: t.content for i, t in getattr(hf, "added_tokens_decoder", {}).items()}
+    table = []
+    if "ByteLevel" in kinds:
+        bd = _gpt2_byte_decoder()
+        for i, p in enumerate(pieces):
+            if i in added or p is None:
+                table.append((added.get(i) or "").encode())
+            else:
+                table.append(bytes(bd[c] for c in p) if all(c in bd for c in p) else p.encode())
+    elif kinds & {"Metaspace", "ByteFallback", "Replace"}:
+        for i, p in enumerate(pieces):
+            if i in added or p is None:
+                table.append((added.get(i) or "").encode())
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", p):
+                table.append(bytes([int(p[3:5], 16)]))
+            else:
+                table.append(p.replace("\u2581", " ").encode())
+    else:
+        table = [hf.decode([i]).encode() for i in range(n)]
+    try:
+        _TOKEN_BYTES[tokenizer] = table
+    except TypeError:
+        pass
+    return table
+
+
+def encode_prompt(tokenizer, prompt: str, cfg: RolloutConfig) -> List[int]:
+    """Prompt token ids: chat template with a generation prompt, or plain encoding (the
+    system prompt, if any, is then prepended to the text)."""
+    if cfg.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        if cfg.system_prompt:
+            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+        return list(ids)
+    if cfg.system_prompt:
+        prompt = cfg.system_prompt + prompt
+    return list(tokenizer.encode(prompt))
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+TOP_P_CANDIDATES = 1024
+
+
+def sample(logits, temperature, top_p):
+    """Sample one token per row. Returns (tokens, raw log-probs of them, raw entropies).
+
+    "Raw" means the model's distribution at temperature 1 without top-p. One exp over the
+    vocabulary serves the log-probs, the entropy and (at temperature 1) the sampling, which
+    draws by inverse CDF: on CPU, exp dominates and the Gumbel trick would cost two more logs
+    per vocabulary entry.
+    """
+    logits = logits.astype(mx.float32)
+    top = logits.max(axis=-1, keepdims=True)
+    e = mx.exp(logits - top)
+    total = e.sum(axis=-1, keepdims=True)
+    lse = top + mx.log(total)
+    if temperature == 0:
+        tokens = mx.argmax(logits, axis=-1)
+    else:
+        w = e if temperature == 1 else mx.exp((logits - top) * (1.0 / temperature))
+        if top_p < 1.0:
+            w = _top_p_filter(w, top_p)
+        tokens = _inverse_cdf(w)
+    token_lp = mx.take_along_axis(logits, tokens[:, None], axis=-1).squeeze(-1) - lse.squeeze(-1)
+    # -sum p log p with log p = logits - lse: no cancellation between large terms; a -inf
+    # logit has p == 0 and contributes 0, not NaN
+    plogp = mx.where(e > 0, e * (logits - lse), 0.0)
+    entropy = -(plogp.sum(axis=-1, keepdims=True) / total).squeeze(-1)
+    return tokens, token_lp, entropy
+
+
+def _inverse_cdf(w):
+    """One index per row with probability w / w.sum() (w >= 0, unnormalised)."""
+    cdf = mx.cumsum(w, axis=-1)
+    u = mx.random.uniform(shape=(w.shape[0], 1)) * cdf[:, -1:]
+    return mx.minimum((cdf <= u).sum(axis=-1), w.shape[-1] - 1)
+
+
+def _top_p_filter(w, top_p):
+    """Zero all but the smallest set of most likely tokens whose mass reaches top_p.
+
+    The nucleus is searched among the TOP_P_CANDIDATES most likely tokens (a full sort of a
+    large vocabulary costs more than the model step on CPU), so it is capped at that many.
+    """
+    p = w / w.sum(axis=-1, keepdims=True)
+    k = min(TOP_P_CANDIDATES, p.shape[-1])
+    cand = p if k == p.shape[-1] else mx.topk(p, k, axis=-1)
+    ordered = mx.sort(cand, axis=-1)[..., ::-1]
+    mass_before = mx.cumsum(ordered, axis=-1) - ordered
+    n_keep = mx.maximum((mass_before < top_p).sum(axis=-1, keepdims=True), 1)
+    threshold = mx.take_along_axis(ordered, n_keep - 1, axis=-1)
+    return mx.where(p >= threshold, w, 0.0)
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+def _batch_caches(model, left_padding):
+    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+
+    caches = []
+    for c in make_prompt_cache(model):
+        if type(c) is not KVCache:
+            raise UserError(
+                f"rollout: models with {type(c).__name__} layers are not supported by the batched sampler"
+            )
+        caches.append(BatchKVCache(left_padding))
+    return caches
+
+
+class _Seq:
+    """Host-side state of one sampled sequence."""
+
+    __slots__ = ("prompt", "sample", "tokens", "logprobs", "entropies", "buf", "ends", "keep", "reason")
+
+    def __init__(self, prompt, sample_index):
+        self.prompt, self.sample = prompt, sample_index
+        self.tokens, self.logprobs, self.entropies = [], [], []
+        self.buf = bytearray()
+        self.ends = []  # byte offset where each token's text ends
+        self.keep = None  # number of tokens kept once finished
+        self.reason = None
+
+    def add(self, token, lp, ent, table, eos, stops, max_stop, max_new):
+        self.tokens.append(token)
+        self.logprobs.append(lp)
+        self.entropies.append(ent)
+        if token in eos:
+            self.ends.append(len(self.buf))
+            self.reason, self.keep = "eos", len(self.tokens)
+            return
+        start = max(0, len(self.buf) - max_stop + 1)
+        self.buf += table[token] if token < len(table) else b""
+        self.ends.append(len(self.buf))
+        if stops:
+            hits = [p for p in (self.buf.find(s, start) for s in stops) if p >= 0]
+            if hits:
+                cut = min(hits)
+                self.reason, self.keep = "stop", bisect.bisect_right(self.ends, cut)
+                return
+        if len(self.tokens) >= max_new:
+            self.reason, self.keep = "length", len(self.tokens)
+
+
+def _plan_batches(lengths, cfg):
+    """Group prompt indices (similar lengths together) under the max_batch_tokens budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if = max(longest, lengths[i])
+        rows = (len(current) + 1) * cfg.group_size
+        if current and rows * (longest_if + cfg.max_new_tokens) > cfg.max_batch_tokens:
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _prefill(model, prompt_ids, pad_id, step):
+    """Prefill left-padded prompts together; returns (caches, last-position logits)."""
+    longest = max(len(p) for p in prompt_ids)
+    pads = [longest - len(p) for p in prompt_ids]
+    tokens = mx.array([[pad_id] * n + p for n, p in zip(pads, prompt_ids)], dtype=mx.int32)
+    caches = _batch_caches(model, pads)
+    body = tokens[:, :-1]
+    while body.shape[1] > 0:
+        model(body[:, :step], cache=caches)
+        mx.eval([c.state for c in caches])
+        body = body[:, step:]
+    logits = model(tokens[:, -1:], cache=caches)[:, -1, :]
+    return caches, logits
+
+
+def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, stats):
+    G = cfg.group_size
+    tic = time.perf_counter()
+    caches, logits = _prefill(model, prompt_ids, 0, cfg.prefill_step)
+    rows = [i for i in range(len(prompt_ids)) for _ in range(G)]
+    for c in caches:
+        c.filter(rows)  # repeat each prompt's cache rows G times
+    y, lp, ent = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p)
+    mx.eval(y, lp, ent)
+    stats["prefill_s"] += time.perf_counter() - tic
+    stats["prefill_tokens"] += sum(len(p) for p in prompt_ids)
+
+    tic = time.perf_counter()
+    seqs = [_Seq(prompt_indices[i], g) for i in range(len(prompt_ids)) for g in range(G)]
+    active = list(seqs)  # active[r] is the sequence in cache row r
+    stats["peak_batch"] = max(stats["peak_batch"], len(active))
+    max_stop = max((len(s) for s in stops), default=1)
+    n_generated = 0
+    while True:
+        n_generated += 1
+        more = n_generated < cfg.max_new_tokens and any(s.reason is None for s in active)
+        if more:  # queue step t + 1 before reading step t's tokens
+            logits = model(y[:, None], cache=caches)[:, -1, :]
+            nxt = sample(logits, cfg.temperature, cfg.top_p)
+            mx.async_eval(*nxt)
+        for s, t, l, e in zip(active, y.tolist(), lp.tolist(), ent.tolist()):
+            if s.reason is None:
+                s.add(t, l, e, table, eos, stops, max_stop, cfg.max_new_tokens)
+                stats["decode_tokens"] += 1
+        if not more or all(s.reason is not None for s in active):
+            break
+        y, lp, ent = nxt
+        done = sum(s.reason is not None for s in active)
+        if done and done * 4 >= len(active):
+            keep = [r for r, s in enumerate(active) if s.reason is None]
+            for c in caches:
+                c.filter(keep)
+            keep_arr = mx.array(keep)
+            y, lp, ent = y[keep_arr], lp[keep_arr], ent[keep_arr]
+            active = [active[r] for r in keep]
+    stats["decode_s"] += time.perf_counter() - tic
+    for s in seqs:
+        if s.reason is None:
+            s.reason, s.keep = "length", len(s.tokens)
+    return seqs
+
+
+def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None):
+    """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
+    rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
+    RNG: seed it with mx.random.seed for reproducible rollouts."""
+    cfg = cfg or RolloutConfig()
+    _validate(cfg)
+    prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise UserError(f"prompt {i}: encodes to no tokens")
+    table = token_bytes(tokenizer)
+    eos = getattr(tokenizer, "eos_token_ids", None)
+    eos = set(eos) if eos is not None else {tokenizer.eos_token_id} - {None}
+    stops = [s.encode() for s in cfg.stops()]
+    stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        seqs, batches = [], _plan_batches([len(p) for p in prompt_ids], cfg)
+        for batch in batches:
+            seqs += _decode_batch(
+                model, [prompt_ids[i] for i in batch], batch, cfg, table, eos, stops, stats
+            )
+    finally:
+        model.train(was_training)
+
+    rollouts = []
+    for s in sorted(seqs, key=lambda s: (s.prompt, s.sample)):
+        k = s.keep
+        text_end = s.ends[k - 1] if k else 0
+        text = bytes(s.buf[:text_end]).decode("utf-8", errors="replace")
+        rollouts.append(
+            Rollout(
+                prompt_index=s.prompt,
+                sample_index=s.sample,
+                prompt_ids=prompt_ids[s.prompt],
+                token_ids=s.tokens[:k],
+                logprobs=s.logprobs[:k],
+                entropies=s.entropies[:k],
+                text=text,
+                completion=extract_code(text) if cfg.extract_code else text,
+                finish_reason=s.reason,
+            )
+        )
+    return RolloutBatch(
+        rollouts=rollouts,
+        prefill_tokens=stats["prefill_tokens"],
+        prefill_s=stats["prefill_s"],
+        decode_tokens=stats["decode_tokens"],
+        decode_s=stats["decode_s"],
+        tokens_per_sec=stats["decode_tokens"] / max(stats["decode_s"], 1e-9),
+        peak_batch=stats["peak_batch"],
+        num_batches=len(batches),
+    )
+
+
+def _validate(cfg):
+    checks = [
+        ("group_size", cfg.group_size >= 1, "must be >= 1"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1"),
+        ("temperature", cfg.temperature >= 0, "must be >= 0"),
+        ("top_p", 0 < cfg.top_p <= 1, "must be in (0, 1]"),
+        ("max_batch_tokens", cfg.max_batch_tokens >= 1, "must be >= 1"),
+        ("prefill_step", cfg.prefill_step >= 1, "must be >= 1"),
+    ]
+    for name, ok, why in checks:
+        if not ok:
+            raise UserError(f"rollout.{name}: {why}, got {getattr(cfg, name)!r}")

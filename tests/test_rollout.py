@@ -1,0 +1,273 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_coach.errors import UserError
+from mlx_coach.models import find_smollm2_gguf, load_policy, save_builtin_tiny, sequence_logprobs
+from mlx_coach.rollout import (
+    DEFAULT_STOPS,
+    Rollout,
+    RolloutBatch,
+    RolloutConfig,
+    _Seq,
+    encode_prompt,
+    extract_code,
+    generate_rollouts,
+    sample,
+    token_bytes,
+)
+
+PROMPTS = [
+    "def add(a, b):\n",
+    "x",
+    'import os\nimport sys\n\n\ndef main(argv):\n    """Parse the arguments and run."""\n',
+    "class Stack:\n    def push(self, item):\n",
+]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    folder = save_builtin_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+    model, tok, _ = load_policy(str(folder))
+    return model, tok
+
+
+def reference_greedy(model, prompt_ids, n, eos=()):
+    """Per-sequence decode without a cache: the full sequence through the model each step."""
+    seq = list(prompt_ids)
+    for _ in range(n):
+        tok = mx.argmax(model(mx.array([seq]))[0, -1]).item()
+        seq.append(tok)
+        if tok in eos:
+            break
+    return seq[len(prompt_ids):]
+
+
+def greedy(**kw):
+    return RolloutConfig(**{"temperature": 0.0, "stop": [], **kw})
+
+
+def test_greedy_batched_matches_uncached_reference(policy):
+    model, tok = policy
+    cfg = greedy(group_size=2, max_new_tokens=16)
+    lengths = [len(encode_prompt(tok, p, cfg)) for p in PROMPTS]
+    assert len(set(lengths)) == len(PROMPTS)  # left padding really is exercised
+    batch = generate_rollouts(model, tok, PROMPTS, cfg)
+    assert isinstance(batch, RolloutBatch) and len(batch.rollouts) == 8
+    assert batch.num_batches == 1 and batch.peak_batch == 8
+    for r in batch.rollouts:
+        assert isinstance(r, Rollout)
+        ref = reference_greedy(model, r.prompt_ids, 16)
+        assert r.token_ids == ref, (r.prompt_index, r.sample_index)
+        assert r.finish_reason == "length" and len(r.logprobs) == len(r.entropies) == 16
+    assert batch.prefill_tokens == sum(lengths)  # each prompt once, not once per sample
+    assert batch.decode_tokens == 8 * 16 and batch.tokens_per_sec > 0
+
+
+def test_eos_and_batch_splitting_match_reference(policy):
+    model, tok = policy
+    cfg = greedy(group_size=1, max_new_tokens=12)
+    refs = [reference_greedy(model, encode_prompt(tok, p, cfg), 12) for p in PROMPTS]
+    # a token that some reference completions emit early and others never: their EOS
+    counts = {}
+    for ref in refs:
+        for t in set(ref[:6]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = min(counts, key=lambda t: (counts[t], t))
+    old = tok.eos_token_ids
+    tok.eos_token_ids = {eos}
+    try:
+        # a tiny budget forces one prompt per decode batch
+        one_each = greedy(group_size=1, max_new_tokens=12, max_batch_tokens=1)
+        batch = generate_rollouts(model, tok, PROMPTS, one_each)
+        many = generate_rollouts(model, tok, PROMPTS * 3, greedy(group_size=2, max_new_tokens=12))
+    finally:
+        tok.eos_token_ids = old
+    assert batch.num_batches == len(PROMPTS) and batch.peak_batch == 1
+    assert {r.finish_reason for r in batch.rollouts} == {"eos", "length"}
+    for r, ref in zip(batch.rollouts, refs):
+        want = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert r.token_ids == want
+        assert r.finish_reason == ("eos" if eos in ref else "length")
+        assert chr(eos) not in r.text  # the EOS token is kept in token_ids, not in the text
+    # rows finishing early are dropped mid-decode; the others still match
+    for r in many.rollouts:
+        ref = refs[r.prompt_index % len(PROMPTS)]
+        assert r.token_ids == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+
+
+def test_logprobs_match_sequence_logprobs(policy):
+    model, tok = policy
+    mx.random.seed(7)
+    cfg = RolloutConfig(group_size=3, max_new_tokens=20, temperature=0.8, top_p=0.9, stop=[])
+    batch = generate_rollouts(model, tok, PROMPTS, cfg)
+    assert [(r.prompt_index, r.sample_index) for r in batch.rollouts] == [
+        (p, g) for p in range(4) for g in range(3)
+    ]
+    assert len({tuple(r.token_ids) for r in batch.rollouts}) > 4  # sampling, not greedy
+    logp, mask, ent = sequence_logprobs(
+        model, [r.prompt_ids for r in batch.rollouts], [r.token_ids for r in batch.rollouts],
+        with_entropy=True,
+    )
+    for b, r in enumerate(batch.rollouts):
+        n = len(r.token_ids)
+        assert mask[b].sum().item() == n
+        np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), atol=1e-4)
+        np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), atol=1e-4)
+
+
+def test_sampling_is_reproducible_with_seed(policy):
+    model, tok = policy
+    cfg = RolloutConfig(group_size=4, max_new_tokens=10, stop=[])
+    mx.random.seed(3)
+    a = generate_rollouts(model, tok, PROMPTS[:2], cfg)
+    mx.random.seed(3)
+    b = generate_rollouts(model, tok, PROMPTS[:2], cfg)
+    assert [r.token_ids for r in a.rollouts] == [r.token_ids for r in b.rollouts]
+    # the G samples of one prompt differ (they share the prefill, not the randomness)
+    assert len({tuple(r.token_ids) for r in a.rollouts[:4]}) > 1
+
+
+def test_tiny_top_p_is_greedy(policy):
+    model, tok = policy
+    mx.random.seed(0)
+    nucleus = generate_rollouts(
+        model, tok, PROMPTS, RolloutConfig(group_size=2, max_new_tokens=10, top_p=1e-6, stop=[])
+    )
+    argmax = generate_rollouts(model, tok, PROMPTS, greedy(group_size=2, max_new_tokens=10))
+    assert [r.token_ids for r in nucleus.rollouts] == [r.token_ids for r in argmax.rollouts]
+
+
+def test_stop_string_trims_text_tokens_and_logprobs(policy):
+    model, tok = policy
+    cfg = RolloutConfig(group_size=1, max_new_tokens=40, stop=[])
+    mx.random.seed(11)
+    full = generate_rollouts(model, tok, PROMPTS[:1], cfg).rollouts[0]
+    # stop at the first ASCII byte (after the first two tokens) that has not occurred before
+    cut = next(k for k, t in enumerate(full.token_ids)
+               if k >= 2 and 32 <= t < 127 and t not in full.token_ids[:k])
+    stop = chr(full.token_ids[cut])
+    mx.random.seed(11)  # same draws up to the stop
+    cfg.stop = [stop, "\x00never"]
+    r = generate_rollouts(model, tok, PROMPTS[:1], cfg).rollouts[0]
+    assert r.finish_reason == "stop"
+    # byte-level tokenizer: one token per byte, so exactly the tokens before the stop remain
+    assert r.token_ids == full.token_ids[:cut]
+    assert r.logprobs == pytest.approx(full.logprobs[:cut], abs=1e-5) and len(r.entropies) == cut
+    assert stop not in r.text and r.text == tok.decode(full.token_ids[:cut])
+
+
+def test_stop_rule_drops_a_token_straddling_the_stop():
+    table = [b"    return x", b"\n\nd", b"ef g", b"():"]
+    seq = _Seq(0, 0)
+    stops = [b"\ndef "]
+    for t in range(4):
+        seq.add(t, -1.0, 2.0, table, eos=set(), stops=stops, max_stop=5, max_new=10)
+        if seq.reason:
+            break
+    # "\ndef " starts inside token 1 ("\n\nd"): tokens 1 and 2 go, token 0 stays
+    assert seq.reason == "stop" and seq.keep == 1 and len(seq.tokens) == 3
+    stop_at_start = _Seq(0, 0)
+    stop_at_start.add(1, -1.0, 2.0, [b"", b"\ndef f"], set(), stops, 5, 10)
+    assert stop_at_start.reason == "stop" and stop_at_start.keep == 0
+
+
+def test_default_stops_and_length(policy):
+    model, tok = policy
+    assert RolloutConfig().stops() == DEFAULT_STOPS
+    assert RolloutConfig(chat_template=True).stops() == ()
+    batch = generate_rollouts(model, tok, PROMPTS[:2], RolloutConfig(group_size=3, max_new_tokens=5))
+    for r in batch.rollouts:
+        assert r.finish_reason in ("stop", "eos", "length")
+        if r.finish_reason == "length":
+            assert len(r.token_ids) == 5
+        assert not any(s in r.text for s in DEFAULT_STOPS)
+
+
+def test_chat_template_and_extract_code(policy):
+    model, tok = policy
+    cfg = RolloutConfig(group_size=2, max_new_tokens=6, chat_template=True, system_prompt="Be brief.",
+                        extract_code=True)
+    ids = encode_prompt(tok, "Write f.", cfg)
+    assert tok.decode(ids) == "<|system|>\nBe brief.<|eos|>\n<|user|>\nWrite f.<|eos|>\n<|assistant|>\n"
+    batch = generate_rollouts(model, tok, ["Write f."], cfg)
+    assert all(r.prompt_ids == ids for r in batch.rollouts)
+    assert all(r.completion == extract_code(r.text) for r in batch.rollouts)
+
+
+def test_extract_code():
+    text = "Sure!\n```python\ndef f(x):\n    return x\n```\nMore:\n```\nprint(1)\n```"
+    assert extract_code(text) == "def f(x):\n    return x\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```py\nx = 1\n") == "x = 1\n"  # cut off by max_new_tokens
+    assert extract_code("    return a + b\n") == "    return a + b\n"
+
+
+def test_token_bytes_agree_with_tokenizer_decode(policy):
+    _, tok = policy
+    table = token_bytes(tok)
+    s = "déjà vu\n\t{x: 1}"
+    ids = tok.encode(s, add_special_tokens=False)
+    assert b"".join(table[i] for i in ids).decode() == tok.decode(ids) == s
+
+
+def test_sampler_frequencies_top_p_and_masked_logits():
+    probs = mx.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    logits = mx.broadcast_to(mx.log(probs), (20000, 5))
+    mx.random.seed(0)
+    tokens, lp, ent = sample(logits, 1.0, 1.0)
+    freq = np.bincount(np.array(tokens), minlength=5) / 20000
+    np.testing.assert_allclose(freq, np.array(probs), atol=0.015)
+    assert np.isfinite(np.array(ent)).all()
+    np.testing.assert_allclose(np.array(lp), np.log(np.array(probs)[np.array(tokens)]), atol=1e-5)
+    # top_p 0.7: only the two most likely tokens (mass 0.5 < 0.7 <= 0.75)
+    tokens, _, _ = sample(logits, 1.0, 0.7)
+    assert set(np.array(tokens).tolist()) == {0, 1}
+    # large vocabularies search the nucleus among the top candidates: a tiny nucleus is argmax
+    big = mx.random.normal((6, 5000))
+    tokens, _, _ = sample(big, 1.0, 1e-6)
+    assert mx.array_equal(tokens, mx.argmax(big, axis=-1))
+    tokens, _, _ = sample(big, 0.7, 0.95)
+    assert tokens.shape == (6,) and (tokens < 5000).all().item()
+
+
+def test_bad_config_is_user_error(policy):
+    model, tok = policy
+    for bad in (dict(group_size=0), dict(top_p=0.0), dict(temperature=-1), dict(max_new_tokens=0)):
+        with pytest.raises(UserError, match="rollout."):
+            generate_rollouts(model, tok, ["x"], RolloutConfig(**bad))
+
+
+def test_training_mode_restored(policy):
+    model, tok = policy
+    model.train()
+    generate_rollouts(model, tok, ["x"], greedy(group_size=1, max_new_tokens=2))
+    assert model.training
+    model.eval()
+
+
+SMOLLM2 = find_smollm2_gguf()
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF not found (set MLX_COACH_SMOLLM2_GGUF)")
+def test_smollm2_chat_rollouts_write_code_and_logprobs_agree(tmp_path):
+    model, tok, _ = load_policy(str(SMOLLM2), cache_dir=tmp_path)
+    mx.random.seed(0)
+    cfg = RolloutConfig(group_size=2, max_new_tokens=48, temperature=0.7, top_p=0.95,
+                        chat_template=True, extract_code=True)
+    batch = generate_rollouts(model, tok, ["Write a Python function add(a, b) that returns a + b."], cfg)
+    assert batch.prefill_tokens == len(batch.rollouts[0].prompt_ids)
+    assert any("a + b" in r.completion for r in batch.rollouts)
+    for r in batch.rollouts:
+        assert r.finish_reason in ("eos", "length")
+        assert r.completion == extract_code(r.text) and "```" not in r.completion
+        if r.finish_reason == "eos":
+            assert r.token_ids[-1] == 2 and "<|im_end|>" not in r.text
+    logp, mask, ent = sequence_logprobs(
+        model, [r.prompt_ids for r in batch.rollouts], [r.token_ids for r in batch.rollouts],
+        with_entropy=True,
+    )
+    for b, r in enumerate(batch.rollouts):
+        n = len(r.token_ids)
+        np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), atol=2e-4)
+        np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), atol=2e-3)
