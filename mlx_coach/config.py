@@ -359,6 +359,8 @@ def validate(cfg):
             raise UserError(f"config key '{key}.model' is required for local-teacher")
         if r.type == "local-teacher" and not r.low < r.high:
             raise UserError(f"config key '{key}.low' must be < '{key}.high'")
+    if cfg.model.lora_layers == 0:
+        raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
         raise UserError("config key 'model.lora_keys' must be a list of strings")
     if cfg.rollout.stop is not None and not all(isinstance(s, str) and s for s in cfg.rollout.stop):

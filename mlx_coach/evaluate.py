@@ -56,7 +56,7 @@ def eval_tasks(spec, limit):
 
 def run_from_args(args):
     from .models import load_policy
-    from .rollout import DEFAULT_STOPS, RolloutConfig
+    from .rollout import RolloutConfig
     from .scoring.sandbox import SandboxConfig, SandboxScorer
 
     if args.samples < 1:
@@ -73,7 +73,7 @@ def run_from_args(args):
     model.eval()
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                       stop=DEFAULT_STOPS, chat_template=args.chat_template, extract_code=args.chat_template)
+                       stop=None, chat_template=args.chat_template, extract_code=args.chat_template)
     mx.random.seed(args.seed)
     t0 = time.perf_counter()
     with SandboxScorer(SandboxConfig(timeout_s=args.timeout, workers=args.workers)) as scorer:

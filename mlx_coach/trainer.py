@@ -31,7 +31,7 @@ from .memory import MemoryConfig, MemoryManager
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs,
                      unfreeze_all)
 from .rewards import RewardSet
-from .rollout import DEFAULT_STOPS, RolloutConfig, generate_rollouts
+from .rollout import RolloutConfig, generate_rollouts
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
 
@@ -75,7 +75,7 @@ def rollout_config(cfg, *, temperature=None, max_new_tokens=None):
     return RolloutConfig(
         group_size=r.group_size, max_new_tokens=max_new_tokens or r.max_new_tokens,
         temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
-        max_batch_tokens=r.max_batch_tokens, stop=tuple(r.stop) if r.stop is not None else DEFAULT_STOPS,
+        max_batch_tokens=r.max_batch_tokens, stop=tuple(r.stop) if r.stop is not None else None,  # None: engine default
         chat_template=cfg.model.chat_template, extract_code=cfg.model.extract_code,
     )
 

@@ -38,15 +38,15 @@ def step_rows(run_dir):
 
 
 def test_reward_rises_with_a_programmatic_reward(tmp_path):
-    cfg = tiny_cfg(tmp_path, train={"steps": 30}, rollout={"group_size": 8, "max_new_tokens": 16},
-                   optim={"lr": 5e-3})
+    cfg = tiny_cfg(tmp_path, train={"steps": 15}, rollout={"group_size": 8, "max_new_tokens": 12},
+                   optim={"lr": 1e-2})
     train(cfg, tmp_path / "run")
     r = [row["reward/mean"] for row in step_rows(tmp_path / "run")]
-    assert len(r) == 30
-    start, end = np.mean(r[:5]), np.mean(r[-5:])
+    assert len(r) == 15
+    start, end = np.mean(r[:3]), np.mean(r[-3:])
     # a random byte-level policy emits the target ~1/256 of the time
-    assert start < 0.05
-    assert end > max(4 * start, 0.1), r
+    assert start < 0.03
+    assert end > max(5 * start, 0.06), r
 
 
 def test_kl_term_pulls_toward_the_reference(tmp_path):
