@@ -274,17 +274,16 @@ def test_sample_reads_mlx_memory(mlx_limits):
 
 
 def test_maybe_clear_frees_the_cache(mlx_limits):
-    cfg = MemoryConfig(clear_fragmentation=0.5, clear_min_cache_gb=0.001)
+    # a cache-size trigger: fragmentation depends on what else this process holds (other tests' models)
+    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
-    keep = mx.ones((256, 256))  # 256 KiB live: fragmentation well above 0.5 after the fill
-    mx.eval(keep)
     cached = fill_cache()
     assert cached >= 10 * 2**20
-    mgr.sample("rollout")
+    sample = mgr.sample("rollout")
     event = mgr.maybe_clear(step=3)
-    assert event is not None and event.reason == "fragmentation" and event.step == 3
+    assert event is not None and event.reason == "cache_size" and event.step == 3
     assert event.cache_before == cached and event.cache_after == 0 and event.freed_bytes == cached
-    assert not event.partial and event.fragmentation > 0.9 and event.ms >= 0
+    assert not event.partial and event.fragmentation == sample.fragmentation and event.ms >= 0
     assert mx.get_cache_memory() == 0
     assert mgr.maybe_clear(step=3) is None  # at most one proactive clear per step
     fill_cache()
@@ -295,11 +294,11 @@ def test_maybe_clear_frees_the_cache(mlx_limits):
     assert m["memory/clear_events"] == 2
     assert m["memory/freed_gb"] == pytest.approx((event.freed_bytes + second.freed_bytes) / GB)
     assert mgr.events == [event, second]
-    assert event.fields()["reason"] == "fragmentation" and event.kind == "memory/clear"
+    assert event.fields()["reason"] == "cache_size" and event.kind == "memory/clear"
 
 
 def test_maybe_clear_trims_by_fraction_and_restores_the_limit(mlx_limits):
-    cfg = MemoryConfig(clear_fragmentation=0.5, clear_min_cache_gb=0.001, clear_fraction=0.5)
+    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=0.5)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache(n=10)
     mgr.sample("rollout")
