@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from .errors import UserError
 from .metrics import summarize
 from .scoring.base import TEST_STATUSES
+from .tasks import read_jsonl_rows
 
 
 def add_arguments(p):
@@ -29,32 +29,18 @@ def add_arguments(p):
 
 def read_samples(path, task_ids) -> list[tuple[str, str, int]]:
     """(task_id, completion, completion_index) per row; a bad row is a UserError naming path:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--completions: {path}: file not found")
     samples, seen = [], Counter()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("task_id", "completion"):
-                if key not in row:
-                    raise UserError(f"{where}: missing key '{key}'")
-                if not isinstance(row[key], str):
-                    raise UserError(f"{where}: key '{key}' must be a string, got {type(row[key]).__name__}")
-            if row["task_id"] not in task_ids:
-                raise UserError(f"{where}: unknown task_id {row['task_id']!r} (not in --tasks)")
-            samples.append((row["task_id"], row["completion"], seen[row["task_id"]]))
-            seen[row["task_id"]] += 1
-    if not samples:
-        raise UserError(f"--completions: {path}: no samples in file")
+    for lineno, row in read_jsonl_rows(path, what="sample"):
+        where = f"{path}:{lineno}"
+        for key in ("task_id", "completion"):
+            if key not in row:
+                raise UserError(f"{where}: missing key '{key}'")
+            if not isinstance(row[key], str):
+                raise UserError(f"{where}: key '{key}' must be a string, got {type(row[key]).__name__}")
+        if row["task_id"] not in task_ids:
+            raise UserError(f"{where}: unknown task_id {row['task_id']!r} (not in --tasks)")
+        samples.append((row["task_id"], row["completion"], seen[row["task_id"]]))
+        seen[row["task_id"]] += 1
     return samples
 
 

@@ -47,11 +47,11 @@ def task_columns(task: Task) -> dict:
 # HumanEval-format JSONL
 
 
-def _read_rows(path) -> list[tuple[int, dict]]:
+def read_jsonl_rows(path, what="task") -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; bad JSON or a non-object is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: task file not found")
+        raise UserError(f"{path}: {what} file not found")
     rows = []
     data = path.read_bytes()
     try:
@@ -70,7 +70,7 @@ def _read_rows(path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append((lineno, row))
     if not rows:
-        raise UserError(f"{path}: no tasks in file (it is empty)")
+        raise UserError(f"{path}: no {what}s in file (it is empty)")
     return rows
 
 
@@ -124,7 +124,7 @@ def _task_from_row(row: dict, where: str) -> Task:
 def _load(path, make) -> list[Task]:
     """make(row, where) for every row of the file; duplicate task ids are a UserError."""
     tasks, first_line = [], {}
-    for lineno, row in _read_rows(path):
+    for lineno, row in read_jsonl_rows(path):
         task = make(row, f"{path}:{lineno}")
         if task.task_id in first_line:
             raise UserError(f"{path}:{lineno}: duplicate task_id {task.task_id!r} "

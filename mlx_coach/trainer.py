@@ -22,7 +22,7 @@ from . import losses
 from .alerts import AlertConfig, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import CacheConfig, ScoreCache
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, load_config, save_config, to_dict
+from .config import Config, load_config, save_config
 from .errors import UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas, top_layers_text,

@@ -475,7 +475,7 @@ def test_local_teacher_prefers_its_own_greedy_text_over_random_bytes(tiny_teache
     model, tokenizer = tiny_teacher
     teacher = LocalTeacher(model, tokenizer, model_id="tiny", low=-8.0, high=0.0, batch_size=4)
     rng = random.Random(0)
-    items, kinds = [], []
+    items = []
     for i in range(3):
         t = task(i)
         items.append((t, greedy_ascii(model, tokenizer, t.prompt, 12)))

@@ -5,7 +5,6 @@ import json
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-import pytest
 
 from mlx_coach.config import from_dict, validate
 from mlx_coach.trainer import Trainer, train
