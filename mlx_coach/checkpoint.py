@@ -30,9 +30,9 @@ def save_checkpoint(run_dir, step, model, optimizer, state, adapter_config, cach
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    for stale in root.glob(".*-step-*"):  # left by a run killed while writing (one writer per run dir)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     trainable = dict(tree_flatten(model.trainable_parameters()))
     mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable)

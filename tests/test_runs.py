@@ -118,3 +118,28 @@ def test_eval_command_scores_the_run(tiny_run, tmp_path):
     assert report["tasks"] == 4 and report["samples"] == 8 and 0.0 <= report["pass@1"] <= 1.0
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 8 and {"task_id", "completion", "status", "passed"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_losing_or_duplicating_steps(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "mlx_coach", "train", "-c", str(ROOT / "configs/tiny.yaml"), "--output", str(run),
+            "--steps", "8", "--set", "train.checkpoint_every=2", "--set", "train.epochs_val=false",
+            "--set", "rollout.max_new_tokens=16"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints/step-4").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: a crash
+    proc.wait()
+    assert (run / "checkpoints/step-4/state.json").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "mlx_coach", "train", "--resume", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "reward/mean" in r]
+    assert steps == list(range(1, 9))  # rows written after the last checkpoint were dropped and redone
+    assert (run / "checkpoints/step-8/adapters.safetensors").is_file()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written folder
