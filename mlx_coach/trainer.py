@@ -118,7 +118,14 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())
         self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
-        self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+        # the adapters' starting point, kept on disk so per-layer deltas survive a resume
+        initial = self.run_dir / "initial_trainable.safetensors"
+        if resume and initial.is_file():
+            self.initial_trainable = mx.load(str(initial))
+        else:
+            self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+            if m.fine_tune == "lora":
+                mx.save_safetensors(str(initial), self.initial_trainable)
 
         # --- scoring, memory, telemetry ---
         c = cfg.cache
@@ -466,8 +473,11 @@ class Trainer:
             for alert in evaluate_epoch(self.alert_state, epoch_metrics, self.alert_cfg, step=self.step):
                 self.telemetry.alert(self.step, alert)
         if self.cfg.model.fine_tune == "lora":
-            deltas = lora_deltas(self.initial_trainable, dict(tree_flatten(self.model.trainable_parameters())))
+            current = dict(tree_flatten(self.model.trainable_parameters()))
+            deltas = lora_deltas(self.initial_trainable, current)
             self.telemetry.text("adapters/top_layers", top_layers_text(deltas), self.step)
+            blocks = lora_deltas(self.initial_trainable, current, by="block")
+            self.telemetry.log(self.step, {f"adapters/delta/{name}": v for name, v in blocks.items()})
         self.epoch += 1
         self.pos = 0
         self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, self.epoch)

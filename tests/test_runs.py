@@ -60,6 +60,8 @@ def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
     for t in tables:
         assert set(t["epoch_table"]) == {"early", "mid", "late"}
     assert len([r for r in rows if "eval/pass@1" in r]) == 3
+    deltas = [r for r in rows if "adapters/delta/model.layers.0" in r]  # per-layer LoRA change, each epoch
+    assert len(deltas) == 3 and 0 < deltas[0]["adapters/delta/model.layers.0"] < deltas[-1]["adapters/delta/model.layers.0"]
     alerts = read_jsonl(run / "alerts.jsonl") if (run / "alerts.jsonl").exists() else []
     assert alerts == [], alerts  # a healthy run raises no alert
     assert "step 15/15" in proc.stderr  # the progress line
