@@ -23,11 +23,15 @@ def preloaded():
     return OPENBLAS in os.environ.get("LD_PRELOAD", "")
 
 
+def needs_reexec():
+    return openblas_path() is not None and not preloaded()
+
+
 def reexec_with_openblas(argv):
     """Replace this process with argv under LD_PRELOAD=OpenBLAS, if that helps; else return."""
-    lib = openblas_path()
-    if lib is None or preloaded():
+    if not needs_reexec():
         return
+    lib = openblas_path()
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
     env[_OPT_OUT] = "1"  # never loop, even if the loader ignores the preload

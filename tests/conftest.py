@@ -1,15 +1,14 @@
 import sys
 
-from mlx_coach._blas import reexec_with_openblas
+from mlx_coach._blas import needs_reexec, reexec_with_openblas
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core CPU")
     # MLX's Linux wheel ships a reference BLAS; re-run pytest under OpenBLAS when available.
     # Output capture must stop first, or the new process would write into pytest's capture file.
-    capman = config.pluginmanager.getplugin("capturemanager")
-    if capman is not None:
-        capman.stop_global_capturing()
-    reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
-    if capman is not None:
-        capman.start_global_capturing()
+    if needs_reexec():
+        capman = config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.stop_global_capturing()
+        reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])

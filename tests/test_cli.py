@@ -50,3 +50,19 @@ def test_bad_dataset_exit_2(tmp_path):
 
 def test_resume_without_run_exit_2(tmp_path):
     _one_line_error(mlx_coach("train", "--resume", str(tmp_path / "norun")), "norun")
+
+
+def test_tests_and_commands_run_under_openblas_when_present():
+    import os
+
+    import pytest
+
+    from mlx_coach._blas import OPENBLAS, preloaded
+
+    if not (sys.platform.startswith("linux") and os.path.exists(OPENBLAS)):
+        pytest.skip("Debian's OpenBLAS is not installed")
+    assert preloaded()  # conftest re-executed pytest with it
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_COACH_NO_OPENBLAS")}
+    doctor = subprocess.run([sys.executable, "-m", "mlx_coach", "doctor"], capture_output=True, text=True,
+                            env=clean, timeout=120)
+    assert doctor.returncode == 0 and "OpenBLAS, preloaded" in doctor.stdout  # the CLI re-execs itself
