@@ -7,6 +7,8 @@ samples, and N steps + resume to 2N gives the weights of a straight 2N-step run.
 """
 
 import math
+import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +114,7 @@ class Trainer:
             lora = None
             self.ref_model = frozen_copy(self.model)
             unfreeze_all(self.model)
-        self.adapter_cfg = adapter_config(self.model_info["path"], lora)
+        self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
         total_updates = cfg.train.steps * cfg.algo.num_iterations
         self.optimizer = make_optimizer(cfg.optim, total_updates)
         self.optimizer.init(self.model.trainable_parameters())
@@ -163,6 +165,19 @@ class Trainer:
         self.telemetry.custom_layout()
         if not resume:
             self._log_cache_clear(self.cache.on_epoch_start(0), step=0)
+
+    def _base_model_folder(self):
+        """The base model that adapter_config.json names. A builtin model is created in code, so
+        its HF folder is copied into the run directory: the run then loads anywhere with mlx-lm."""
+        if self.model_info.get("kind") != "builtin":
+            return self.model_info["path"]
+        target = self.run_dir / "base_model"
+        if not (target / "config.json").is_file():
+            tmp = self.run_dir / ".base_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.model_info["path"], tmp)
+            os.replace(tmp, target)
+        return str(target.resolve())
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self):

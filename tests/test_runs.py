@@ -97,7 +97,7 @@ def test_mlx_lm_loads_and_generates_with_the_saved_adapters(tiny_run):
     ckpt = run / "checkpoints/step-15"
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     base = cfg["model"]
-    assert Path(base, "config.json").is_file()
+    assert Path(base) == run / "base_model" and Path(base, "config.json").is_file()  # the run is self-contained
     model, tokenizer = mlx_lm.load(base, adapter_path=str(ckpt))
     text = mlx_lm.generate(model, tokenizer, prompt="def add(a, b):\n", max_tokens=8)
     assert isinstance(text, str)
