@@ -51,3 +51,18 @@ def test_bad_function_spec_is_a_user_error():
         reward_set([{"type": "function", "function": "reward_fns:TARGET"}])
     with pytest.raises(UserError, match="duplicate reward name"):
         reward_set([{"type": "tests"}, {"type": "tests"}])
+
+
+def test_local_teacher_source_from_config():
+    task = builtin_tasks()[0]
+    rs = reward_set([{"type": "tests"}, {"type": "local-teacher", "model": "builtin:tiny", "weight": 0.5,
+                                         "low": -8.0, "high": 0.0}])
+    try:
+        out = rs.score([task, task], [task.prompt] * 2, [task.canonical_solution, "    return 1\n"])
+        for o in out:
+            assert o.statuses["local-teacher"] == "ok" and 0.0 <= o.parts["local-teacher"] <= 1.0
+            assert o.total == pytest.approx(o.parts["tests"] + 0.5 * o.parts["local-teacher"])
+        again = rs.score([task], [task.prompt], [task.canonical_solution])
+        assert again[0].provenance == "cached"  # both cache-backed sources served it
+    finally:
+        rs.close()

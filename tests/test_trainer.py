@@ -4,6 +4,7 @@ import json
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_coach.config import from_dict, validate
@@ -126,3 +127,21 @@ def test_multiple_iterations_per_rollout_clip_the_ratio(tmp_path):
     # later iterations move the policy away from the behaviour log-probs, so some ratios get clipped
     assert max(x["policy/clip_frac"] for x in r) > 0.0
     assert any(abs(x["policy/ratio_mean"] - 1.0) > 1e-3 for x in r)
+
+
+def test_full_fine_tuning_uses_a_frozen_reference_and_saves_all_weights(tmp_path):
+    import mlx_lm
+
+    cfg = tiny_cfg(tmp_path, model={"fine_tune": "full"}, algo={"beta": 0.1}, optim={"lr": 1e-3},
+                   train={"steps": 2})
+    train(cfg, tmp_path / "run")
+    r = step_rows(tmp_path / "run")
+    assert r[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6) and r[1]["kl/mean"] > 1e-6  # reference stays put
+    ckpt = tmp_path / "run/checkpoints/step-2"
+    saved = mx.load(str(ckpt / "adapters.safetensors"))
+    assert json.loads((ckpt / "adapter_config.json").read_text())["fine_tune_type"] == "full"
+    assert any("embed_tokens" in k for k in saved) and not any("lora" in k for k in saved)
+    model, tok = mlx_lm.load(str(tmp_path / "run/base_model"), adapter_path=str(ckpt))
+    w = dict(tree_flatten(model.parameters()))
+    k = next(k for k in saved if "q_proj" in k)
+    np.testing.assert_array_equal(np.array(w[k]), np.array(saved[k]))
