@@ -59,17 +59,18 @@ def select_tasks(data):
     return split_tasks(tasks, data.val_fraction, data.split_seed)
 
 
-def make_optimizer(o, total_updates):
+def make_optimizer(o, total_updates, scale=lambda: 1.0):
+    """AdamW with warmup + constant/cosine; `scale()` multiplies the scheduled rate at every update
+    (health adjustments lower the rate itself: with Adam, scaling gradients would change nothing)."""
     decay_steps = max(1, total_updates - o.warmup_steps)
     if o.schedule == "cosine":
-        main = optim.cosine_decay(o.lr, decay_steps, end=o.lr * o.min_lr_ratio)
+        base = optim.cosine_decay(o.lr, decay_steps, end=o.lr * o.min_lr_ratio)
     else:
-        main = o.lr
-    lr = main
+        base = lambda _: mx.array(o.lr)  # noqa: E731
     if o.warmup_steps:
         warm = optim.linear_schedule(o.lr / o.warmup_steps, o.lr, o.warmup_steps)
-        lr = optim.join_schedules([warm, main if callable(main) else (lambda _: o.lr)], [o.warmup_steps])
-    return optim.AdamW(learning_rate=lr, weight_decay=o.weight_decay)
+        base = optim.join_schedules([warm, base], [o.warmup_steps])
+    return optim.AdamW(learning_rate=lambda step: base(step) * scale(), weight_decay=o.weight_decay)
 
 
 def rollout_config(cfg, *, temperature=None, max_new_tokens=None):
@@ -116,7 +117,8 @@ class Trainer:
             unfreeze_all(self.model)
         self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
         total_updates = cfg.train.steps * cfg.algo.num_iterations
-        self.optimizer = make_optimizer(cfg.optim, total_updates)
+        self.lr_scale = 1.0  # health adjustments (telemetry.lr_adjust) multiply the learning rate
+        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.lr_scale)
         self.optimizer.init(self.model.trainable_parameters())
         self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
@@ -146,7 +148,6 @@ class Trainer:
         self.alert_state = AlertState()
         self.phases = PhaseAccumulator()
         self.reward_ema, self.loss_ema = Ema(0.1), Ema(0.1)
-        self.lr_scale = 1.0
         self.events_seen = 0  # memory events already written to events.jsonl
         self.toks_first = []  # tok/s of the run's first steps: the reference for gen/tokens_per_sec_rel
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
@@ -288,8 +289,6 @@ class Trainer:
                 grads_sum, _ = losses.clip_grad_norm(grads_sum, o.grad_clip)
             out["group_norms"] = grad_norms_by_group(grads_sum)
             before = dict(tree_flatten(self.model.trainable_parameters()))
-            if self.lr_scale != 1.0:
-                grads_sum = tree_map(lambda g: g * self.lr_scale, grads_sum)  # health adjustment
             self.optimizer.update(self.model, grads_sum)
             mx.eval(self.model.parameters(), self.optimizer.state)
             out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
@@ -408,7 +407,7 @@ class Trainer:
             "policy/entropy": float(np.mean(ent)) if ent else 0.0,
             "grad/norm": float(upd["grad_norm"][-1]),
             "grad/update_ratio": float(np.mean(upd["update_ratio"])) if upd["update_ratio"] else 0.0,
-            "lr": float(self.optimizer.learning_rate.item()) * self.lr_scale,
+            "lr": float(self.optimizer.learning_rate.item()), "lr/scale": self.lr_scale,
             "train/skipped_steps": self.skipped,
             "train/pass_rate": float(np.mean([s.passed for s in scored])),
             "gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,

@@ -145,3 +145,18 @@ def test_full_fine_tuning_uses_a_frozen_reference_and_saves_all_weights(tmp_path
     w = dict(tree_flatten(model.parameters()))
     k = next(k for k in saved if "q_proj" in k)
     np.testing.assert_array_equal(np.array(w[k]), np.array(saved[k]))
+
+
+def test_schedule_warmup_cosine_and_health_scale():
+    from mlx_coach.config import OptimConfig
+    from mlx_coach.trainer import make_optimizer
+
+    scale = [1.0]
+    opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 14,
+                         scale=lambda: scale[0])
+    sched = opt._schedulers["learning_rate"]
+    lrs = [float(sched(mx.array(s))) for s in range(15)]
+    np.testing.assert_allclose(lrs[:5], [2.5e-4, 4.375e-4, 6.25e-4, 8.125e-4, 1e-3], rtol=1e-5)  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(1e-4, rel=1e-4)  # cosine
+    scale[0] = 0.5
+    assert float(sched(mx.array(4))) == pytest.approx(5e-4)  # the health factor scales the rate itself
