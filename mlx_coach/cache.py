@@ -467,10 +467,24 @@ def _open_db(path) -> sqlite3.Connection:
     # processes proceed while one writes, busy_timeout makes writers wait instead of failing.
     db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout = 30000")
-    db.execute("PRAGMA journal_mode = WAL")
+    # Switching a new file to WAL takes an exclusive lock and does not wait on busy_timeout: two
+    # processes opening one new file at once see "database is locked". Retry those two statements.
+    _while_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
     db.execute("PRAGMA synchronous = NORMAL")
-    db.execute(
+    _while_locked(lambda: db.execute(
         "CREATE TABLE IF NOT EXISTS entries (ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,"
         " created REAL NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID"
-    )
+    ))
     return db
+
+
+def _while_locked(statement, timeout_s=30.0):
+    deadline, delay = time.monotonic() + timeout_s, 0.005
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.25)
