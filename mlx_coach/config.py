@@ -104,6 +104,7 @@ class SandboxSettings:
     memory_mb: int = _f(1024, lo=16)
     workers: int = _f(0, lo=0, help="0 = CPU count")
     partial_credit: bool = _f(False)
+    site_packages: bool = _f(False, help="let samples import third-party packages (slower start-up)")
 
 
 @dataclass

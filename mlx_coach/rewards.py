@@ -138,7 +138,7 @@ def _make_scorer(r, cfg, cache, policy, key):
 
         s = cfg.sandbox
         return SandboxScorer(SandboxConfig(timeout_s=s.timeout_s, memory_mb=s.memory_mb, workers=s.workers,
-                                           partial_credit=s.partial_credit))
+                                           partial_credit=s.partial_credit, site_packages=s.site_packages))
     if r.type == "http-judge":
         from .scoring.teacher import HttpJudge, JudgeConfig
 

@@ -66,3 +66,17 @@ def test_local_teacher_source_from_config():
         assert again[0].provenance == "cached"  # both cache-backed sources served it
     finally:
         rs.close()
+
+
+def test_sandbox_sees_site_packages_only_when_configured():
+    from mlx_coach.tasks import Task
+
+    task = Task("tp/1", "def f():\n", "f", "def check(candidate):\n    assert candidate() == 3\n")
+    completion = "    import cachetools\n    return cachetools.LRUCache(maxsize=3).maxsize\n"
+    for allowed, status in ((False, "error"), (True, "passed")):
+        cfg = from_dict({"rewards": [{"type": "tests"}], "sandbox": {"site_packages": allowed, "workers": 1}})
+        rs = RewardSet(cfg, ScoreCache(policy="none"))
+        try:
+            assert rs.score([task], [task.prompt], [completion])[0].statuses["tests"] == status
+        finally:
+            rs.close()
