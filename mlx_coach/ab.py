@@ -49,6 +49,7 @@ def summarize_run(run_dir):
         "scorer_calls": int(misses), "cache_hits": int(hits),
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
         "score_s_total": float(sum(r["time/score_s"] for r in steps)),
+        "rewards_s_total": float(sum(r.get("time/rewards_s", 0.0) for r in steps)),
         "step_s_total": float(sum(r["time/step_s"] for r in steps)),
         "tokens_per_sec_mean": mean("gen/tokens_per_sec"),
         "reward_mean": mean("reward/mean"),
@@ -68,14 +69,15 @@ def _events(run_dir):
 def compare(a, b):
     """B relative to A for the numbers where a ratio means something."""
     out = {}
-    for key in ("scorer_calls", "score_s_total", "step_s_total", "tokens_per_sec_mean", "hit_rate"):
+    for key in ("scorer_calls", "rewards_s_total", "score_s_total", "step_s_total", "tokens_per_sec_mean", "hit_rate"):
         x, y = a[key], b[key]
         out[key] = y / x if x else float("nan")
     return out
 
 
 def format_report(policies, summaries):
-    keys = ["steps", "samples", "cached_samples", "scorer_calls", "hit_rate", "score_s_total", "step_s_total",
+    keys = ["steps", "samples", "cached_samples", "scorer_calls", "hit_rate", "rewards_s_total", "score_s_total",
+            "step_s_total",
             "tokens_per_sec_mean", "reward_mean", "fresh_reward_mean", "cached_reward_mean",
             "final_epoch_fresh_reward", "cache_clears"]
     a, b = policies

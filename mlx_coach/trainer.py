@@ -344,14 +344,14 @@ class Trainer:
 
         # --- scoring (in a worker thread) overlaps the reference forward pass ---
         t0 = time.perf_counter()
-        fut = self.pool.submit(self.rewards.score, group_tasks, [t.prompt for t in group_tasks],
+        fut = self.pool.submit(_timed, self.rewards.score, group_tasks, [t.prompt for t in group_tasks],
                                [r.completion for r in rollouts])
         prompt_ids = [r.prompt_ids for r in rollouts]
         comp_ids = [r.token_ids for r in rollouts]
         T = max(1, max(len(c) for c in comp_ids))
         ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
         mx.eval(ref_logp)
-        scored = fut.result()
+        scored, t_rewards = fut.result()
         t_score = time.perf_counter() - t0
         self.memory.sample("score")
 
@@ -414,6 +414,7 @@ class Trainer:
             "gen/decode_tokens": rb.decode_tokens, "gen/completion_len_mean": float(np.mean(comp_lens)),
             "gen/truncated_frac": float(np.mean(truncated)),
             "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
+            "time/rewards_s": t_rewards,  # the reward sources alone (cache, sandbox, judges, functions)
         })
         # the mean of no samples is undefined: NaN, never a made-up 0
         metrics["reward/fresh_mean"] = float(np.mean(fresh)) if fresh else float("nan")
@@ -502,6 +503,12 @@ class Trainer:
         self.pool.shutdown(wait=True)
         self.rewards.close()
         self.telemetry.close()
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 def _with_budget(rc, budget):

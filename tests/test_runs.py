@@ -17,6 +17,7 @@ STEP_TAGS = [
     # trainer (issue: RL loop)
     "reward/mean", "reward/std", "loss/policy", "loss/kl", "kl/mean", "policy/clip_frac", "grad/norm", "lr",
     "gen/tokens_per_sec", "gen/completion_len_mean", "time/generate_s", "time/score_s", "time/update_s",
+    "time/rewards_s",
     # cache (issue: score cache)
     "reward/fresh_mean", "reward/cached_mean", "reward/fresh_count", "reward/cached_count", "cache/hit_rate",
     "cache/hits", "cache/misses", "cache/evictions", "cache/expirations", "cache/size",
