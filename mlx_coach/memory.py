@@ -28,7 +28,7 @@ GB in metric names is 1e9 bytes, as mlx-lm reports peak memory.
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 
@@ -118,16 +118,7 @@ class ClearEvent:
     kind: str = field(default="memory/clear", init=False)
 
     def fields(self):
-        """Keyword arguments for `Telemetry.event(step, event.kind, **event.fields())`."""
-        return {
-            "reason": self.reason,
-            "freed_bytes": self.freed_bytes,
-            "ms": self.ms,
-            "cache_before": self.cache_before,
-            "cache_after": self.cache_after,
-            "fragmentation": self.fragmentation,
-            "partial": self.partial,
-        }
+        return _event_fields(self)
 
 
 @dataclass
@@ -140,12 +131,12 @@ class OomEvent:
     kind: str = field(default="memory/oom", init=False)
 
     def fields(self):
-        return {
-            "batch": self.batch,
-            "new_batch": self.new_batch,
-            "message": self.message,
-            "freed_bytes": self.freed_bytes,
-        }
+        return _event_fields(self)
+
+
+def _event_fields(event):
+    """Keyword arguments for `Telemetry.event(step, event.kind, **event.fields())`."""
+    return {k: v for k, v in asdict(event).items() if k not in ("step", "kind")}
 
 
 def fragmentation(active, cache):
