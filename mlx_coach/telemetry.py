@@ -24,6 +24,8 @@ import os
 import sys
 import time
 
+from tensorboardX.proto.summary_pb2 import Summary
+
 from mlx_coach.errors import UserError
 
 PHASES = ("early", "mid", "late")
@@ -202,8 +204,6 @@ class Telemetry:
     def _scalar(self, tag, value, step):
         # tensorboardX's add_scalar rewrites characters such as '@' ("eval/pass@1" -> "eval/pass_1");
         # TensorBoard itself accepts any tag, so write the summary proto with the tag as logged.
-        from tensorboardX.proto.summary_pb2 import Summary
-
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
         self.writer._get_file_writer().add_summary(summary, step)
 
@@ -218,7 +218,7 @@ class Telemetry:
             for name, value in fields.items():
                 x = None if isinstance(value, bool) else _as_float(value)
                 if x is not None:
-                    self.writer.add_scalar(f"events/{kind}/{name}", x, step)
+                    self._scalar(f"events/{kind}/{name}", x, step)
 
     def alert(self, step, alert):
         row = {
