@@ -44,10 +44,12 @@ def pass_at_k_summary(records, ks=(1, 10, 100)):
 
 
 def eval_tasks(spec, limit):
+    from .config import DataConfig
     from .tasks import builtin_tasks, load_tasks, split_tasks
 
-    if spec in ("builtin:val", "builtin:train"):
-        train, val = split_tasks(builtin_tasks(), 0.2, 0)
+    if spec in ("builtin:val", "builtin:train"):  # the split a default training run uses
+        d = DataConfig()
+        train, val = split_tasks(builtin_tasks(), d.val_fraction, d.split_seed)
         tasks = val if spec == "builtin:val" else train
     else:
         tasks = load_tasks(spec)

@@ -126,13 +126,14 @@ def lora_deltas(initial, current, by="module"):
     mx.eval(list(norms.values()))
     deltas = {m: float(v) for m, v in norms.items()}
     if by == "block":
-        return _by_block(deltas)
+        return block_deltas(deltas)
     if by != "module":
         raise ValueError(f"by must be 'module' or 'block', got {by!r}")
     return deltas
 
 
-def _by_block(deltas):
+def block_deltas(deltas):
+    """Module deltas from `lora_deltas` combined per transformer block ("...layers.N")."""
     blocks = {}
     for module, value in deltas.items():
         parts = module.split(".")

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .tasks import task_columns
 
 
 @dataclass
@@ -41,7 +42,7 @@ def load_function(spec, key="rewards[].function"):
 def _call_function(fn, prompts, completions, tasks):
     columns = {}
     for t in tasks:
-        for k, v in t.to_dict().items():
+        for k, v in task_columns(t).items():
             columns.setdefault(k, []).append(v)
     out = fn(prompts=prompts, completions=completions, **columns)
     if inspect.isawaitable(out):
@@ -67,7 +68,7 @@ class Source:
 class RewardSet:
     """Builds the sources once; `score(tasks, prompts, completions)` per step."""
 
-    def __init__(self, cfg, cache, *, policy=None):
+    def __init__(self, cfg, cache):
         from .scoring.cached import CachedScorer
 
         self.sources = []
@@ -81,7 +82,7 @@ class RewardSet:
             if r.type == "function":
                 self.sources.append(Source(name, r.weight, "function", load_function(r.function, f"rewards[{i}].function")))
                 continue
-            scorer = _make_scorer(r, cfg, cache, policy, f"rewards[{i}]")
+            scorer = _make_scorer(r, cfg, cache, f"rewards[{i}]")
             self.sources.append(Source(name, r.weight, "scorer", CachedScorer(scorer, cache)))
         self.tests = next((s for s in self.sources if s.kind == "scorer" and s.impl.scorer.name == "tests"), None)
 
@@ -132,7 +133,7 @@ class RewardSet:
                 scorer.close()
 
 
-def _make_scorer(r, cfg, cache, policy, key):
+def _make_scorer(r, cfg, cache, key):
     if r.type == "tests":
         from .scoring.sandbox import SandboxConfig, SandboxScorer
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,8 +28,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
 from .errors import UserError
 from .evaluate import generate_and_score, pass_at_k_summary
-from .health import (bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas, top_layers_text,
-                     update_ratio)
+from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
+                     top_layers_text, update_ratio)
 from .memory import MemoryConfig, MemoryManager
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs,
                      unfreeze_all)
@@ -101,7 +102,6 @@ class Trainer:
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
-        self.steps_per_epoch = math.ceil(len(self.train_tasks) / cfg.rollout.prompts_per_step)
 
         # --- policy, reference, optimizer ---
         mx.random.seed(cfg.train.seed)
@@ -142,7 +142,7 @@ class Trainer:
             cache_limit=mc.cache_limit, memory_limit=mc.memory_limit, wired_limit=mc.wired_limit,
             clear_fragmentation=mc.clear_fragmentation, clear_cache_gb=mc.clear_cache_gb,
             clear_every=mc.clear_every, clear_fraction=mc.clear_fraction))
-        self.memory_limits = self.memory.apply_limits()
+        self.memory.apply_limits()
         self.alert_cfg = AlertConfig(kl_max=cfg.telemetry.kl_max, lr_adjust=cfg.telemetry.lr_adjust,
                                      phase_bounds=tuple(cfg.telemetry.phase_bounds))
         self.alert_state = AlertState()
@@ -164,6 +164,7 @@ class Trainer:
         self.telemetry = Telemetry(self.run_dir, tensorboard=cfg.telemetry.tensorboard,
                                    console=cfg.telemetry.progress, purge_step=self.step + 1 if resume else None)
         self.telemetry.custom_layout()
+        self.cache_counts = self._cache_counts()  # per-step hit rates are differences of these
         if not resume:
             self._log_cache_clear(self.cache.on_epoch_start(0), step=0)
 
@@ -275,7 +276,10 @@ class Trainer:
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * w
             mx.eval(grads_sum, loss_sum, stats_sum)
-            norm = losses.grad_global_norm(grads_sum)
+            if o.grad_clip > 0:  # one norm serves the clip, the finite check and the log
+                clipped, norm = losses.clip_grad_norm(grads_sum, o.grad_clip)
+            else:
+                clipped, norm = grads_sum, losses.grad_global_norm(grads_sum)
             finite = _finite(loss_sum) and math.isfinite(norm.item())
             out["grad_norm"].append(norm.item())
             out["loss"].append(loss_sum.item())
@@ -285,8 +289,7 @@ class Trainer:
             if not finite:
                 out["skipped"] += 1
                 continue
-            if o.grad_clip > 0:
-                grads_sum, _ = losses.clip_grad_norm(grads_sum, o.grad_clip)
+            grads_sum = clipped
             out["group_norms"] = grad_norms_by_group(grads_sum)
             before = dict(tree_flatten(self.model.trainable_parameters()))
             self.optimizer.update(self.model, grads_sum)
@@ -313,8 +316,8 @@ class Trainer:
         if not self.val_tasks or self.val_scorer is None:
             return None
         t = self.cfg.train
-        rc = rollout_config(self.cfg, temperature=0.0, max_new_tokens=t.val_max_new_tokens or None)
-        rc.group_size = 1
+        rc = replace(rollout_config(self.cfg, temperature=0.0, max_new_tokens=t.val_max_new_tokens or None),
+                     group_size=1)
         records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer, bypass_cache=True)
         summary = pass_at_k_summary(records, ks=(1,))
         triples = [(r["category"], len(r["prompt"]), r["passed"]) for r in records]
@@ -461,11 +464,14 @@ class Trainer:
             self.end_epoch()
         return metrics
 
+    def _cache_counts(self):
+        s = self.cache.stats()["student"]
+        return s["hits"], s["misses"]
+
     def cache_metrics(self):
         s = self.cache.stats()["student"]
-        prev = getattr(self, "_prev_cache", {"hits": 0, "misses": 0})
-        self._prev_cache = {"hits": s["hits"], "misses": s["misses"]}
-        dh, dm = s["hits"] - prev["hits"], s["misses"] - prev["misses"]
+        (h0, m0), self.cache_counts = self.cache_counts, self._cache_counts()
+        dh, dm = s["hits"] - h0, s["misses"] - m0
         return {"cache/hit_rate": dh / (dh + dm) if dh + dm else 0.0, "cache/step_hits": dh, "cache/step_misses": dm,
                 "cache/hits": s["hits"], "cache/misses": s["misses"], "cache/evictions": s["evictions"],
                 "cache/expirations": s["expirations"], "cache/size": s["size"]}
@@ -488,10 +494,9 @@ class Trainer:
             for alert in evaluate_epoch(self.alert_state, epoch_metrics, self.alert_cfg, step=self.step):
                 self.telemetry.alert(self.step, alert)
         if self.cfg.model.fine_tune == "lora":
-            current = dict(tree_flatten(self.model.trainable_parameters()))
-            deltas = lora_deltas(self.initial_trainable, current)
+            deltas = lora_deltas(self.initial_trainable, dict(tree_flatten(self.model.trainable_parameters())))
             self.telemetry.text("adapters/top_layers", top_layers_text(deltas), self.step)
-            blocks = lora_deltas(self.initial_trainable, current, by="block")
+            blocks = block_deltas(deltas)
             self.telemetry.log(self.step, {f"adapters/delta/{name}": v for name, v in blocks.items()})
         self.epoch += 1
         self.pos = 0
@@ -512,8 +517,6 @@ def _timed(fn, *args):
 
 
 def _with_budget(rc, budget):
-    from dataclasses import replace
-
     return replace(rc, max_batch_tokens=budget)
 
 
@@ -538,19 +541,12 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
 
 
 def run_from_args(args):
-    from .config import from_dict
-    import yaml
-
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
-        base = yaml.safe_load(saved.read_text())
-        from .config import apply_overrides, validate
-
-        cfg = from_dict(apply_overrides(base, args.set))
-        validate(cfg)
+        cfg = load_config(saved, args.set)  # the run's resolved config, plus any overrides
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.output or cfg.train.output)
