@@ -13,7 +13,8 @@
        p_new(step) = floor + (start - floor) * exp(-step / tau)    (it sharpens as it trains),
    or repeats one of its earlier programs for that task, chosen in proportion to how often it
    has written it (a rich-get-richer mode). A repeat comes out as a surface variant (comment,
-   spacing, blank line; same normalised key) with probability `--variant-p`.
+   spacing, blank line) with probability `--variant-p`: the same program to a reader, but another
+   text, so another cache key (keys are exact: whitespace can change a verdict).
    Calls avoided = samples the wrapped scorer did not see (cache hits + in-batch duplicates);
    seconds saved = calls avoided x `--cost-ms` (the measured per-sample cost of your scorer).
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_coach.cache import ScoreCache, _completion_digest, make_key  # noqa: E402
+from mlx_coach.cache import ScoreCache, make_key  # noqa: E402
 from mlx_coach.scoring.base import Score  # noqa: E402
 from mlx_coach.scoring.cached import CachedScorer  # noqa: E402
 
@@ -151,7 +152,6 @@ def replay(trace, a) -> list[dict]:
     rows = []
     for policy, kw in policies:
         now = [0.0]
-        _completion_digest.cache_clear()  # each policy pays for tokenizing new texts itself
         cache = ScoreCache(policy, **{"maxsize": 100_000, "ttl_s": a.ttl_s, **kw}, timer=lambda: now[0])
         scorer = _CountingScorer()
         cs = CachedScorer(scorer, cache)
@@ -170,7 +170,7 @@ def replay(trace, a) -> list[dict]:
                          saved_s=avoided * a.cost_ms / 1e3, evictions=s["evictions"],
                          expirations=s["expirations"], cleared=s["cleared"], final_size=s["size"],
                          overhead_us_per_sample=1e6 * overhead / n_samples))
-    return rows, dict(samples=n_samples, raw_unique=raw_unique, normalised_unique=norm_unique,
+    return rows, dict(samples=n_samples, distinct_texts=raw_unique, distinct_programs=norm_unique,
                       steps_per_epoch=steps_per_epoch)
 
 
@@ -201,25 +201,23 @@ def main(argv=None):
             result["micro"] = micro(a.entries, a.ops, Path(tmp))
         texts = [program(1, i, i % 4) for i in range(2000)]
         task = _Task(1)
-        key_us = _per_op_us(lambda c: make_key("s", "1", task, c), texts)  # first sight: tokenize
-        memo_us = _per_op_us(lambda c: make_key("s", "1", task, c), texts)  # the same texts again
-        result["make_key_us"], result["make_key_repeat_us"] = key_us, memo_us
+        key_us = _per_op_us(lambda c: make_key("s", "1", task, c), texts)
+        result["make_key_us"] = key_us
         print(f"\nScoreCache with {a.entries:,} entries, {a.ops:,} ops (microseconds per operation)")
         print(f"{'policy':<9} {'sqlite':<6} {'hit':>8} {'miss+ins':>9} {'disk hit':>9} {'fill s':>7} {'B/entry':>8}")
         for r in result["micro"]:
             disk = f"{r['disk_hit_us']:9.1f}" if "disk_hit_us" in r else f"{'-':>9}"
             print(f"{r['policy']:<9} {str(r['sqlite']):<6} {r['hit_us']:8.2f} {r['miss_insert_us']:9.2f} {disk} "
                   f"{r['fill_s']:7.2f} {r['bytes_per_entry']:8.0f}")
-        print(f"make_key on a ~250-character completion: {key_us:.1f} us new text (tokenize + sha256), "
-              f"{memo_us:.1f} us repeated text (memoised)")
+        print(f"make_key on a ~250-character completion: {key_us:.1f} us (sha256 of the exact text)")
 
     trace = make_trace(a)
     rows, info = replay(trace, a)
     result["replay"], result["trace"] = rows, info
     print(f"\nReplay: {a.tasks} tasks, {a.prompts_per_step} prompts x {a.group} samples per step, {a.steps} steps "
           f"({info['samples']:,} samples, {info['steps_per_epoch']} steps/epoch); p_new {a.p_start} -> {a.p_floor} "
-          f"(tau {a.tau:g} steps); {info['raw_unique']:,} distinct texts, {info['normalised_unique']:,} after "
-          f"normalisation; scoring cost {a.cost_ms:g} ms/sample; ttl {a.ttl_s:g} s at {a.step_s:g} s/step")
+          f"(tau {a.tau:g} steps); {info['distinct_texts']:,} distinct texts (cache keys) of "
+          f"{info['distinct_programs']:,} distinct programs; scoring cost {a.cost_ms:g} ms/sample; ttl {a.ttl_s:g} s at {a.step_s:g} s/step")
     print(f"{'policy':<12} {'maxsize':>8} {'scorer calls':>12} {'avoided':>8} {'%':>6} {'cached':>7} {'dedup':>6} "
           f"{'saved s':>8} {'evict':>6} {'expire':>7} {'cleared':>8} {'us/sample':>9}")
     for r in rows:

@@ -22,7 +22,7 @@ ran), optionally memory/active_gb (else the epoch mean seen by evaluate) and epo
 import math
 from dataclasses import asdict, dataclass, field
 
-from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 from mlx_coach.health import TrendTracker
 from mlx_coach.telemetry import epoch_phase
 
@@ -39,44 +39,28 @@ class Alert:
 
 @dataclass
 class AlertConfig:
-    kl_max: float = 0.1
-    reward_collapse_drop: float = 0.5  # fraction of the best reward EMA lost
-    plateau_epochs: int = 3  # K epochs without a new best validation value
-    zero_std_max: float = 0.8  # recent mean fraction of groups with zero reward std
-    memory_growth_frac: float = 0.2  # epoch-mean active memory above the lowest epoch by this, still rising
-    toks_drop_frac: float = 0.3  # recent tok/s below the epoch's early-phase mean by this
-    lr_adjust: bool = False
-    lr_adjust_factor: float = 0.5
-    cooldown_steps: int = 50
-    warmup_steps: int = 10  # steps before the reward and volatility rules may fire
-    window: int = 5  # recent steps averaged by the tok/s and zero-std rules
-    ema_alpha: float = 0.1  # for the reward EMA and the loss-volatility EMAs
-    volatility_max: float = 0.5  # EMA|loss - EMA(loss)| / EMA|loss| above this lowers the LR
-    trend_min_delta: float = 0.0  # validation changes smaller than this count as flat
-    val_metric: str = "eval/pass@1"  # the epoch metric whose trend is tracked
-    val_higher_is_better: bool = True
-    phase_bounds: tuple = (1 / 3, 2 / 3)  # epoch/position -> early / mid / late, as in telemetry
+    """The `alerts:` config section. Epoch phases come from the trainer (telemetry.phase_bounds)."""
+
+    enabled: bool = setting(True, help="evaluate the rules and write alerts (console, alerts.jsonl, TensorBoard)")
+    kl_max: float = setting(1.0, lo=0.0, lo_open=True, help="kl/mean above this fires kl_high")
+    reward_collapse_drop: float = setting(0.5, lo=0.0, hi=1.0, lo_open=True, help="fraction of the best reward EMA lost")
+    plateau_epochs: int = setting(3, lo=1, help="K epochs without a new best validation value")
+    zero_std_max: float = setting(0.8, lo=0.0, hi=1.0, lo_open=True, help="recent mean share of zero-std groups")
+    memory_growth_frac: float = setting(0.2, lo=0.0, lo_open=True, help="epoch-mean active memory above the lowest epoch by this, still rising")
+    toks_drop_frac: float = setting(0.3, lo=0.0, hi=1.0, lo_open=True, help="recent tok/s below the epoch's early-phase mean by this")
+    lr_adjust: bool = setting(False, help="lower the learning rate when the loss is volatile")
+    lr_adjust_factor: float = setting(0.5, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    cooldown_steps: int = setting(50, lo=0, help="steps before the same alert code may fire again")
+    warmup_steps: int = setting(10, lo=0, help="steps before the reward and volatility rules may fire")
+    window: int = setting(5, lo=1, help="recent steps averaged by the tok/s and zero-std rules")
+    ema_alpha: float = setting(0.1, lo=0.0, hi=1.0, lo_open=True, help="for the reward EMA and the loss-volatility EMAs")
+    volatility_max: float = setting(0.5, lo=0.0, lo_open=True, help="EMA|loss - EMA(loss)| / EMA|loss| above this lowers the LR")
+    trend_min_delta: float = setting(0.0, lo=0.0, help="validation changes smaller than this count as flat")
+    val_metric: str = setting("eval/pass@1", help="the epoch metric whose trend is tracked")
+    val_higher_is_better: bool = setting(True)
 
     def __post_init__(self):
-        fractions = ("reward_collapse_drop", "zero_std_max", "toks_drop_frac", "ema_alpha")
-        for name in fractions:
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise UserError(f"alerts.{name} must be in (0, 1], got {value}")
-        for name in ("kl_max", "memory_growth_frac", "volatility_max"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"alerts.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("plateau_epochs", "window"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"alerts.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("cooldown_steps", "warmup_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise UserError(f"alerts.{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not 0 < self.lr_adjust_factor < 1:
-            raise UserError(f"alerts.lr_adjust_factor must be in (0, 1), got {self.lr_adjust_factor}")
-        epoch_phase(0.0, tuple(self.phase_bounds))  # raises UserError naming phase_bounds
-        if self.trend_min_delta < 0:
-            raise UserError(f"alerts.trend_min_delta must be >= 0, got {self.trend_min_delta}")
+        check_fields(self, "alerts")
 
 
 @dataclass
@@ -209,8 +193,8 @@ def evaluate(state, metrics, cfg, phase=None):
         state.epoch_active_sum += active
         state.epoch_active_n += 1
 
-    if phase is None and _num(metrics, "epoch/position") is not None:
-        phase = epoch_phase(_num(metrics, "epoch/position"), tuple(cfg.phase_bounds))
+    if phase is None and _num(metrics, "epoch/position") is not None:  # default bounds; the trainer passes its phase
+        phase = epoch_phase(_num(metrics, "epoch/position"))
     toks = _num(metrics, "gen/tokens_per_sec")
     if phase is not None and toks is not None and math.isfinite(toks):
         if phase == "early":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -25,73 +24,25 @@ import sqlite3
 import sys
 import threading
 import time
-import tokenize
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 from cachetools import LRUCache, TLRUCache
 
 from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 from mlx_coach.scoring.base import Score
 
 POLICIES = ("none", "lru", "ttl", "lru+ttl", "epoch-clear")
 NAMESPACES = ("student", "reference")
-_SKIP = (tokenize.COMMENT, tokenize.NL, tokenize.ENDMARKER)
 
 
 # ---------------------------------------------------------------------------------------------
 # Keys
 
 
-def normalize_completion(code: str) -> str:
-    """Canonical text of `code` for cache keys.
-
-    Comments, blank lines, trailing whitespace, spacing inside a line, line continuations and the
-    indentation *width* do not matter; tokens (identifiers, literals, whole strings with their
-    contents) and the indentation *structure* (INDENT/DEDENT) do. Code that does not tokenize
-    (a truncated sample) falls back to collapsing whitespace only, comments kept.
-    """
-    try:
-        toks = list(tokenize.generate_tokens(io.StringIO(code).readline))
-    except (tokenize.TokenError, SyntaxError):  # IndentationError is a SyntaxError
-        toks = None
-    if toks is None or any(t.type == tokenize.ERRORTOKEN for t in toks):
-        return _normalize_raw(code)
-    lines, line, depth = [], [], 0
-    for t in toks:
-        if t.type == tokenize.INDENT:
-            depth += 1
-        elif t.type == tokenize.DEDENT:
-            depth -= 1
-        elif t.type == tokenize.NEWLINE:
-            if line:
-                lines.append("    " * depth + " ".join(line))
-            line = []
-        elif t.type not in _SKIP:
-            line.append(t.string)
-    if line:
-        lines.append("    " * depth + " ".join(line))
-    return "\n".join(lines)
-
-
-def _normalize_raw(code: str) -> str:
-    out = []
-    for raw in code.splitlines():
-        body = raw.strip()
-        if body:
-            indent = raw[: len(raw) - len(raw.lstrip())]
-            out.append(indent + " ".join(body.split()))
-    # a prefix no token stream can produce keeps the two forms apart
-    return "\x00raw\n" + "\n".join(out)
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@functools.lru_cache(maxsize=16384)
-def _completion_digest(completion: str) -> str:
-    # tokenize costs ~100 us per completion; policies repeat exact texts often
-    return _sha(normalize_completion(completion))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -100,15 +51,21 @@ def _text_digest(text: str) -> str:
 
 
 def make_key(scorer_name: str, scorer_version: str, task, completion: str) -> tuple:
-    """(scorer, task id, sha256 of the task's prompt and tests, sha256 of the normalised completion).
+    """(scorer@version, task id, sha256 of the task's prompt, test and entry point, sha256 of the
+    completion exactly as sampled).
 
-    The prompt is part of the task hash because the scored program is prompt + completion: a
-    dataset edit that changes a prompt under the same id must not reuse old scores."""
+    The key holds everything that decides a verdict: the program that runs is prompt + completion +
+    test + check(entry_point), and the scorer's version names every setting that can change a verdict
+    (the sandbox folds its limits, partial credit and site-packages into it). Nothing in the completion
+    is normalised: indentation width, tabs, trailing spaces, blank lines and line endings can each turn
+    a passing program into a failing one (an indented block must match the prompt's indentation, a
+    string literal keeps its spaces), so two texts share a key only when they are the same text."""
     return (
         f"{scorer_name}@{scorer_version}",
         str(task.task_id),
-        _text_digest((getattr(task, "prompt", "") or "") + "\0" + (getattr(task, "test", "") or "")),
-        _completion_digest(completion),
+        _text_digest("\0".join((getattr(task, "prompt", "") or "", getattr(task, "test", "") or "",
+                                 getattr(task, "entry_point", "") or ""))),
+        _sha(completion),
     )
 
 
@@ -123,21 +80,17 @@ def reference_key(owner: str, task, kind: str = "solution") -> tuple:
 
 @dataclass
 class CacheConfig:
-    policy: str = "lru"
-    maxsize: int = 100_000
-    ttl_s: float = 3600.0
-    sqlite_path: str | None = None
+    """The `cache:` config section."""
 
-    def validate(self) -> "CacheConfig":
-        if self.policy not in POLICIES:
-            raise UserError(f"config key 'cache.policy' must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        if isinstance(self.maxsize, bool) or not isinstance(self.maxsize, int) or self.maxsize < 1:
-            raise UserError(f"config key 'cache.maxsize' must be an integer >= 1; got {self.maxsize!r}")
-        if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or not 0 < self.ttl_s < math.inf:
-            raise UserError(f"config key 'cache.ttl_s' must be a number > 0; got {self.ttl_s!r}")
-        if self.sqlite_path is not None and not isinstance(self.sqlite_path, str):
-            raise UserError(f"config key 'cache.sqlite_path' must be a path or null; got {self.sqlite_path!r}")
-        return self
+    policy: str = setting("lru", choices=POLICIES)
+    maxsize: int = setting(100_000, lo=1)
+    ttl_s: float = setting(3600.0, lo=0.0, lo_open=True)
+    sqlite_path: Optional[str] = setting(None, help="persist scores across runs and processes (SQLite, WAL)")
+
+    def __post_init__(self):
+        check_fields(self, "cache")
+        if not math.isfinite(self.ttl_s):
+            raise UserError(f"config key 'cache.ttl_s' must be a finite number > 0; got {self.ttl_s!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +186,7 @@ class ScoreCache:
 
     def __init__(self, policy="lru", maxsize=100_000, ttl_s=3600.0, sqlite_path=None, *,
                  timer=time.monotonic, wall=time.time):
-        self.config = CacheConfig(policy, maxsize, ttl_s, sqlite_path).validate()
+        self.config = CacheConfig(policy, maxsize, ttl_s, sqlite_path)
         self._timer, self._wall = timer, wall
         self._lock = threading.RLock()
         self._tick = itertools.count()

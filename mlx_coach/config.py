@@ -1,27 +1,29 @@
-"""Run configuration: dataclasses, YAML loading, `--set key=value` overrides, validation.
+"""Run configuration: one dataclass per section, YAML loading, `--set key=value` overrides, validation.
 
-Every field's type comes from its annotation; ranges and choices come from field metadata
-(`_f(default, lo=, hi=, choices=)`). Unknown keys, wrong types and out-of-range values raise
-`UserError` naming the dotted key, so the CLI can print one line and exit 2.
+Each section is the dataclass of the module that uses it (rollout: rollout.RolloutConfig, cache:
+cache.CacheConfig, memory: memory.MemoryConfig, telemetry: telemetry.TelemetryConfig, alerts:
+alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig); the
+trainer's own sections (model, data, algo, optim, train) are defined here. A field's type comes from
+its annotation, its range or choices from `settings.setting(...)`. Unknown keys, wrong types and
+out-of-range values raise `UserError` naming the dotted key, so the CLI prints one line and exits 2.
 """
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import yaml
 
+from .alerts import AlertConfig
+from .cache import CacheConfig
 from .errors import UserError
-
-
-def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, help=""):
-    meta = {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+from .memory import MemoryConfig
+from .rewards import RewardConfig
+from .rollout import RolloutConfig
+from .settings import check_range, coerce, setting as _f
+from .telemetry import TelemetryConfig
 
 
 @dataclass
@@ -33,8 +35,6 @@ class ModelConfig:
     lora_dropout: float = _f(0.0, lo=0.0, hi=0.9)
     lora_layers: int = _f(-1, lo=-1, help="how many of the last layers get adapters; -1 = all")
     lora_keys: Optional[list] = _f(None, help="module paths inside a layer, e.g. [self_attn.q_proj, self_attn.v_proj]")
-    chat_template: bool = _f(False)
-    extract_code: bool = _f(False, help="score the code of the first fenced block of the answer")
 
 
 @dataclass
@@ -44,17 +44,6 @@ class DataConfig:
     split_seed: int = _f(0)
     limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all)")
     categories: Optional[list] = _f(None, help="keep only tasks whose category tag is listed")
-
-
-@dataclass
-class RolloutSettings:
-    group_size: int = _f(4, lo=1)
-    prompts_per_step: int = _f(4, lo=1)
-    max_new_tokens: int = _f(64, lo=1)
-    temperature: float = _f(1.0, lo=0.0)
-    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
-    max_batch_tokens: int = _f(16384, lo=1)
-    stop: Optional[list] = _f(None, help="stop strings; null = HumanEval-style defaults")
 
 
 @dataclass
@@ -70,7 +59,7 @@ class AlgoConfig:
     kl_estimator: str = _f("k3", choices=("k1", "k2", "k3"))
     kl_in: str = _f("loss", choices=("loss", "reward"))
     kl_target: Optional[float] = _f(None, lo=0.0, lo_open=True, help="adaptive beta toward this KL")
-    kl_horizon: int = _f(10000, lo=1)
+    kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
     entropy_coef: float = _f(0.0)
     mask_truncated: bool = _f(False)
 
@@ -108,130 +97,33 @@ class SandboxSettings:
 
 
 @dataclass
-class RewardConfig:
-    type: str = _f("tests", choices=("tests", "function", "http-judge", "local-teacher"))
-    weight: float = _f(1.0)
-    name: Optional[str] = _f(None)
-    function: Optional[str] = _f(None, help="module:function for type=function")
-    # http-judge
-    base_url: Optional[str] = _f(None)
-    model: Optional[str] = _f(None, help="judge model name (http-judge) or teacher model path (local-teacher)")
-    api_key_env: Optional[str] = _f(None)
-    timeout_s: float = _f(30.0, lo=0.0, lo_open=True)
-    max_retries: int = _f(2, lo=0)
-    backoff_s: float = _f(0.5, lo=0.0)
-    max_backoff_s: float = _f(8.0, lo=0.0)
-    breaker_threshold: int = _f(5, lo=1)
-    breaker_reset_s: float = _f(30.0, lo=0.0)
-    max_tokens: int = _f(256, lo=1)
-    concurrency: int = _f(4, lo=1)
-    fallback: float = _f(0.0)
-    use_reference: bool = _f(False)
-    # local-teacher
-    low: float = _f(-6.0)
-    high: float = _f(0.0)
-    batch_size: int = _f(8, lo=1)
-
-
-@dataclass
-class CacheSettings:
-    policy: str = _f("lru", choices=("none", "lru", "ttl", "lru+ttl", "epoch-clear"))
-    maxsize: int = _f(100_000, lo=1)
-    ttl_s: float = _f(3600.0, lo=0.0, lo_open=True)
-    sqlite_path: Optional[str] = _f(None)
-
-
-@dataclass
-class MemorySettings:
-    cache_limit: Optional[float] = _f(None, lo=0.0, help="bytes, or a fraction (0,1] of device memory")
-    memory_limit: Optional[float] = _f(None, lo=0.0)
-    wired_limit: Optional[float] = _f(None, lo=0.0)
-    clear_fragmentation: float = _f(0.5, lo=0.0, hi=1.0)
-    clear_cache_gb: Optional[float] = _f(None, lo=0.0)
-    clear_every: int = _f(0, lo=0)
-    clear_fraction: float = _f(0.5, lo=0.0, hi=1.0)
-
-
-@dataclass
-class TelemetrySettings:
-    tensorboard: bool = _f(True)
-    phase_bounds: list = _f([1 / 3, 2 / 3])
-    progress: bool = _f(True)
-    alerts: bool = _f(True)
-    kl_max: float = _f(1.0, lo=0.0)
-    lr_adjust: bool = _f(False)
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     rewards: list = field(default_factory=lambda: [RewardConfig()])
-    cache: CacheSettings = field(default_factory=CacheSettings)
-    memory: MemorySettings = field(default_factory=MemorySettings)
-    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
 
 # list fields whose items are dataclasses
 _LIST_ITEMS = {("rewards",): RewardConfig}
 
 
-def _unwrap_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _coerce(value, tp, key):
-    tp, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"config key '{key}' may not be null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"config key '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"config key '{key}' must be a string, got {value!r}")
-    if tp is list or typing.get_origin(tp) is list:
-        if isinstance(value, list):
-            return value
-        raise UserError(f"config key '{key}' must be a list, got {value!r}")
-    return value
-
-
-def _check_range(value, meta, key):
-    if value is None:
-        return
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        op = ">" if meta.get("lo_open") else ">="
-        raise UserError(f"config key '{key}' must be {op} {lo}; got {value!r}")
-    if hi is not None and value > hi:
-        raise UserError(f"config key '{key}' must be <= {hi}; got {value!r}")
+# keys that moved to another section: a config that still uses them gets one line saying where
+MOVED = {
+    "model.chat_template": "rollout.chat_template",
+    "model.extract_code": "rollout.extract_code",
+    "telemetry.kl_max": "alerts.kl_max",
+    "telemetry.lr_adjust": "alerts.lr_adjust",
+    "telemetry.alerts": "alerts.enabled",
+}
 
 
 def _build(cls, data, prefix):
@@ -242,6 +134,8 @@ def _build(cls, data, prefix):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in MOVED:
+            raise UserError(f"config key '{key}' moved to '{MOVED[key]}'")
         raise UserError(f"unknown config key '{key}'")
     kwargs = {}
     for name, value in data.items():
@@ -255,8 +149,8 @@ def _build(cls, data, prefix):
                 raise UserError(f"config key '{key}' must be a non-empty list")
             kwargs[name] = [_build(_LIST_ITEMS[path], v, f"{key}[{i}]") for i, v in enumerate(value)]
         else:
-            kwargs[name] = _coerce(value, tp, key)
-            _check_range(kwargs[name], fields[name].metadata, key)
+            kwargs[name] = coerce(value, tp, key)
+            check_range(kwargs[name], fields[name].metadata, key)
     return cls(**kwargs)
 
 
@@ -343,29 +237,21 @@ def _merge(base, top):
 
 def validate(cfg):
     """Cross-field checks that single-field metadata cannot express."""
-    lo, hi = (cfg.telemetry.phase_bounds + [None, None])[:2]
-    if len(cfg.telemetry.phase_bounds) != 2 or not (0 < lo < hi < 1):
-        raise UserError("config key 'telemetry.phase_bounds' must be two fractions 0 < early < late < 1")
-    if cfg.algo.advantage in ("grpo", "dr_grpo") and cfg.rollout.group_size < 2:
+    a = cfg.algo
+    if a.advantage in ("grpo", "dr_grpo") and cfg.rollout.group_size < 2:
         raise UserError("config key 'rollout.group_size' must be >= 2 for group-relative advantages")
-    if cfg.algo.epsilon_high is not None and cfg.algo.epsilon_high < cfg.algo.epsilon:
+    if a.epsilon_high is not None and a.epsilon_high < a.epsilon:
         raise UserError("config key 'algo.epsilon_high' must be >= algo.epsilon")
+    if a.kl_in == "loss" and a.kl_estimator == "k1" and (a.beta > 0 or a.kl_target is not None):
+        # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
+        raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; "
+                        "use k3 (reverse-KL gradient) in the loss, or k1 with algo.kl_in: reward")
     for i, r in enumerate(cfg.rewards):
-        key = f"rewards[{i}]"
-        if r.type == "function" and (not r.function or ":" not in r.function):
-            raise UserError(f"config key '{key}.function' must be module:function")
-        if r.type == "http-judge" and (not r.base_url or not r.model):
-            raise UserError(f"config key '{key}.base_url' and '{key}.model' are required for http-judge")
-        if r.type == "local-teacher" and not r.model:
-            raise UserError(f"config key '{key}.model' is required for local-teacher")
-        if r.type == "local-teacher" and not r.low < r.high:
-            raise UserError(f"config key '{key}.low' must be < '{key}.high'")
+        r.validate(f"rewards[{i}]")
     if cfg.model.lora_layers == 0:
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
         raise UserError("config key 'model.lora_keys' must be a list of strings")
-    if cfg.rollout.stop is not None and not all(isinstance(s, str) and s for s in cfg.rollout.stop):
-        raise UserError("config key 'rollout.stop' must be a list of non-empty strings")
 
 
 def save_config(cfg, path):

@@ -9,10 +9,11 @@ Three numbers describe the allocator (bytes, from `mx.get_*_memory`):
 
     fragmentation = cache / (active + cache)     (0 when both are 0)
 
-MLX does not expose real fragmentation (unused tails inside buffers); the cache share is the proxy
-we can measure: buffers that sit cached while new allocations of other sizes go to the system.
-When generation shapes keep changing (growing KV caches, varying prompt lengths) that share climbs and
-Metal throughput falls; a clear brings it back. The raw bytes are kept in every sample.
+Despite its name, `fragmentation` is the idle share of MLX's buffer cache, not fragmentation in the
+allocator's sense (MLX does not report unused tails inside buffers). It is bounded by the cache limit:
+on Linux/CPU MLX caps the cache at 32 MiB by default, so the share says little there. Whether a high
+share costs throughput on Metal has not been measured by this project. The raw bytes are kept in
+every sample.
 
 Clearing policy (`clear_decision`, a pure function of one sample) fires on, in this order:
 fragmentation above `clear_fragmentation`, cache above `clear_cache_gb`, every `clear_every` steps.
@@ -29,10 +30,12 @@ GB in metric names is 1e9 bytes, as mlx-lm reports peak memory.
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import mlx.core as mx
 
 from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 
 GB = 1e9
 
@@ -49,36 +52,27 @@ OOM_MARKERS = (
 
 @dataclass
 class MemoryConfig:
-    # Limits: bytes (int), a fraction in (0, 1] of the device's recommended working set (Metal) or
-    # total memory (CPU), or None to leave MLX's default.
-    cache_limit: int | float | None = None
-    memory_limit: int | float | None = None
-    wired_limit: int | float | None = None  # Metal only; fraction of the recommended working set
-    clear_fragmentation: float | None = 0.5  # clear when cache / (active + cache) exceeds this; 0/None off
-    clear_cache_gb: float | None = None  # clear when the cache holds more than this
-    clear_every: int = 0  # clear every N steps; 0 = off
-    clear_fraction: float | None = None  # trim the cache by this fraction; None, 0 or 1 = drop all of it
-    clear_min_cache_gb: float = 0.0625  # the fragmentation rule ignores caches smaller than this
-    clear_min_interval: int = 1  # steps between proactive clears (1 = at most one per step)
-    oom_min_batch: int = 1
+    """The `memory:` config section.
+
+    Limits: bytes, a fraction in (0, 1] of the device's recommended working set (Metal) or total memory
+    (CPU), or null to leave MLX's default. A whole number above 1 is bytes (so 1 means the whole device).
+    """
+
+    cache_limit: Optional[float] = setting(None, lo=0.0, help="bytes, or a fraction (0,1] of device memory")
+    memory_limit: Optional[float] = setting(None, lo=0.0)
+    wired_limit: Optional[float] = setting(None, lo=0.0, help="Metal only; fraction of the recommended working set")
+    clear_fragmentation: Optional[float] = setting(0.5, lo=0.0, hi=1.0, help="clear when cache / (active + cache) exceeds this; 0/null off")
+    clear_cache_gb: Optional[float] = setting(None, lo=0.0, help="clear when the cache holds more than this")
+    clear_every: int = setting(0, lo=0, help="clear every N steps; 0 = off")
+    clear_fraction: Optional[float] = setting(0.5, lo=0.0, hi=1.0, help="trim the cache by this fraction; null, 0 or 1 = drop all of it")
+    clear_min_cache_gb: float = setting(0.0625, lo=0.0, help="the fragmentation rule ignores caches smaller than this")
+    clear_min_interval: int = setting(1, lo=0, help="steps between proactive clears (1 = at most one per step)")
+    oom_min_batch: int = setting(1, lo=1)
 
     def __post_init__(self):
+        check_fields(self, "memory")
         for name in ("cache_limit", "memory_limit", "wired_limit"):
             _check_limit(getattr(self, name), f"memory.{name}")
-        if self.clear_fragmentation is not None and not 0 <= self.clear_fragmentation <= 1:
-            raise UserError(f"memory.clear_fragmentation must be in [0, 1], got {self.clear_fragmentation}")
-        if self.clear_cache_gb is not None and self.clear_cache_gb < 0:
-            raise UserError(f"memory.clear_cache_gb must be >= 0, got {self.clear_cache_gb}")
-        if not isinstance(self.clear_every, int) or self.clear_every < 0:
-            raise UserError(f"memory.clear_every must be an integer >= 0, got {self.clear_every!r}")
-        if self.clear_fraction is not None and not 0 <= self.clear_fraction <= 1:
-            raise UserError(f"memory.clear_fraction must be in [0, 1], got {self.clear_fraction}")
-        if self.clear_min_cache_gb < 0:
-            raise UserError(f"memory.clear_min_cache_gb must be >= 0, got {self.clear_min_cache_gb}")
-        if not isinstance(self.clear_min_interval, int) or self.clear_min_interval < 0:
-            raise UserError(f"memory.clear_min_interval must be an integer >= 0, got {self.clear_min_interval!r}")
-        if not isinstance(self.oom_min_batch, int) or self.oom_min_batch < 1:
-            raise UserError(f"memory.oom_min_batch must be an integer >= 1, got {self.oom_min_batch!r}")
 
 
 def _check_limit(value, name):

@@ -669,15 +669,18 @@ def _hidden_and_head(model):
     return None
 
 
-def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False):
+def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, temperature=1.0):
     """Log-probs of completion tokens given their prompts, in one batched forward pass.
 
     prompt_ids, completion_ids: B lists of token ids. Rows are right-padded (prompt +
     completion); T is the longest completion (at least 1). Returns (logp [B, T], mask [B, T],
-    entropy [B, T] or None), float32, from the model's raw distribution (temperature 1, no
-    top-p): mask is 1.0 for real completion tokens, and logp/entropy are 0 where mask is 0.
-    Differentiable with respect to the model's trainable parameters.
+    entropy [B, T] or None), float32, under softmax(logits / temperature) without top-p (the
+    distribution `rollout.sample` reports for its tokens at the same temperature): mask is 1.0
+    for real completion tokens, and logp/entropy are 0 where mask is 0. Differentiable with
+    respect to the model's trainable parameters.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     B = len(prompt_ids)
     if B != len(completion_ids):
         raise ValueError("prompt_ids and completion_ids differ in length")
@@ -707,6 +710,8 @@ def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False):
         logits = model(inputs)
         logits = mx.take_along_axis(logits, pos[..., None], axis=1)
     logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
     lse = mx.logsumexp(logits, axis=-1)
     logp = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
     logp = logp * mask

@@ -13,8 +13,40 @@ import inspect
 import math
 from dataclasses import dataclass, field
 
+from typing import Optional
+
 from .errors import UserError
+from .scoring.teacher import JudgeConfig
+from .settings import check_fields, setting
 from .tasks import task_columns
+
+REWARD_TYPES = ("tests", "function", "http-judge", "local-teacher")
+
+
+@dataclass
+class RewardConfig(JudgeConfig):
+    """One item of the `rewards:` list. An http-judge item's own settings are JudgeConfig's fields;
+    a local-teacher uses `model`, `low`, `high` and `batch_size`; tests take theirs from `sandbox:`."""
+
+    type: str = setting("tests", choices=REWARD_TYPES)
+    weight: float = setting(1.0)
+    name: Optional[str] = setting(None, help="default: the function's name, else the type")
+    function: Optional[str] = setting(None, help="module:function for type=function")
+    low: float = setting(-6.0, help="local-teacher: mean log-prob mapped to reward 0")
+    high: float = setting(0.0, help="local-teacher: mean log-prob mapped to reward 1")
+    batch_size: int = setting(8, lo=1, help="local-teacher: sequences per forward pass")
+
+    def validate(self, prefix="rewards[]"):
+        check_fields(self, prefix)
+        if self.type == "function" and (not self.function or ":" not in self.function):
+            raise UserError(f"config key '{prefix}.function' must be module:function")
+        if self.type == "http-judge":
+            JudgeConfig.validate(self, prefix)
+        if self.type == "local-teacher" and not self.model:
+            raise UserError(f"config key '{prefix}.model' is required for local-teacher")
+        if self.type == "local-teacher" and not self.low < self.high:
+            raise UserError(f"config key '{prefix}.low' must be < '{prefix}.high'")
+        return self
 
 
 @dataclass
@@ -141,14 +173,9 @@ def _make_scorer(r, cfg, cache, key):
         return SandboxScorer(SandboxConfig(timeout_s=s.timeout_s, memory_mb=s.memory_mb, workers=s.workers,
                                            partial_credit=s.partial_credit, site_packages=s.site_packages))
     if r.type == "http-judge":
-        from .scoring.teacher import HttpJudge, JudgeConfig
+        from .scoring.teacher import HttpJudge
 
-        jc = JudgeConfig(base_url=r.base_url, model=r.model, api_key_env=r.api_key_env, timeout_s=r.timeout_s,
-                         max_retries=r.max_retries, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
-                         concurrency=r.concurrency, breaker_threshold=r.breaker_threshold,
-                         breaker_reset_s=r.breaker_reset_s, fallback=r.fallback, use_reference=r.use_reference,
-                         max_tokens=r.max_tokens)
-        return HttpJudge(jc, cache=cache, config_key=key)
+        return HttpJudge(r, cache=cache, config_key=key)
     if r.type == "local-teacher":
         from .scoring.teacher import LocalTeacher
 

@@ -7,14 +7,16 @@ the device computing step t + 1; finished rows are dropped from the batch as the
 
 What a Rollout holds:
 - token_ids: the sampled ids (never re-tokenized). A finishing EOS token is included.
-  On a stop string, only the tokens whose bytes end at or before the start of the stop
-  string are kept, so the stop string, anything after it, and a token straddling its start
-  are all dropped.
-- text: the decoded kept tokens (EOS excluded), so `text` never contains the stop string.
-- logprobs / entropies: per kept token, log-prob of the token and entropy under the model's
-  RAW distribution (logits at temperature 1, before top-p): the same numbers
-  `models.sequence_logprobs` computes, so they serve as old_logp in PPO ratios whatever
-  temperature / top_p the sampler used.
+  On a stop string, every token that starts before the stop string is kept, including one
+  that straddles its start (Llama-3 and Qwen2 tokenizers have pieces like `")\n"`): it was
+  sampled, so it is trained on. Tokens that start at or after the stop string are dropped.
+- text: the completion's bytes cut exactly where the stop string starts (EOS excluded), so it
+  never contains the stop string and never loses a byte before it: this is what gets scored.
+- logprobs / entropies: per kept token, under softmax(logits / temperature) before top-p (see
+  `sample`): the numbers `models.sequence_logprobs` computes at the same temperature, so they
+  serve as old_logp in PPO ratios. Top-p samples from the renormalised nucleus, so a token's
+  actual sampling probability is the reported one divided by the nucleus mass; like TRL and
+  verl, the ratio ignores that factor.
 """
 
 import bisect
@@ -27,29 +29,36 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 
 from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 
 DEFAULT_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 4
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0: greedy (argmax)
-    top_p: float = 1.0
-    # bound on rows-in-flight x (padded prompt + max_new_tokens) for one decode batch
-    max_batch_tokens: int = 16384
-    # None: DEFAULT_STOPS for plain prompts, no stop strings with the chat template
-    stop: Optional[Sequence[str]] = None
-    chat_template: bool = False
-    extract_code: bool = False
-    system_prompt: Optional[str] = None
-    prefill_step: int = 512  # prompt tokens per prefill forward (bounds activation memory)
+    """The `rollout:` config section: what each training step samples and how."""
+
+    group_size: int = setting(4, lo=1, help="samples per prompt")
+    prompts_per_step: int = setting(4, lo=1, help="prompts the trainer draws per step (the engine samples what it is given)")
+    max_new_tokens: int = setting(64, lo=1)
+    temperature: float = setting(1.0, lo=0.0, help="0: greedy (argmax)")
+    top_p: float = setting(1.0, lo=0.0, hi=1.0, lo_open=True)
+    max_batch_tokens: int = setting(16384, lo=1, help="bound on rows in flight x (padded prompt + max_new_tokens)")
+    stop: Optional[list] = setting(None, help="stop strings; null = HumanEval-style defaults (none with the chat template)")
+    chat_template: bool = setting(False, help="wrap the prompt in the tokenizer's chat template")
+    extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
+    system_prompt: Optional[str] = setting(None)
+    prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
+
+    def __post_init__(self):
+        check_fields(self, "rollout")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError("config key 'rollout.stop' must be a list of non-empty strings")
 
     def stops(self):
         if self.stop is None:
             return () if self.chat_template else DEFAULT_STOPS
-        return tuple(s for s in self.stop if s)
+        return tuple(self.stop)
 
 
 @dataclass
@@ -170,14 +179,19 @@ TOP_P_CANDIDATES = 1024
 
 
 def sample(logits, temperature, top_p):
-    """Sample one token per row. Returns (tokens, raw log-probs of them, raw entropies).
+    """Sample one token per row. Returns (tokens, log-probs of them, entropies).
 
-    "Raw" means the model's distribution at temperature 1 without top-p. One exp over the
-    vocabulary serves the log-probs, the entropy and (at temperature 1) the sampling, which
-    draws by inverse CDF: on CPU, exp dominates and the Gumbel trick would cost two more logs
-    per vocabulary entry.
+    Log-probs and entropies are those of softmax(logits / temperature) before top-p, the
+    distribution `models.sequence_logprobs` computes at the same temperature, so they serve as
+    the behaviour log-probs of PPO ratios (as in TRL and verl). Greedy decoding (temperature 0)
+    reports them at temperature 1. Top-p then samples from the renormalised nucleus, so a sampled
+    token's true sampling probability is higher than reported by 1 / (nucleus mass).
+    One exp over the vocabulary serves the log-probs, the entropy and the sampling, which draws
+    by inverse CDF: on CPU, exp dominates and the Gumbel trick would cost two more logs per entry.
     """
     logits = logits.astype(mx.float32)
+    if temperature not in (0, 1):
+        logits = logits * (1.0 / temperature)
     top = logits.max(axis=-1, keepdims=True)
     e = mx.exp(logits - top)
     total = e.sum(axis=-1, keepdims=True)
@@ -185,10 +199,7 @@ def sample(logits, temperature, top_p):
     if temperature == 0:
         tokens = mx.argmax(logits, axis=-1)
     else:
-        w = e if temperature == 1 else mx.exp((logits - top) * (1.0 / temperature))
-        if top_p < 1.0:
-            w = _top_p_filter(w, top_p)
-        tokens = _inverse_cdf(w)
+        tokens = _inverse_cdf(_top_p_filter(e, top_p) if top_p < 1.0 else e)
     token_lp = mx.take_along_axis(logits, tokens[:, None], axis=-1).squeeze(-1) - lse.squeeze(-1)
     # -sum p log p with log p = logits - lse: no cancellation between large terms; a -inf
     # logit has p == 0 and contributes 0, not NaN
@@ -239,7 +250,7 @@ def _batch_caches(model, left_padding):
 class _Seq:
     """Host-side state of one sampled sequence."""
 
-    __slots__ = ("prompt", "sample", "tokens", "logprobs", "entropies", "buf", "ends", "keep", "reason")
+    __slots__ = ("prompt", "sample", "tokens", "logprobs", "entropies", "buf", "ends", "keep", "cut", "reason")
 
     def __init__(self, prompt, sample_index):
         self.prompt, self.sample = prompt, sample_index
@@ -247,6 +258,7 @@ class _Seq:
         self.buf = bytearray()
         self.ends = []  # byte offset where each token's text ends
         self.keep = None  # number of tokens kept once finished
+        self.cut = None  # byte offset where the scored text ends (a stop string's start)
         self.reason = None
 
     def add(self, token, lp, ent, table, eos, stops, max_stop, max_new):
@@ -263,8 +275,10 @@ class _Seq:
         if stops:
             hits = [p for p in (self.buf.find(s, start) for s in stops) if p >= 0]
             if hits:
-                cut = min(hits)
-                self.reason, self.keep = "stop", bisect.bisect_right(self.ends, cut)
+                # keep every token that starts before the stop string; token k starts at ends[k-1]
+                self.cut = min(hits)
+                self.reason = "stop"
+                self.keep = bisect.bisect_left(self.ends, self.cut) + 1 if self.cut > 0 else 0
                 return
         if len(self.tokens) >= max_new:
             self.reason, self.keep = "length", len(self.tokens)
@@ -354,7 +368,6 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
     RNG: seed it with mx.random.seed for reproducible rollouts."""
     cfg = cfg or RolloutConfig()
-    _validate(cfg)
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
         if not p:
@@ -379,7 +392,7 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     rollouts = []
     for s in sorted(seqs, key=lambda s: (s.prompt, s.sample)):
         k = s.keep
-        text_end = s.ends[k - 1] if k else 0
+        text_end = s.cut if s.cut is not None else (s.ends[k - 1] if k else 0)
         text = bytes(s.buf[:text_end]).decode("utf-8", errors="replace")
         rollouts.append(
             Rollout(
@@ -404,17 +417,3 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
         peak_batch=stats["peak_batch"],
         num_batches=len(batches),
     )
-
-
-def _validate(cfg):
-    checks = [
-        ("group_size", cfg.group_size >= 1, "must be >= 1"),
-        ("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1"),
-        ("temperature", cfg.temperature >= 0, "must be >= 0"),
-        ("top_p", 0 < cfg.top_p <= 1, "must be in (0, 1]"),
-        ("max_batch_tokens", cfg.max_batch_tokens >= 1, "must be >= 1"),
-        ("prefill_step", cfg.prefill_step >= 1, "must be >= 1"),
-    ]
-    for name, ok, why in checks:
-        if not ok:
-            raise UserError(f"rollout.{name}: {why}, got {getattr(cfg, name)!r}")

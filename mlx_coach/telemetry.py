@@ -23,10 +23,12 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from tensorboardX.proto.summary_pb2 import Summary
 
 from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 
 PHASES = ("early", "mid", "late")
 
@@ -34,6 +36,21 @@ TOKS = "gen/tokens_per_sec"
 FRAG = "memory/fragmentation"
 
 EPOCH_COLUMNS = ("tokens_per_sec", "cache_hit_rate", "fragmentation", "fresh_reward_mean", "steps")
+
+
+@dataclass
+class TelemetryConfig:
+    """The `telemetry:` config section."""
+
+    tensorboard: bool = setting(True, help="write TensorBoard event files beside metrics.jsonl")
+    progress: bool = setting(True, help="a line per step on stderr")
+    phase_bounds: tuple = setting((1 / 3, 2 / 3), help="epoch fractions where the mid and late phases start")
+
+    def __post_init__(self):
+        check_fields(self, "telemetry")
+        if len(self.phase_bounds) != 2:
+            raise UserError("config key 'telemetry.phase_bounds' must be two fractions 0 < early < late < 1")
+        epoch_phase(0.0, self.phase_bounds)  # raises UserError naming phase_bounds
 
 
 def epoch_phase(position, bounds=(1 / 3, 2 / 3)):

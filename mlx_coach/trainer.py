@@ -2,8 +2,13 @@
 
 Read `train()` top to bottom: setup, then one step per loop iteration in visible phases
 (data, rollout, scoring, advantages, update, logging, checkpoint). Randomness is a pure
-function of (seed, step) and (seed, epoch), so a resumed run replays exactly the same
-samples, and N steps + resume to 2N gives the weights of a straight 2N-step run.
+function of (seed, step) and (seed, epoch), so a run resumed from its checkpoint with the same
+config replays the same samples (tested to 1e-5 on CPU with a constant schedule). A cosine
+schedule's length is train.steps, so changing `--steps` between the two halves changes the rates.
+
+Every log-prob (behaviour, policy, reference) is taken at the sampling temperature, so the PPO
+ratio and the KL estimate refer to the distribution the samples came from (top-p aside: the
+truncated nucleus is not renormalised in the ratio, as in TRL and verl).
 """
 
 import math
@@ -22,19 +27,19 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import losses
-from .alerts import AlertConfig, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
-from .cache import CacheConfig, ScoreCache
+from .alerts import AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
+from .cache import ScoreCache
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
 from .errors import UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
-from .memory import MemoryConfig, MemoryManager
+from .memory import MemoryManager
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs,
                      unfreeze_all)
 from .rewards import RewardSet
-from .rollout import RolloutConfig, generate_rollouts
+from .rollout import generate_rollouts
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
 
@@ -74,18 +79,13 @@ def make_optimizer(o, total_updates, scale=lambda: 1.0):
     return optim.AdamW(learning_rate=lambda step: base(step) * scale(), weight_decay=o.weight_decay)
 
 
-def rollout_config(cfg, *, temperature=None, max_new_tokens=None):
-    r = cfg.rollout
-    return RolloutConfig(
-        group_size=r.group_size, max_new_tokens=max_new_tokens or r.max_new_tokens,
-        temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
-        max_batch_tokens=r.max_batch_tokens, stop=tuple(r.stop) if r.stop is not None else None,  # None: engine default
-        chat_template=cfg.model.chat_template, extract_code=cfg.model.extract_code,
-    )
-
-
 def _pad(rows, width):
     return mx.array([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=mx.float32)
+
+
+def micro_batches(n, grad_accum):
+    """Row indices of the micro-batches one update (and the reference pass) is split into."""
+    return np.array_split(np.arange(n), min(grad_accum, n))
 
 
 def _finite(x):
@@ -117,7 +117,9 @@ class Trainer:
             unfreeze_all(self.model)
         self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
         total_updates = cfg.train.steps * cfg.algo.num_iterations
-        self.lr_scale = 1.0  # health adjustments (telemetry.lr_adjust) multiply the learning rate
+        # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
+        self.temperature = cfg.rollout.temperature or 1.0
+        self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
         self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.lr_scale)
         self.optimizer.init(self.model.trainable_parameters())
         self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
@@ -132,19 +134,11 @@ class Trainer:
                 mx.save_safetensors(str(initial), self.initial_trainable)
 
         # --- scoring, memory, telemetry ---
-        c = cfg.cache
-        self.cache = ScoreCache.from_config(CacheConfig(policy=c.policy, maxsize=c.maxsize, ttl_s=c.ttl_s,
-                                                        sqlite_path=c.sqlite_path))
+        self.cache = ScoreCache.from_config(cfg.cache)
         self.rewards = RewardSet(cfg, self.cache)
         self.val_scorer = self.rewards.tests.impl if self.rewards.tests else None
-        mc = cfg.memory
-        self.memory = MemoryManager(MemoryConfig(
-            cache_limit=mc.cache_limit, memory_limit=mc.memory_limit, wired_limit=mc.wired_limit,
-            clear_fragmentation=mc.clear_fragmentation, clear_cache_gb=mc.clear_cache_gb,
-            clear_every=mc.clear_every, clear_fraction=mc.clear_fraction))
+        self.memory = MemoryManager(cfg.memory)
         self.memory.apply_limits()
-        self.alert_cfg = AlertConfig(kl_max=cfg.telemetry.kl_max, lr_adjust=cfg.telemetry.lr_adjust,
-                                     phase_bounds=tuple(cfg.telemetry.phase_bounds))
         self.alert_state = AlertState()
         self.phases = PhaseAccumulator()
         self.reward_ema, self.loss_ema = Ema(0.1), Ema(0.1)
@@ -228,17 +222,26 @@ class Trainer:
         return [self.train_tasks[i] for i in idx], position
 
     def reference_logprobs(self, prompt_ids, comp_ids):
-        if self.ref_model is not None:
-            logp, _, _ = sequence_logprobs(self.ref_model, prompt_ids, comp_ids)
-        else:
-            with adapters_disabled(self.model):
-                logp, _, _ = sequence_logprobs(self.model, prompt_ids, comp_ids)
-        return mx.stop_gradient(logp)
+        """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
+        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward."""
+        T = max(1, max(len(c) for c in comp_ids))
+        parts = []
+        for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
+            p_ids, c_ids = [prompt_ids[i] for i in idx], [comp_ids[i] for i in idx]
+            if self.ref_model is not None:
+                logp, _, _ = sequence_logprobs(self.ref_model, p_ids, c_ids, temperature=self.temperature)
+            else:
+                with adapters_disabled(self.model):
+                    logp, _, _ = sequence_logprobs(self.model, p_ids, c_ids, temperature=self.temperature)
+            logp = mx.pad(logp, [(0, 0), (0, T - logp.shape[1])])
+            mx.eval(logp)
+            parts.append(logp)
+        return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
     def _loss(self, model, batch, beta):
         a = self.cfg.algo
         logp, mask, entropy = sequence_logprobs(model, batch["prompt_ids"], batch["comp_ids"],
-                                                with_entropy=a.entropy_coef > 0)
+                                                with_entropy=a.entropy_coef > 0, temperature=self.temperature)
         mask = mask * batch["loss_mask"][:, : mask.shape[1]]
         old = batch["old_logp"][:, : logp.shape[1]]
         old = mx.where(mask > 0, old, mx.stop_gradient(logp))
@@ -256,12 +259,21 @@ class Trainer:
         """num_iterations optimizer updates on one rollout batch, each with gradient accumulation.
 
         A non-finite loss or gradient skips that update: weights and optimizer state stay as
-        they were, the skip is counted and alerted, nothing is clamped."""
-        a, o = self.cfg.algo, self.cfg.optim
-        B = len(batch["comp_ids"])
-        chunks = np.array_split(np.arange(B), min(o.grad_accum, B))
-        out = {"skipped": 0, "clip_frac": [], "kl_mean": [], "grad_norm": [], "loss": [], "pg_loss": [],
+        they were, the skip is counted and alerted, nothing is clamped. Each micro-batch's
+        gradients are evaluated before the next one starts, so peak memory is one micro-batch's.
+        LoRA dropout (model.lora_dropout) is active here only, never while sampling."""
+        chunks = micro_batches(len(batch["comp_ids"]), self.cfg.optim.grad_accum)
+        out = {"skipped": 0, "clip_frac": [], "grad_norm": [], "loss": [], "pg_loss": [],
                "kl_loss": [], "ratio_mean": [], "update_ratio": [], "group_norms": {}}
+        self.model.train()
+        try:
+            self._update_iterations(batch, beta, chunks, out)
+        finally:
+            self.model.eval()
+        return out
+
+    def _update_iterations(self, batch, beta, chunks, out):
+        a, o = self.cfg.algo, self.cfg.optim
         for _ in range(a.num_iterations):
             grads_sum, loss_sum, stats_sum = None, 0.0, {}
             for idx in chunks:
@@ -275,7 +287,7 @@ class Trainer:
                 loss_sum += loss * w
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v * w
-            mx.eval(grads_sum, loss_sum, stats_sum)
+                mx.eval(grads_sum, loss_sum, stats_sum)  # before the next micro-batch builds its graph
             if o.grad_clip > 0:  # one norm serves the clip, the finite check and the log
                 clipped, norm = losses.clip_grad_norm(grads_sum, o.grad_clip)
             else:
@@ -283,7 +295,7 @@ class Trainer:
             finite = _finite(loss_sum) and math.isfinite(norm.item())
             out["grad_norm"].append(norm.item())
             out["loss"].append(loss_sum.item())
-            for k in ("clip_frac", "kl_mean", "pg_loss", "kl_loss", "ratio_mean"):
+            for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
                 if k in stats_sum:
                     out[k].append(stats_sum[k].item())
             if not finite:
@@ -295,7 +307,6 @@ class Trainer:
             self.optimizer.update(self.model, grads_sum)
             mx.eval(self.model.parameters(), self.optimizer.state)
             out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
-        return out
 
     def _chunk_weight(self, chunk_mask, batch_mask):
         """Weight of one micro-batch so that accumulated gradients equal the full batch's."""
@@ -316,8 +327,8 @@ class Trainer:
         if not self.val_tasks or self.val_scorer is None:
             return None
         t = self.cfg.train
-        rc = replace(rollout_config(self.cfg, temperature=0.0, max_new_tokens=t.val_max_new_tokens or None),
-                     group_size=1)
+        rc = replace(self.cfg.rollout, temperature=0.0, group_size=1,
+                     max_new_tokens=t.val_max_new_tokens or self.cfg.rollout.max_new_tokens)
         records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer, bypass_cache=True)
         summary = pass_at_k_summary(records, ks=(1,))
         triples = [(r["category"], len(r["prompt"]), r["passed"]) for r in records]
@@ -334,7 +345,7 @@ class Trainer:
 
         # --- rollout: G samples per prompt, KV-cached, batched ---
         self.memory.sample("generate_start")
-        rc = rollout_config(cfg)
+        rc = cfg.rollout
         t0 = time.perf_counter()
         rb = self.memory.run_with_oom_backoff(
             lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
@@ -368,6 +379,10 @@ class Trainer:
             loss_mask = losses.mask_truncated(loss_mask, mx.array(truncated))
             mask_np = np.array(loss_mask)
         beta = self.kl_ctl.beta
+        # KL(behaviour || reference) per sampled token, whatever kl_in is: the controller, kl/mean and
+        # the kl_high alert see the policy's distance even when the penalty sits in the reward
+        all_tokens = mx.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comp_ids])
+        kl_obs = float(losses.aggregate(losses.kl_estimate(old_logp, ref_logp, a.kl_estimator), all_tokens).item())
         rewards = mx.array(rewards_np)
         if a.kl_in == "reward" and beta > 0:
             rewards = losses.kl_penalized_rewards(rewards, old_logp, ref_logp, mx.array(mask_np), beta, a.kl_estimator)
@@ -387,9 +402,8 @@ class Trainer:
         t_update = time.perf_counter() - t0
         self.memory.sample("update")
         self.skipped += upd["skipped"]
-        kl_obs = float(np.mean(upd["kl_mean"])) if upd["kl_mean"] else 0.0
-        if upd["skipped"] == 0:
-            self.kl_ctl.update(kl_obs, 1)
+        if upd["skipped"] == 0:  # the controller's horizon is in samples, as in TRL and OpenRLHF
+            self.kl_ctl.update(kl_obs, len(rollouts))
         self.step += 1
 
         # --- metrics ---
@@ -451,11 +465,11 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - t_step
 
         # --- alerts and health adjustments ---
-        if self.cfg.telemetry.alerts:
+        if self.cfg.alerts.enabled:
             step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
-            for alert in evaluate_alerts(self.alert_state, step_metrics, self.alert_cfg):
+            for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
                 self.telemetry.alert(self.step, alert)
-            factor = lr_adjustment(self.alert_state, step_metrics, self.alert_cfg)
+            factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
             if factor is not None:
                 self.lr_scale *= factor
                 self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
@@ -490,8 +504,8 @@ class Trainer:
             self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "epoch": self.epoch})
             cats, buckets, matrix = bucket_pass_rates(triples, LENGTH_EDGES)
             self.telemetry.image("eval/category_length_heatmap", heatmap_image(matrix, cats, buckets), self.step)
-        if self.cfg.telemetry.alerts:
-            for alert in evaluate_epoch(self.alert_state, epoch_metrics, self.alert_cfg, step=self.step):
+        if self.cfg.alerts.enabled:
+            for alert in evaluate_epoch(self.alert_state, epoch_metrics, self.cfg.alerts, step=self.step):
                 self.telemetry.alert(self.step, alert)
         if self.cfg.model.fine_tune == "lora":
             deltas = lora_deltas(self.initial_trainable, dict(tree_flatten(self.model.trainable_parameters())))

@@ -108,9 +108,10 @@ def test_kl_above_bound_fires_and_is_rate_limited():
     rows = healthy_run()
     for row in rows[60:180]:
         row["loss/kl"] = 0.35
-    fired, _ = run(rows)
+    fired, _ = run(rows, AlertConfig(kl_max=0.1))
     assert [(s, a.code) for s, a in fired] == [(60, "kl_high"), (110, "kl_high"), (160, "kl_high")]
     assert "0.35" in fired[0][1].message and "0.1" in fired[0][1].message
+    assert run(rows)[0] == []  # under the default bound (1.0)
     # an explicit unweighted KL metric takes precedence over loss/kl
     rows = healthy_run()
     for row in rows:
@@ -235,7 +236,7 @@ def test_state_round_trips_through_json():
     rows = healthy_run()
     for row in rows[60:180]:
         row["loss/kl"] = 0.35
-    cfg = AlertConfig()
+    cfg = AlertConfig(kl_max=0.1)
     state = AlertState()
     fired = []
     for row in rows[:100]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.cache import CacheConfig, ScoreCache, make_key, normalize_completion, reference_key
+from mlx_coach.cache import CacheConfig, ScoreCache, make_key, reference_key
 from mlx_coach.errors import UserError
 from mlx_coach.scoring.base import Score
 from mlx_coach.scoring.cached import CachedScorer
@@ -167,60 +167,74 @@ def test_bad_config_raises_user_error_naming_the_field():
         ScoreCache("ttl", ttl_s=-1)
 
 
-# --- normalisation ---------------------------------------------------------------------------
+# --- keys ------------------------------------------------------------------------------------
 
 BASE = "    y = x + 1  \n    return y\n"
-SAME = [
-    ("comment", "    y = x + 1  # add one\n    return y\n"),
-    ("comment-only line", "    # first\n    y = x + 1\n        # odd indent\n    return y\n"),
-    ("spaces inside a line", "    y   =   x+1\n    return   y\n"),
-    ("blank lines", "\n    y = x + 1\n\n\n    return y\n\n"),
-    ("trailing whitespace and no final newline", "    y = x + 1\t \n    return y   "),
-    ("indent width", "  y = x + 1\n  return y\n"),
-    ("tab indent", "\ty = x + 1\n\treturn y\n"),
-    ("CRLF", "    y = x + 1\r\n    return y\r\n"),
+
+# The scored program is prompt + completion, so a completion's indentation must match the prompt's:
+# each of these is the same statement to a reader, and only the first runs under a 4-space prompt.
+DOC_TASK = Task("T/doc", 'def inc(x):\n    """Add one to x."""\n', "inc", "def check(f):\n    assert f(1) == 2\n")
+INDENT_VARIANTS = ["    return x + 1\n", "  return x + 1\n", "\treturn x + 1\n", "        return x + 1\n"]
+
+
+def surface_variants(body):
+    """Texts a normalising key would merge: indentation width, tabs, trailing spaces, blank lines,
+    CRLF, a comment. Some of them change the verdict, some do not."""
+    lines = body.splitlines()
+    out = {body}
+    for width in (1, 2, 3, 4, 8):
+        out.add("\n".join(" " * width + ln.lstrip(" ") if ln.startswith("    ") else ln for ln in lines) + "\n")
+    out.add(body.replace("    ", "\t"))
+    out.add(body.replace("\n", "  \n"))
+    out.add(body.replace("\n", "\n\n"))
+    out.add("\n" + body)
+    out.add(body.replace("\n", "\r\n"))
+    out.add(body.replace("\n", "  # note\n", 1))
+    out.add(body.replace("\n", " \\\n", 1))
+    out.add(body.rstrip("\n"))
+    return sorted(out)
+
+
+KEY_BODIES = [
+    "    y = x + 1\n    return y\n",
+    "    if x > 0:\n        return x + 1\n    return x + 1\n",
+    "    s = 'a  b'\n    return x + 1 if s == 'a  b' else 0\n",
 ]
-DIFFERENT = [
-    ("identifier", "    y = x + 1\n    return x\n"),
-    ("literal", "    y = x + 2\n    return y\n"),
-    ("operator", "    y = x - 1\n    return y\n"),
-    ("string added", "    y = x + 1\n    return 'y'\n"),
-]
-PAIRS_DIFFERENT = [
-    ("string contents", 's = "a  b"\n', 's = "a b"\n'),
-    ("# inside a string", 's = "a # b"\n', 's = "a"\n'),
-    ("indent structure", "if a:\n    b()\n    c()\n", "if a:\n    b()\nc()\n"),
-    ("nesting", "for i in r:\n    if i:\n        f()\n", "for i in r:\n    if i:\n        pass\n    f()\n"),
-    ("untokenizable, contents", '    s = """abc', '    s = """abd'),
-    ("untokenizable, comment is kept", "    x = (1,  # a", "    x = (1,"),
-]
-PAIRS_SAME = [
-    ("brackets across lines", "f(a,\n  b)\n", "f(a, b)\n"),
-    ("backslash continuation", "x = 1 + \\\n    2\n", "x = 1 + 2\n"),
-    ("untokenizable, spaces", "    x = (1,   2  ", "    x = (1, 2"),
-    ("untokenizable, blank lines", "    x = (1,\n\n   2", "    x = (1,\n   2"),
-]
 
 
-@pytest.mark.parametrize("why,code", SAME, ids=[w for w, _ in SAME])
-def test_normalisation_keeps_key(why, code):
-    assert normalize_completion(code) == normalize_completion(BASE)
-    assert make_key("s", "1", task(), code) == make_key("s", "1", task(), BASE)
+def test_keys_differ_whenever_verdicts_differ():
+    """Property: for generated surface variants of a completion, two texts whose sandbox verdicts
+    differ never share a key (a shared key would pay one text the other's reward)."""
+    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+
+    t = DOC_TASK
+    variants = [v for body in KEY_BODIES for v in surface_variants(body)] + INDENT_VARIANTS
+    with SandboxScorer(SandboxConfig(timeout_s=20.0, workers=2)) as scorer:
+        verdicts = [s.status for s in scorer.score_batch([(t, v) for v in variants])]
+    assert "passed" in verdicts and set(verdicts) - {"passed"}, verdicts  # the corpus has both kinds
+    keys = [make_key(scorer.name, scorer.version, t, v) for v in variants]
+    for i in range(len(variants)):
+        for j in range(i + 1, len(variants)):
+            if verdicts[i] != verdicts[j]:
+                assert keys[i] != keys[j], (variants[i], variants[j])
+    statuses = dict(zip(INDENT_VARIANTS, verdicts[-4:]))
+    assert statuses["    return x + 1\n"] == "passed"
+    assert all(statuses[v] == "error" for v in INDENT_VARIANTS[1:]), statuses  # IndentationError / TabError
 
 
-@pytest.mark.parametrize("why,code", DIFFERENT, ids=[w for w, _ in DIFFERENT])
-def test_normalisation_changes_key(why, code):
-    assert make_key("s", "1", task(), code) != make_key("s", "1", task(), BASE)
+def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
+    """Through the cache, in one batch and across batches, each variant gets the verdict the sandbox
+    gives it alone: a broken variant is never paid the reward of the one scored first."""
+    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
 
-
-@pytest.mark.parametrize("why,a,b", PAIRS_DIFFERENT, ids=[w for w, _, _ in PAIRS_DIFFERENT])
-def test_normalisation_pairs_differ(why, a, b):
-    assert normalize_completion(a) != normalize_completion(b)
-
-
-@pytest.mark.parametrize("why,a,b", PAIRS_SAME, ids=[w for w, _, _ in PAIRS_SAME])
-def test_normalisation_pairs_same(why, a, b):
-    assert normalize_completion(a) == normalize_completion(b)
+    t = DOC_TASK
+    with SandboxScorer(SandboxConfig(timeout_s=20.0, workers=2)) as scorer:
+        alone = [scorer.score_batch([(t, v)])[0].status for v in INDENT_VARIANTS]
+        cached = CachedScorer(scorer, ScoreCache("lru"))
+        first = [s.status for s, _ in cached.score_batch([(t, v) for v in INDENT_VARIANTS])]
+        again = cached.score_batch([(t, v) for v in reversed(INDENT_VARIANTS)])
+    assert first == alone
+    assert [s.status for s, _ in again] == alone[::-1] and {p for _, p in again} == {"cached"}
 
 
 def test_key_parts():
@@ -229,6 +243,9 @@ def test_key_parts():
     assert make_key("tests", "4", task(), BASE) != key
     assert make_key("tests", "3", task(test="def check(f):\n    pass\n"), BASE) != key
     assert make_key("tests", "3", task(1), BASE) != key
+    assert make_key("tests", "3", Task("T/0", "def inc0(x):\n", "other", task().test), BASE) != key  # entry point
+    assert make_key("tests", "3", task(), BASE.replace("\n", "\r\n")) != key  # the exact text, nothing normalised
+
 
 
 # --- persistence ------------------------------------------------------------------------------
@@ -411,19 +428,19 @@ def test_cached_scorer_provenance_and_dedup():
     out = cs.score_batch(batch)
     assert [s.status for s, _ in out] == ["passed", "passed", "failed", "passed", "passed"]
     assert [p for _, p in out] == ["fresh"] * 5
-    assert (scorer.calls, scorer.items) == (1, 3)  # one call, three distinct keys
+    assert (scorer.calls, scorer.items) == (1, 4)  # one call, four distinct texts (keys are exact)
 
     out = cs.score_batch([(t0, bad), (t1, "    return 1 + x\n"), (t0, "    return  x  # same as bad\n")])
-    assert [p for _, p in out] == ["cached", "fresh", "cached"]
+    assert [p for _, p in out] == ["cached", "fresh", "fresh"]
     assert [s.value for s, _ in out] == [0.0, 1.0, 0.0]
-    assert (scorer.calls, scorer.items) == (2, 4)
-    assert cs.stats() == dict(items=8, fresh=6, cached=2, scored=4, deduped=2, calls=2)
+    assert (scorer.calls, scorer.items) == (2, 6)
+    assert cs.stats() == dict(items=8, fresh=7, cached=1, scored=6, deduped=1, calls=2)
     assert cache.stats()["student"]["hits"] == 1  # duplicates are looked up once
 
     # bypass: all fresh, the wrapped scorer sees them, and the cache is untouched
     before = cache.stats()
     out = cs.score_batch([(t0, bad), (t0, "    return x - 1\n")], bypass=True)
-    assert [p for _, p in out] == ["fresh", "fresh"] and scorer.items == 6
+    assert [p for _, p in out] == ["fresh", "fresh"] and scorer.items == 8
     assert cache.stats() == before
     assert cs.score_batch([(t0, "    return x - 1\n")])[0][1] == "fresh"  # bypass did not write
 

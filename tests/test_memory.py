@@ -275,7 +275,7 @@ def test_sample_reads_mlx_memory(mlx_limits):
 
 def test_maybe_clear_frees_the_cache(mlx_limits):
     # a cache-size trigger: fragmentation depends on what else this process holds (other tests' models)
-    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001)
+    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=None)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache()
     assert cached >= 10 * 2**20

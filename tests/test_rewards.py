@@ -28,8 +28,10 @@ def test_weighted_sum_of_tests_and_functions():
         assert out[1].parts["len"] is None and not out[1].passed  # None contributes nothing
         assert out[1].total == pytest.approx(0.0)
         assert [o.provenance for o in out] == ["fresh", "fresh"]
-        again = rs.score([task], [task.prompt], [good + "\n\n# same program\n"])
+        again = rs.score([task], [task.prompt], [good])
         assert again[0].provenance == "cached" and again[0].total == out[0].total
+        other_text = rs.score([task], [task.prompt], [good + "\n\n# same program\n"])
+        assert other_text[0].provenance == "fresh"  # another text: scored, never assumed equal
         fresh = rs.score([task], [task.prompt], [good], bypass_cache=True)
         assert fresh[0].provenance == "fresh"
     finally:

@@ -96,24 +96,55 @@ def test_eos_and_batch_splitting_match_reference(policy):
         assert r.token_ids == (ref[: ref.index(eos) + 1] if eos in ref else ref)
 
 
-def test_logprobs_match_sequence_logprobs(policy):
+def test_logprobs_are_taken_at_the_sampling_temperature(policy):
+    """Behaviour log-probs are those of softmax(logits / T), the distribution the tokens came from,
+    and sequence_logprobs at the same T (the policy and reference passes) gives the same numbers."""
     model, tok = policy
     mx.random.seed(7)
-    cfg = RolloutConfig(group_size=3, max_new_tokens=20, temperature=0.8, top_p=0.9, stop=[])
+    T = 0.8
+    cfg = RolloutConfig(group_size=3, max_new_tokens=20, temperature=T, top_p=0.9, stop=[])
     batch = generate_rollouts(model, tok, PROMPTS, cfg)
     assert [(r.prompt_index, r.sample_index) for r in batch.rollouts] == [
         (p, g) for p in range(4) for g in range(3)
     ]
     assert len({tuple(r.token_ids) for r in batch.rollouts}) > 4  # sampling, not greedy
+    # by hand, from the model's logits: log softmax(logits / T) of each sampled token
+    r = batch.rollouts[0]
+    logits = model(mx.array([r.prompt_ids + r.token_ids]))[0].astype(mx.float32) / T
+    n, p = len(r.token_ids), len(r.prompt_ids)
+    by_hand = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[p - 1: p - 1 + n]
+    by_hand = np.array(mx.take_along_axis(by_hand, mx.array(r.token_ids)[:, None], axis=-1)[:, 0])
+    np.testing.assert_allclose(r.logprobs, by_hand, rtol=1e-4, atol=1e-4)
+    at_one = sequence_logprobs(model, [r.prompt_ids], [r.token_ids])[0]
+    assert np.abs(np.array(at_one[0, :n]) - by_hand).max() > 1e-2  # T = 1 would be another distribution
+
     logp, mask, ent = sequence_logprobs(
         model, [r.prompt_ids for r in batch.rollouts], [r.token_ids for r in batch.rollouts],
-        with_entropy=True,
+        with_entropy=True, temperature=T,
     )
     for b, r in enumerate(batch.rollouts):
         n = len(r.token_ids)
         assert mask[b].sum().item() == n
-        np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), atol=1e-4)
-        np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), atol=1e-4)
+        np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_sampled_frequencies_match_the_reported_logprobs(temperature):
+    """Property: each token is drawn with probability exp(reported log-prob). 20,000 draws from one
+    row; each frequency must lie within 5 binomial standard errors (+ 1e-3) of exp(logp)."""
+    mx.random.seed(5)
+    row = mx.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20_000
+    tokens, lp, _ = sample(mx.broadcast_to(row, (n, row.size)), temperature, 1.0)
+    freq = np.bincount(np.array(tokens), minlength=row.size) / n
+    lp = np.array(lp)
+    prob = np.zeros(row.size)
+    prob[np.array(tokens)] = np.exp(lp)
+    expected = np.exp(np.array(row) / temperature) / np.exp(np.array(row) / temperature).sum()
+    np.testing.assert_allclose(prob[freq > 0], expected[freq > 0], rtol=1e-5)
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * se + 1e-3), (freq, expected)
 
 
 def test_sampling_is_reproducible_with_seed(policy):
@@ -157,19 +188,48 @@ def test_stop_string_trims_text_tokens_and_logprobs(policy):
     assert stop not in r.text and r.text == tok.decode(full.token_ids[:cut])
 
 
-def test_stop_rule_drops_a_token_straddling_the_stop():
-    table = [b"    return x", b"\n\nd", b"ef g", b"():"]
+def _run_seq(pieces, stops, max_new=100):
+    table = list(pieces)
     seq = _Seq(0, 0)
-    stops = [b"\ndef "]
-    for t in range(4):
-        seq.add(t, -1.0, 2.0, table, eos=set(), stops=stops, max_stop=5, max_new=10)
+    for t in range(len(pieces)):
+        seq.add(t, -1.0, 2.0, table, eos=set(), stops=stops, max_stop=max(map(len, stops)), max_new=max_new)
         if seq.reason:
             break
-    # "\ndef " starts inside token 1 ("\n\nd"): tokens 1 and 2 go, token 0 stays
-    assert seq.reason == "stop" and seq.keep == 1 and len(seq.tokens) == 3
+    text = bytes(seq.buf[: seq.cut]) if seq.cut is not None else bytes(seq.buf)
+    return seq, text
+
+
+def test_a_completion_that_compiles_before_a_stop_still_compiles_after_trimming():
+    """Llama-3 / Qwen2 style pieces: ")\n" straddles the start of "\ndef ". The scored text keeps
+    every byte before the stop; the straddling token stays in the trained sequence (it was sampled)."""
+    pieces = [b"    return", b" sorted", b"(x", b")\n", b"def", b" g", b"():"]
+    seq, text = _run_seq(pieces, [b"\ndef "])
+    assert seq.reason == "stop" and text == b"    return sorted(x)"
+    compile("def f(x):\n" + text.decode(), "<t>", "exec")
+    assert seq.keep == 4  # "    return", " sorted", "(x", ")\n": the last one straddles the stop
     stop_at_start = _Seq(0, 0)
-    stop_at_start.add(1, -1.0, 2.0, [b"", b"\ndef f"], set(), stops, 5, 10)
+    stop_at_start.add(1, -1.0, 2.0, [b"", b"\ndef f"], set(), [b"\ndef "], 5, 10)
     assert stop_at_start.reason == "stop" and stop_at_start.keep == 0
+
+
+def test_stop_trimming_property_over_random_tokenizations():
+    """Property: however a text is cut into tokens, the scored text is exactly the bytes before the
+    first stop string, the kept tokens are exactly those that start before it, and a program that
+    compiles before the stop compiles after trimming."""
+    rng = np.random.default_rng(0)
+    bodies = [b"    return sorted(x)", b"    y = [i * 2 for i in x]\n    return y", b"    return {'a': (1, 2)}"]
+    stops = [b"\ndef ", b"\nclass ", b"\n#"]
+    for trial in range(300):
+        body = bodies[trial % len(bodies)]
+        stop = stops[trial % len(stops)]
+        full = body + stop + b"junk(): pass\n"
+        cuts = sorted(set(rng.integers(1, len(full), size=rng.integers(1, 12)).tolist()))
+        pieces = [full[i:j] for i, j in zip([0] + cuts, cuts + [len(full)])]
+        seq, text = _run_seq(pieces, stops)
+        assert seq.reason == "stop" and text == body, (pieces, text)
+        compile("def f(x):\n" + text.decode(), "<t>", "exec")
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        assert seq.keep == int((starts < len(body)).sum()), (pieces, seq.keep)
 
 
 def test_default_stops_and_length(policy):
@@ -265,7 +325,7 @@ def test_smollm2_chat_rollouts_write_code_and_logprobs_agree(tmp_path):
             assert r.token_ids[-1] == 2 and "<|im_end|>" not in r.text
     logp, mask, ent = sequence_logprobs(
         model, [r.prompt_ids for r in batch.rollouts], [r.token_ids for r in batch.rollouts],
-        with_entropy=True,
+        with_entropy=True, temperature=0.7,
     )
     for b, r in enumerate(batch.rollouts):
         n = len(r.token_ids)

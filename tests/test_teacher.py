@@ -188,13 +188,16 @@ def test_parse_grade_rejects(text):
 def test_bad_config_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="judge.base_url"):
         HttpJudge(JudgeConfig(base_url="127.0.0.1:80"))
+    url = "http://127.0.0.1:9/v1"
+    with pytest.raises(UserError, match="judge.model"):
+        HttpJudge(JudgeConfig(base_url=url))
     with pytest.raises(UserError, match="judge.concurrency"):
-        HttpJudge(JudgeConfig(concurrency=0))
+        HttpJudge(JudgeConfig(base_url=url, model="m", concurrency=0))
     with pytest.raises(UserError, match=r"'rewards\[1\]\.fallback'"):
-        HttpJudge(JudgeConfig(fallback=2.0), config_key="rewards[1]")
+        HttpJudge(JudgeConfig(base_url=url, model="m", fallback=2.0), config_key="rewards[1]")
     monkeypatch.delenv("MLX_COACH_TEST_KEY", raising=False)
     with pytest.raises(UserError, match="judge.api_key_env"):
-        HttpJudge(JudgeConfig(api_key_env="MLX_COACH_TEST_KEY"))
+        HttpJudge(JudgeConfig(base_url=url, model="m", api_key_env="MLX_COACH_TEST_KEY"))
 
 
 # --- the judge against the scripted server -----------------------------------------------------------

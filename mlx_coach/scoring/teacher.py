@@ -20,9 +20,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 from urllib.parse import urlsplit
 
 from mlx_coach.errors import UserError
+from mlx_coach.settings import check_fields, setting
 from mlx_coach.scoring.base import Score
 
 PROMPT_VERSION = "grade-v1"
@@ -91,44 +93,31 @@ def extract_code(text: str) -> str:
 
 @dataclass
 class JudgeConfig:
-    base_url: str = "http://127.0.0.1:8080/v1"  # POST {base_url}/chat/completions
-    model: str = "default_model"
-    api_key_env: str | None = None  # name of the env var holding the API key; None = no key
-    timeout_s: float = 30.0  # per request (each socket operation)
-    max_retries: int = 2
-    backoff_s: float = 0.5  # first retry waits ~backoff_s, then doubling, capped at max_backoff_s
-    max_backoff_s: float = 8.0
-    concurrency: int = 4  # max requests in flight
-    breaker_threshold: int = 5  # consecutive failed requests that open the circuit
-    breaker_reset_s: float = 30.0  # open this long, then one half-open trial
-    fallback: float = 0.0  # value of a sample the judge could not judge
-    use_reference: bool = False
-    max_tokens: int = 256
-    temperature: float = 0.0
+    """An OpenAI-compatible judge's settings: the fields of an `http-judge` item under `rewards:`."""
+
+    base_url: Optional[str] = setting(None, help="POST {base_url}/chat/completions, e.g. http://127.0.0.1:8080/v1")
+    model: Optional[str] = setting(None, help="judge model name (http-judge) or teacher model path (local-teacher)")
+    api_key_env: Optional[str] = setting(None, help="name of the env var holding the API key; null = no key")
+    timeout_s: float = setting(30.0, lo=0.0, lo_open=True, help="per request (each socket operation)")
+    max_retries: int = setting(2, lo=0)
+    backoff_s: float = setting(0.5, lo=0.0, help="first retry waits ~backoff_s, then doubling, capped at max_backoff_s")
+    max_backoff_s: float = setting(8.0, lo=0.0)
+    concurrency: int = setting(4, lo=1, help="max requests in flight")
+    breaker_threshold: int = setting(5, lo=1, help="consecutive failed requests that open the circuit")
+    breaker_reset_s: float = setting(30.0, lo=0.0, lo_open=True, help="open this long, then one half-open trial")
+    fallback: float = setting(0.0, lo=0.0, hi=1.0, help="value of a sample the judge could not judge")
+    use_reference: bool = setting(False, help="ask the judge for a reference solution per task (pinned in the cache)")
+    max_tokens: int = setting(256, lo=1)
+    temperature: float = setting(0.0, lo=0.0, help="the judge's sampling temperature")
 
     def validate(self, prefix: str = "judge") -> "JudgeConfig":
-        """Raises UserError naming f"{prefix}.{field}" (e.g. prefix "rewards[0]")."""
-
-        def bad(name, what):
-            raise UserError(f"config key '{prefix}.{name}' must be {what}; got {getattr(self, name)!r}")
-
+        """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}"."""
+        check_fields(self, prefix)
         u = urlsplit(self.base_url or "")
         if u.scheme not in ("http", "https") or not u.hostname:
-            bad("base_url", "an http:// or https:// URL")
-        if not self.model or not isinstance(self.model, str):
-            bad("model", "a model name")
-        for name in ("timeout_s", "breaker_reset_s"):
-            if not _num(getattr(self, name)) or getattr(self, name) <= 0:
-                bad(name, "a number > 0")
-        for name in ("backoff_s", "max_backoff_s", "temperature"):
-            if not _num(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "a number >= 0")
-        for name, lo in (("max_retries", 0), ("concurrency", 1), ("breaker_threshold", 1), ("max_tokens", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                bad(name, f"an integer >= {lo}")
-        if not _num(self.fallback) or not 0.0 <= self.fallback <= 1.0:
-            bad("fallback", "a number in [0, 1]")
+            raise UserError(f"config key '{prefix}.base_url' must be an http:// or https:// URL; got {self.base_url!r}")
+        if not self.model:
+            raise UserError(f"config key '{prefix}.model' must be a model name; got {self.model!r}")
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):
             raise UserError(f"config key '{prefix}.api_key_env': environment variable {self.api_key_env} is not set")
         return self
