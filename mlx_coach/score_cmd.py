@@ -2,7 +2,11 @@
 
 Samples are JSONL rows `{"task_id", "completion"}` (other keys ignored, several rows per task
 allowed). The output has one row per sample, in input order: task_id, completion_index (its
-position among that task's samples), status, passed, score, duration_s, error.
+position among that task's samples), status, passed, score, duration_s, error, provenance.
+
+With `--cache PATH` the samples go through the same SQLite score cache and keys that training uses
+(`cache.sqlite_path`): a sample whose exact text was scored before, under the same sandbox settings,
+is read back ("cached"); the others are run and stored ("fresh").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def add_arguments(p):
     p.add_argument("--workers", type=int, default=0, help="samples run at once (default: CPU count)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per sample (default 1024)")
     p.add_argument("--partial-credit", action="store_true", help="score = fraction of check()'s asserts passed")
+    p.add_argument("--cache", metavar="PATH", help="SQLite score cache shared with training (cache.sqlite_path)")
 
 
 def read_samples(path, task_ids) -> list[tuple[str, str, int]]:
@@ -58,6 +63,26 @@ def _config(args):
                          partial_credit=bool(getattr(args, "partial_credit", False)))
 
 
+def _score(scorer, tasks, samples, args):
+    """(Score, provenance) per sample, in order: through the shared score cache with --cache."""
+    if not getattr(args, "cache", None):
+        futures = [scorer.submit(tasks[tid], completion) for tid, completion, _ in samples]
+        return ((f.result(), "fresh") for f in futures)
+    import sqlite3
+
+    from .cache import ScoreCache
+    from .scoring.cached import CachedScorer
+
+    try:
+        cache = ScoreCache("lru", sqlite_path=args.cache)
+    except (sqlite3.Error, OSError) as e:  # not a database, a directory, no permission
+        raise UserError(f"--cache: cannot open {args.cache} as a score cache: {e}") from None
+    try:
+        return CachedScorer(scorer, cache).score_batch([(tasks[tid], c) for tid, c, _ in samples])
+    finally:
+        cache.close()
+
+
 def run(args) -> int:
     """Returns 0, or 1 when the sandbox itself failed on some sample (infra_error)."""
     from .scoring.sandbox import SandboxScorer
@@ -73,20 +98,20 @@ def run(args) -> int:
         except OSError as e:
             raise UserError(f"--out: cannot write {args.out}: {e.strerror}") from None
 
-    statuses, by_task, values = Counter(), defaultdict(list), []
+    statuses, by_task, values, provenance = Counter(), defaultdict(list), [], Counter()
     t0 = time.perf_counter()
     try:
         with SandboxScorer(cfg) as scorer:
-            futures = [scorer.submit(tasks[tid], completion) for tid, completion, _ in samples]
-            for (tid, _, index), future in zip(samples, futures):
-                s = future.result()
+            for (tid, _, index), (s, prov) in zip(samples, _score(scorer, tasks, samples, args)):
                 statuses[s.status] += 1
+                provenance[prov] += 1
                 by_task[tid].append(s.passed)
                 values.append(s.value)
                 if out:
                     out.write(json.dumps({"task_id": tid, "completion_index": index, "status": s.status,
                                           "passed": s.passed, "score": s.value,
-                                          "duration_s": round(s.duration_s, 4), "error": s.error}) + "\n")
+                                          "duration_s": round(s.duration_s, 4), "error": s.error,
+                                          "provenance": prov}) + "\n")
     finally:
         if out:
             out.close()
@@ -96,6 +121,8 @@ def run(args) -> int:
     print(f"scored {len(samples)} samples of {summary['tasks']} tasks in {seconds:.1f} s "
           f"({len(samples) / seconds:.1f} samples/s, {scorer.workers} workers)")
     print("status: " + " ".join(f"{st}={statuses[st]}" for st in TEST_STATUSES))
+    if args.cache:
+        print(f"cache {args.cache}: cached={provenance['cached']} fresh={provenance['fresh']}")
     print(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
           + (f" mean_score={sum(values) / len(values):.4f}" if cfg.partial_credit else ""))
     if statuses["infra_error"]:

@@ -122,3 +122,38 @@ def test_all_humaneval_canonical_solutions_pass(tmp_path, capsys):
     failures = [(r["task_id"], r["status"], r["error"]) for r in rows if not r["passed"]]
     assert len(rows) == 164 and failures == []
     assert "status: passed=164 " in capsys.readouterr().out
+
+
+def test_cache_gives_the_verdicts_of_scoring_without_it(tmp_path, capsys):
+    """`--cache` uses training's SQLite cache and keys: indentation variants (one runs under the
+    4-space prompt, the others raise IndentationError / TabError) keep their own verdicts whether
+    scored fresh, into the cache, or read back from it."""
+    doc = {"task_id": "x/doc", "prompt": 'def inc(n):\n    """Add one."""\n', "entry_point": "inc",
+           "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
+    tasks = write_jsonl(tmp_path / "doc.jsonl", [doc])
+    variants = ["    return n + 1\n", "  return n + 1\n", "\treturn n + 1\n", "        return n + 1\n",
+                "    return n + 1\r\n", "    return n + 1   \n\n"]
+    samples = write_jsonl(tmp_path / "variants.jsonl", [{"task_id": "x/doc", "completion": v} for v in variants])
+    db = tmp_path / "scores.sqlite"
+
+    def score(out, *extra):
+        assert run(parse(["--tasks", str(tasks), "--completions", str(samples), "--out", str(tmp_path / out),
+                          "--workers", "2", "--timeout", "20", *extra])) == 0
+        return [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
+
+    plain = score("plain.jsonl")
+    into = score("into.jsonl", "--cache", str(db))
+    back = score("back.jsonl", "--cache", str(db))
+    verdicts = [(r["status"], r["passed"]) for r in plain]
+    assert verdicts[0] == ("passed", True) and all(v[0] == "error" for v in verdicts[1:4])
+    assert [(r["status"], r["passed"]) for r in into] == verdicts == [(r["status"], r["passed"]) for r in back]
+    assert {r["provenance"] for r in into} == {"fresh"} and {r["provenance"] for r in back} == {"cached"}
+    assert "cached=6 fresh=0" in capsys.readouterr().out
+
+
+def test_cache_that_is_not_a_database_is_a_user_error(tmp_path, tasks):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "x/inc", "completion": "    return n + 1\n"}])
+    bad = tmp_path / "not.sqlite"
+    bad.write_text("this is not a database\n" * 100)
+    with pytest.raises(UserError, match="--cache"):
+        run(parse(["--tasks", str(tasks), "--completions", str(samples), "--cache", str(bad)]))
