@@ -244,8 +244,8 @@ def validate(cfg):
         raise UserError("config key 'algo.epsilon_high' must be >= algo.epsilon")
     if a.kl_in == "loss" and a.kl_estimator == "k1" and (a.beta > 0 or a.kl_target is not None):
         # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
-        raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; "
-                        "use k3 (reverse-KL gradient) in the loss, or k1 with algo.kl_in: reward")
+        raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; use k2 "
+                        "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
     for i, r in enumerate(cfg.rewards):
         r.validate(f"rewards[{i}]")
     if cfg.model.lora_layers == 0:
