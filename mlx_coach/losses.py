@@ -91,7 +91,9 @@ def kl_estimate(logp, ref_logp, kind="k3"):
     """Per-token estimate of KL(policy || ref) from log-probs of tokens sampled by the policy.
 
     k1 = logp - ref (unbiased, high variance, can be negative); k2 = (logp - ref)^2 / 2;
-    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and always >= 0).
+    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and always >= 0). As the *value* of KL(policy || ref)
+    k1 and k3 are unbiased. As a *loss* on on-policy samples their expected gradients differ: k1's is
+    zero, k2's is the gradient of KL(policy || ref), k3's that of KL(ref || policy).
     """
     d = ref_logp - logp
     if kind == "k1":
@@ -247,11 +249,16 @@ class FixedKLController:
 
 @dataclass
 class AdaptiveKLController:
-    """Proportional controller of Ziegler et al. (2019) that steers the observed KL to ``target``."""
+    """Proportional controller of Ziegler et al. (2019) that steers the observed KL to ``target``.
+
+    beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * min(n_steps / horizon, 1). Call it once per training step
+    with n_steps = the samples in that step (as TRL and OpenRLHF do), so ``horizon`` is in samples: at
+    the default 256 and 16 samples a step, a KL far above target raises beta by 1.25% a step (x1.28
+    in 20 steps)."""
 
     beta: float
     target: float
-    horizon: int = 10000
+    horizon: int = 256
 
     def __post_init__(self):
         if self.beta < 0 or self.target <= 0 or self.horizon <= 0:
@@ -265,7 +272,7 @@ class AdaptiveKLController:
         if kl != kl or kl in (float("inf"), float("-inf")):
             return self.beta  # a non-finite KL must not poison beta; the trainer skips that step
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        self.beta *= 1.0 + error * min(n_steps / self.horizon, 1.0)  # at most +-20% a call: beta stays > 0
         return self.beta
 
     def state_dict(self):
@@ -276,7 +283,7 @@ class AdaptiveKLController:
         return cls(beta=float(d["beta"]), target=float(d["target"]), horizon=d["horizon"])
 
 
-def make_kl_controller(beta, target=None, horizon=10000):
+def make_kl_controller(beta, target=None, horizon=256):
     """Adaptive controller when a KL target is given, else a fixed beta."""
     if target is None:
         return FixedKLController(beta)

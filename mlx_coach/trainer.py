@@ -272,22 +272,28 @@ class Trainer:
             self.model.eval()
         return out
 
+    def accumulate_gradients(self, batch, beta, chunks):
+        """(grads, loss, stats) of the whole batch, summed over micro-batches weighted so that they
+        equal the full batch's; each micro-batch is evaluated before the next builds its graph."""
+        grads_sum, loss_sum, stats_sum = None, 0.0, {}
+        for idx in chunks:
+            sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
+                   for k, v in batch.items() if k not in ("mask_np", "inject_nan")}
+            sub["inject_nan"] = batch.get("inject_nan", False)
+            w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
+            (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
+            grads = tree_map(lambda g: g * w, grads)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            loss_sum += loss * w
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * w
+            mx.eval(grads_sum, loss_sum, stats_sum)
+        return grads_sum, loss_sum, stats_sum
+
     def _update_iterations(self, batch, beta, chunks, out):
-        a, o = self.cfg.algo, self.cfg.optim
-        for _ in range(a.num_iterations):
-            grads_sum, loss_sum, stats_sum = None, 0.0, {}
-            for idx in chunks:
-                sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
-                       for k, v in batch.items() if k not in ("mask_np", "inject_nan")}
-                sub["inject_nan"] = batch.get("inject_nan", False)
-                w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
-                (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
-                grads = tree_map(lambda g: g * w, grads)
-                grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-                loss_sum += loss * w
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * w
-                mx.eval(grads_sum, loss_sum, stats_sum)  # before the next micro-batch builds its graph
+        o = self.cfg.optim
+        for _ in range(self.cfg.algo.num_iterations):
+            grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
             if o.grad_clip > 0:  # one norm serves the clip, the finite check and the log
                 clipped, norm = losses.clip_grad_norm(grads_sum, o.grad_clip)
             else:
@@ -434,6 +440,9 @@ class Trainer:
             "time/rewards_s": t_rewards,  # the reward sources alone (cache, sandbox, judges, functions)
         })
         # the mean of no samples is undefined: NaN, never a made-up 0
+        # a sandbox deadline hit on a loaded machine scores 0 like a failing program: count it apart
+        for status in ("timeout", "infra_error"):
+            metrics[f"reward/{status}_count"] = sum(status in s.statuses.values() for s in scored)
         metrics["reward/fresh_mean"] = float(np.mean(fresh)) if fresh else float("nan")
         metrics["reward/cached_mean"] = float(np.mean(cached)) if cached else float("nan")
         if len(self.toks_first) < 5:

@@ -290,6 +290,19 @@ def test_adaptive_kl_controller():
         L.AdaptiveKLController(beta=0.1, target=0.0)
 
 
+def test_adaptive_kl_moves_beta_visibly_within_20_steps():
+    """A KL 100x over target at the trainer's batch size (16 samples a step) moves beta by more than
+    20% in 20 steps, and a KL 100x under target lowers it as much; it never overshoots the clip."""
+    up = L.AdaptiveKLController(beta=0.04, target=0.01)
+    for _ in range(20):
+        up.update(1.0, n_steps=16)
+    assert 0.04 * 1.2 < up.beta <= 0.04 * (1 + 0.2 * 16 / 256) ** 20 + 1e-12
+    down = L.AdaptiveKLController(beta=0.04, target=0.01)
+    for _ in range(20):
+        down.update(1e-4, n_steps=16)
+    assert down.beta < 0.04 / 1.2
+
+
 def test_fixed_kl_controller_and_factory():
     c = L.make_kl_controller(0.04)
     assert isinstance(c, L.FixedKLController)
@@ -380,3 +393,34 @@ def test_policy_loss_compiles_with_array_coefficients(data):
         close(kl_loss, exp_stats["kl_loss"])
     _, norm = mx.compile(L.clip_grad_norm)(grads_tree(), mx.array(1.0))
     close(norm, np_norm(grads_tree()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kl_estimators_as_losses_have_these_expected_gradients(seed):
+    """Exact expectations over a categorical policy (every token weighted by its probability, the
+    weights held fixed as a sample would be): as a loss, k1's expected gradient is zero, k2's is the
+    gradient of the reverse KL(policy || ref), k3's the gradient of the forward KL(ref || policy).
+    So k1 only makes sense in the reward, and both k2 and k3 pull the policy toward the reference."""
+    key = mx.random.key(seed)
+    logits = mx.random.normal((7,), key=key)
+    ref_logp = mx.random.normal((7,), key=mx.random.split(key)[0])
+    ref_logp = ref_logp - mx.logsumexp(ref_logp)
+
+    def expected_loss(z, kind):
+        logp = z - mx.logsumexp(z)
+        weights = mx.stop_gradient(mx.exp(logp))  # tokens were sampled: their probabilities are data
+        return mx.sum(weights * L.kl_estimate(logp, ref_logp, kind))
+
+    def reverse(z):
+        logp = z - mx.logsumexp(z)
+        return mx.sum(mx.exp(logp) * (logp - ref_logp))
+
+    def forward(z):
+        logp = z - mx.logsumexp(z)
+        return mx.sum(mx.exp(ref_logp) * (ref_logp - logp))
+
+    g = {k: np.array(mx.grad(lambda z, k=k: expected_loss(z, k))(logits)) for k in ("k1", "k2", "k3")}
+    np.testing.assert_allclose(g["k1"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(g["k2"], np.array(mx.grad(reverse)(logits)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g["k3"], np.array(mx.grad(forward)(logits)), rtol=1e-4, atol=1e-6)
+    assert np.abs(g["k3"] - g["k2"]).max() > 1e-3  # two different gradients

@@ -8,7 +8,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_coach.config import from_dict, validate
-from mlx_coach.trainer import Trainer, train
+from mlx_coach.models import adapters_disabled
+from mlx_coach.trainer import Trainer, micro_batches, train
 
 
 def tiny_cfg(tmp_path, **sections):
@@ -37,33 +38,64 @@ def step_rows(run_dir):
     return [r for r in rows(run_dir) if "reward/mean" in r]
 
 
+def perturb(trainer, seed=1, scale=0.15):
+    """Push the adapters away from zero so the policy differs from the reference."""
+    mx.random.seed(seed)
+    params = tree_flatten(trainer.model.trainable_parameters())
+    trainer.model.update(tree_unflatten([(k, v + scale * mx.random.normal(v.shape)) for k, v in params]))
+
+
 def test_reward_rises_with_a_programmatic_reward(tmp_path):
-    cfg = tiny_cfg(tmp_path, train={"steps": 15}, rollout={"group_size": 8, "max_new_tokens": 12},
+    """The share of a target letter rises from what the untrained policy samples.
+
+    Margins from seeds 0-4 on this CPU (2026-11-30): step-1 reward (before any update) 0.008-0.023,
+    mean of steps 6-8 0.122-0.154. Trajectories differ across CPUs in their last bits and then diverge,
+    so the test asserts the rise, not a trajectory: end > max(4 x start, start + 0.06)."""
+    cfg = tiny_cfg(tmp_path, train={"steps": 8}, rollout={"group_size": 8, "max_new_tokens": 12},
                    optim={"lr": 1e-2})
     train(cfg, tmp_path / "run")
     r = [row["reward/mean"] for row in step_rows(tmp_path / "run")]
-    assert len(r) == 15
-    start, end = np.mean(r[:3]), np.mean(r[-3:])
-    # a random byte-level policy emits the target ~1/256 of the time
-    assert start < 0.03
-    assert end > max(5 * start, 0.06), r
+    assert len(r) == 8
+    start, end = r[0], np.mean(r[-3:])
+    assert start < 0.05  # the untrained policy rarely writes the target letter
+    assert end > max(4 * start, start + 0.06), r
+
+
+def exact_kl_to_reference(trainer, contexts):
+    """Forward KL(reference || policy), summed over the vocabulary at every position of fixed contexts
+    and averaged: what a k3 loss term descends, computed exactly rather than from samples."""
+    x = mx.array(contexts)
+    logp = trainer.model(x).astype(mx.float32)
+    with adapters_disabled(trainer.model):
+        logq = trainer.model(x).astype(mx.float32)
+    logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
+    logq = logq - mx.logsumexp(logq, axis=-1, keepdims=True)
+    return float(mx.mean(mx.sum(mx.exp(logq) * (logq - logp), axis=-1)).item())
 
 
 def test_kl_term_pulls_toward_the_reference(tmp_path):
-    """Reward carries no signal; only beta * KL moves the policy, and it must move it back."""
+    """Reward carries no signal; only beta * KL moves the policy, and it must move it back.
+
+    Measured exactly on the training prompts (not from the sampled kl/mean, whose per-step noise is as
+    large as the effect). Seeds 0-3 on this CPU (2026-11-30): the mean over the last 4 of 12 steps was
+    0.64-0.75 of the starting KL; the test asserts < 0.85."""
     cfg = tiny_cfg(tmp_path, algo={"beta": 0.5, "kl_estimator": "k3"}, train={"steps": 12},
+                   rollout={"group_size": 8, "max_new_tokens": 12},
                    rewards=[{"type": "function", "function": "reward_fns:zero"}], optim={"lr": 3e-3})
     trainer = Trainer(cfg, tmp_path / "run")
     try:
-        # push the adapters away from zero so the policy differs from the reference
-        mx.random.seed(1)
-        perturbed = [(k, v + 0.15 * mx.random.normal(v.shape)) for k, v in tree_flatten(trainer.model.trainable_parameters())]
-        trainer.model.update(tree_unflatten(perturbed))
-        kls = [trainer.run_step()["kl/mean"] for _ in range(12)]
+        contexts = [c for c in (trainer.tokenizer.encode(t.prompt)[:64] for t in trainer.train_tasks[:16])
+                    if len(c) == 64][:8]
+        perturb(trainer)
+        start = exact_kl_to_reference(trainer, contexts)
+        kls = []
+        for _ in range(12):
+            trainer.run_step()
+            kls.append(exact_kl_to_reference(trainer, contexts))
     finally:
         trainer.close()
-    assert kls[0] > 1e-3
-    assert np.mean(kls[-3:]) < 0.6 * np.mean(kls[:3]), kls
+    assert len(contexts) == 8 and start > 0.1
+    assert np.mean(kls[-4:]) < 0.85 * start, (start, kls)
 
 
 def test_resume_is_exact(tmp_path):
@@ -107,17 +139,86 @@ def test_non_finite_loss_skips_the_update_and_alerts(tmp_path):
     assert any(a["step"] == 2 and "finite" in (a.get("code", "") + a.get("message", "")).lower() for a in alerts)
 
 
+def fixed_batch(trainer, n=32, prompt_len=64, comp_len=64, seed=0):
+    """A batch of random token ids (no sampling), with reference log-probs as behaviour log-probs."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 256, prompt_len).tolist() for _ in range(n)]
+    comps = [rng.integers(0, 256, int(rng.integers(comp_len // 2, comp_len + 1))).tolist() for _ in range(n)]
+    T = max(len(c) for c in comps)
+    mask_np = np.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comps], dtype=np.float32)
+    ref = trainer.reference_logprobs(prompts, comps)
+    adv = mx.array(rng.standard_normal(n).astype(np.float32))
+    return {"prompt_ids": prompts, "comp_ids": comps, "old_logp": ref, "ref_logp": ref, "adv": adv,
+            "loss_mask": mx.array(mask_np), "mask_np": mask_np}
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-    """Micro-batches weighted by their share of tokens give the full batch's update."""
-    weights = {}
+    """Micro-batches weighted by their share of tokens give the full batch's gradient (compared as
+    tree norms, relative to the gradient's size: float sums in another order differ in the last bits)."""
+    grads = {}
     for accum in (1, 4):
-        cfg = tiny_cfg(tmp_path, optim={"lr": 1e-3, "grad_accum": accum, "grad_clip": 0.0}, train={"steps": 1},
-                       algo={"beta": 0.1})
-        run = tmp_path / f"accum{accum}"
-        train(cfg, run)
-        weights[accum] = mx.load(str(run / "checkpoints/step-1/adapters.safetensors"))
-    for k in weights[1]:
-        np.testing.assert_allclose(np.array(weights[1][k]), np.array(weights[4][k]), atol=2e-6, err_msg=k)
+        cfg = tiny_cfg(tmp_path, optim={"grad_accum": accum}, algo={"beta": 0.1})
+        trainer = Trainer(cfg, tmp_path / f"accum{accum}")
+        try:
+            batch = fixed_batch(trainer, n=16)
+            g, loss, _ = trainer.accumulate_gradients(batch, 0.1, micro_batches(16, accum))
+            grads[accum] = (dict(tree_flatten(g)), loss.item())
+        finally:
+            trainer.close()
+    (g1, l1), (g4, l4) = grads[1], grads[4]
+    assert g1.keys() == g4.keys() and l1 == pytest.approx(l4, rel=1e-4, abs=1e-6)
+    diff = np.sqrt(sum(float(mx.sum(mx.square(g1[k] - g4[k])).item()) for k in g1))
+    norm = np.sqrt(sum(float(mx.sum(mx.square(g1[k])).item()) for k in g1))
+    assert norm > 0 and diff <= 1e-4 * norm, (diff, norm)
+
+
+def test_gradient_accumulation_bounds_peak_memory(tmp_path):
+    """Each micro-batch is evaluated before the next one: the reference pass and the update need
+    well under half the extra memory with grad_accum 4 as with grad_accum 1, on the same batch."""
+    extra = {}
+    for accum in (1, 4):
+        cfg = tiny_cfg(tmp_path, optim={"grad_accum": accum}, algo={"beta": 0.1})
+        trainer = Trainer(cfg, tmp_path / f"mem{accum}")
+        try:
+            batch = fixed_batch(trainer, n=32, prompt_len=96, comp_len=64)
+            mx.eval(batch["old_logp"], batch["adv"], batch["loss_mask"])
+            mx.clear_cache()
+            held = mx.get_active_memory()
+            mx.reset_peak_memory()
+            trainer.reference_logprobs(batch["prompt_ids"], batch["comp_ids"])
+            trainer.update(batch, 0.1)
+            extra[accum] = mx.get_peak_memory() - held
+        finally:
+            trainer.close()
+    assert extra[1] > 0 and extra[4] < 0.5 * extra[1], extra
+
+
+def test_lora_dropout_acts_in_the_update_and_not_while_sampling(tmp_path):
+    weights, first_reward = {}, {}
+    for p in (0.0, 0.5):
+        run = tmp_path / f"dropout{p}"
+        train(tiny_cfg(tmp_path, model={"lora_dropout": p}, train={"steps": 1}), run)
+        weights[p] = mx.load(str(run / "checkpoints/step-1/adapters.safetensors"))
+        first_reward[p] = step_rows(run)[0]["reward/mean"]
+    assert first_reward[0.0] == first_reward[0.5]  # the same samples: no dropout while generating
+    assert any(not np.allclose(np.array(weights[0.0][k]), np.array(weights[0.5][k]), atol=1e-6)
+               for k in weights[0.0])  # but the update saw dropped inputs
+
+
+def test_adaptive_kl_sees_the_kl_when_the_penalty_is_in_the_reward(tmp_path):
+    """kl/mean is KL(behaviour || reference) whatever kl_in is, and the controller (horizon in samples)
+    raises beta when that KL is far above its target."""
+    cfg = tiny_cfg(tmp_path, algo={"kl_in": "reward", "beta": 0.04, "kl_target": 1e-4, "kl_estimator": "k3"},
+                   train={"steps": 4})
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        perturb(trainer)
+        rows = [trainer.run_step() for _ in range(4)]
+        beta = trainer.kl_ctl.beta
+    finally:
+        trainer.close()
+    assert all(r["kl/mean"] > 1e-3 for r in rows), [r["kl/mean"] for r in rows]
+    assert beta == pytest.approx(0.04 * (1 + 0.2 * 16 / 256) ** 4, rel=1e-6)  # 16 samples a step, error clipped
 
 
 def test_multiple_iterations_per_rollout_clip_the_ratio(tmp_path):
@@ -176,5 +277,6 @@ def test_objective_variants_train_and_log_finite_numbers(tmp_path, algo):
         assert np.isfinite(last[key]), (key, last[key])
     assert last["train/skipped_steps"] == 0
     if "kl_target" in algo:
-        # step 1 observed KL 0 < target, so the controller lowered beta: 0.1 * (1 - 0.2 / 10)
-        assert last["kl/beta"] == pytest.approx(0.098)
+        # step 1: policy = reference, observed KL 0 < target, so the controller lowered beta by the
+        # clipped error, and 16 samples exceed the 10-sample horizon, so by the full 20%: 0.1 * (1 - 0.2)
+        assert last["kl/beta"] == pytest.approx(0.1 * (1 - 0.2))
