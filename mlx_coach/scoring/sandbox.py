@@ -42,6 +42,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,13 +53,16 @@ from pathlib import Path
 
 from .base import Score
 
-HARNESS = str(Path(__file__).with_name("_harness.py"))
+LAUNCHER = str(Path(__file__).with_name("_launch.py"))
+HELPERS = ("_judge.py", "_worker.py", "_wire.py", "_errors.py", "_confine.py", "_guards.py")
+_compiled = False
 ERROR_CHARS = 500
 _CHANNEL_CAP = 1 << 18  # bytes kept from the verdict pipe; a sample flooding it only hurts itself
 _KERNEL_KILLS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU (CPU time limit)",
                  signal.SIGXFSZ: "SIGXFSZ (file size limit)"}
 log = logging.getLogger("mlx_coach.sandbox")
 _unset_seen: set[str] = set()
+_guards_seen: set[tuple] = set()
 
 
 @dataclass
@@ -74,6 +78,9 @@ class SandboxConfig:
     workers: int = 0  # 0 = os.cpu_count()
     site_packages: bool = False  # True lets samples import installed packages (slower start, ~+30 ms)
     python: str = field(default_factory=lambda: sys.executable)
+    call_timeout_s: float | None = None  # per call of the candidate; None: the sample's timeout_s
+    worker_uid: int | None = 65534  # Linux, trainer running as root: the worker's user (None: stay root)
+    isolate_network: bool = True  # Linux, as root: the worker gets an empty network namespace
 
 
 @dataclass
@@ -87,6 +94,7 @@ class SampleRun:
     unset_limits: list[str] = field(default_factory=list)
     workdir: str = ""  # the private directory it ran in (already deleted)
     dropped_output: int = 0  # bytes of stdout + stderr beyond max_output_bytes, read and discarded
+    guards: dict = field(default_factory=dict)  # OS confinement of the worker: {name: "yes..." | "no: why"}
 
 
 def build_program(task, completion: str) -> str:
@@ -123,6 +131,18 @@ def tasks_in_use() -> int | None:
             return int(f.read().split()[3].split("/")[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def worker_uid(cfg: SandboxConfig) -> int | None:
+    """The user the worker switches to: cfg.worker_uid on Linux when this process is root, else None."""
+    if cfg.worker_uid is None or not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return None
+    return int(cfg.worker_uid)
+
+
+def _socket_fds() -> tuple[int, int]:
+    a, b = socket.socketpair()
+    return a.detach(), b.detach()
 
 
 def unset_limits() -> set[str]:
@@ -245,6 +265,13 @@ def _parse_channel(data: bytes, nonce: str):
     return ready, verdict
 
 
+def _log_guards_once(guards: dict) -> None:
+    key = tuple(sorted(guards.items()))
+    if guards and key not in _guards_seen:
+        _guards_seen.add(key)
+        log.info("sandbox worker confinement: %s", "; ".join(f"{k}: {v}" for k, v in key))
+
+
 def _last_line(data: bytes) -> str:
     lines = [ln for ln in bytes(data).decode("utf-8", "replace").splitlines() if ln.strip()]
     return lines[-1].strip() if lines else ""
@@ -253,7 +280,7 @@ def _last_line(data: bytes) -> str:
 def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, float, str]:
     if verdict is not None:
         status, n_ok, total, error = verdict
-        if status not in ("passed", "failed", "error", "killed", "infra_error"):
+        if status not in ("passed", "failed", "error", "killed", "timeout", "infra_error"):
             return "infra_error", 0.0, f"harness sent an unknown status {status!r}"
         if cfg.partial_credit and total > 0:
             return status, n_ok / total, error
@@ -274,21 +301,49 @@ def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, flo
     return "error", 0.0, error + (f": {tail}" if tail else "")
 
 
+def _request(task, completion, cfg, nonce, root, limits, uid) -> dict:
+    """What the judge reads from the trainer (the worker never sees it)."""
+    call_timeout_s = cfg.call_timeout_s if cfg.call_timeout_s is not None else cfg.timeout_s
+    return {"nonce": nonce, "prompt": task.prompt, "completion": completion, "test": task.test,
+            "entry_point": task.entry_point, "partial": bool(cfg.partial_credit), "root": root,
+            "limits": limits, "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
+            "timeout_s": float(cfg.timeout_s), "call_timeout_s": float(call_timeout_s), "uid": uid,
+            "isolate_network": bool(cfg.isolate_network),
+            # Without a user switch the worker is the judge's user: hide the judge's memory from it.
+            "undumpable": uid is None and sys.platform.startswith("linux")}
+
+
+def _compile_helpers() -> None:
+    """Write the bytecode of the judge's and worker's modules once (they run under -B, which reads
+    __pycache__ but never writes it); skipped where the package folder is read-only."""
+    global _compiled
+    if not _compiled:
+        import compileall
+
+        for name in HELPERS:
+            compileall.compile_file(str(Path(__file__).with_name(name)), quiet=2)
+        _compiled = True
+
+
 def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRun:
     """Run one sample in the sandbox; never raises for anything the sample does."""
     cfg = cfg or SandboxConfig()
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    _compile_helpers()
     t0 = time.monotonic()
     root = os.path.realpath(tempfile.mkdtemp(prefix="mlx-coach-sandbox-"))
     nonce = secrets.token_hex(16)
     limits = rlimits_for(sys.platform, cfg, tasks_in_use())
-    payload = marshal.dumps({"nonce": nonce, "program": build_program(task, completion), "root": root,
-                             "partial": bool(cfg.partial_credit), "limits": limits,
-                             "max_open_files": int(cfg.max_open_files)})
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    argv = [cfg.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [HARNESS, str(in_r), str(out_w)]
+    uid = worker_uid(cfg)
+    if uid is not None:
+        os.chown(root, uid, uid)  # the worker's private directory must be its own
+    payload = marshal.dumps(_request(task, completion, cfg, nonce, root, limits, uid))
+    # Socket pairs, not pipes: a process of the same user can reopen another's pipe through
+    # /proc/PID/fd, but not a socket.
+    in_r, in_w = _socket_fds()
+    out_w, out_r = _socket_fds()
+    argv = [cfg.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),
@@ -316,13 +371,16 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
         shutil.rmtree(root, ignore_errors=True)
     duration = time.monotonic() - t0
     ready, verdict = _parse_channel(chan, nonce)
-    for item in ready or ():
+    guards = dict(item[len("guard "):].split(": ", 1) for item in ready or () if item.startswith("guard "))
+    unset = [item for item in ready or () if not item.startswith("guard ")]
+    for item in unset:
         if item not in _unset_seen:
             _unset_seen.add(item)
             log.warning("sandbox limit not enforced: %s", item)
+    _log_guards_once(guards)
     status, value, error = _judge(verdict, ready, timed_out, returncode, err, cfg)
     score = Score(value, status, duration, error[:ERROR_CHARS], cacheable=status not in ("timeout", "infra_error"))
-    return SampleRun(score, bytes(out), bytes(err), returncode, ready or [], root, dropped)
+    return SampleRun(score, bytes(out), bytes(err), returncode, unset, root, dropped, guards)
 
 
 def run_sample(task, completion: str, cfg: SandboxConfig | None = None) -> Score:
@@ -343,12 +401,12 @@ class SandboxScorer:
     """Unit tests in the sandbox; `workers` threads each drive one child process at a time."""
 
     name = "tests"
-    version = "1"
+    version = "2"  # 2: verdicts from the judge process (plain-data results; no custom __eq__ passes)
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
         if self.cfg.partial_credit:  # other values for the same completion: keep cache entries apart
-            self.version = "1-partial"
+            self.version = "2-partial"
         self.workers = self.cfg.workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
 
