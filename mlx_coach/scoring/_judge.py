@@ -196,9 +196,6 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
         os._exit(0)
 
     notes = []
-    if request["undumpable"]:
-        why = _confine.make_undumpable()
-        notes.append("guard judge_undumpable: " + ("yes" if why is None else f"no: {why}"))
     _confine.apply_limits(request["judge_limits"])
     worker = Worker(sock_fd, worker_pid, started + request["timeout_s"], request["call_timeout_s"])
     try:
@@ -206,6 +203,11 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
                                            "limits": request["limits"], "root": request["root"]}), "setup")
         unset, held = hello[1], hello[2]
         notes += list(unset) + [f"guard {k}: {v}" for k, v in held.items()]
+        if not str(held.get("user", "")).startswith("yes") and sys.platform.startswith("linux"):
+            # The worker is this process's user: hide this process's memory and descriptors from it
+            # (before any sample code runs; a worker that kept root's capabilities still could).
+            why = _confine.make_undumpable()
+            notes.append("guard judge_undumpable: " + ("yes" if why is None else f"no: {why}"))
     except (CallFailed, Exception) as e:  # noqa: BLE001 - no sample code has run yet: our failure
         send("ready", hexed("\n".join(notes)))
         verdict("infra_error", 0, 0, f"the worker did not start: {e}")

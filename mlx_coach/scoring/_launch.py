@@ -16,6 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the 
 import _judge  # noqa: E402
 import _worker  # noqa: E402
 
+if sys.platform.startswith("linux"):
+    import ctypes  # noqa: F401 - imported once here, not in both processes (prctl, unshare: _confine.py)
+
 del sys.path[0]
 
 

@@ -308,9 +308,7 @@ def _request(task, completion, cfg, nonce, root, limits, uid) -> dict:
             "entry_point": task.entry_point, "partial": bool(cfg.partial_credit), "root": root,
             "limits": limits, "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
             "timeout_s": float(cfg.timeout_s), "call_timeout_s": float(call_timeout_s), "uid": uid,
-            "isolate_network": bool(cfg.isolate_network),
-            # Without a user switch the worker is the judge's user: hide the judge's memory from it.
-            "undumpable": uid is None and sys.platform.startswith("linux")}
+            "isolate_network": bool(cfg.isolate_network)}
 
 
 def _compile_helpers() -> None:
