@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mlx_coach" / "scoring"))
-import _wire  # noqa: E402  (imported as the launcher imports it: a top-level module)
+import _wire
 
 sys.path.pop(0)
 
-from mlx_coach.scoring.sandbox import SandboxConfig, execute  # noqa: E402
-from mlx_coach.tasks import Task  # noqa: E402
+from mlx_coach.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.tasks import Task
 
 VALUES = [None, True, False, 0, 1, -1, 2**63 - 1, -2**63, 2**63, -2**200 - 7, 10**400,
           0.0, -0.0, 1.5, 1e308, float("inf"), float("-inf"), "", "héllo \U0001F600", "\ud800",
@@ -106,7 +106,7 @@ def test_values_mutation_and_exceptions_cross_the_boundary():
     task = Task("w/echo", "def f(x, *, key=None):\n", "f",
                 "from math import inf\n\n"
                 "def check(candidate):\n"
-                "    for v in " + repr([v for v in VALUES if v == v]) + ":\n"
+                "    for v in " + repr(VALUES) + ":\n"
                 "        back = candidate(v)\n"
                 "        assert back == v and type(back) is type(v), (v, back)\n"
                 "    assert candidate(None, key=(1, 2)) == (1, 2)\n"

@@ -7,14 +7,13 @@ parent becomes the judge (_judge.py), which then reads the request. Forking one 
 far less than starting a second one.
 """
 
+import _socket  # not `socket`: its imports cost ~10 ms per sample
 import os
 import sys
 
-import _socket  # not `socket`: its imports cost ~10 ms per sample
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's folder out
-import _judge  # noqa: E402
-import _worker  # noqa: E402
+import _judge
+import _worker
 
 if sys.platform.startswith("linux"):
     import ctypes  # noqa: F401 - imported once here, not in both processes (prctl, unshare: _confine.py)

@@ -1,35 +1,29 @@
-"""Run a completion against its task's tests in a sandboxed process: the "tests" scorer.
+"""Run a completion against its task's tests in a sandbox: the "tests" scorer.
 
-The program is `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, run by
-_harness.py in a fresh interpreter, one process per sample, with:
+Each sample is one interpreter, `_launch.py`, that forks into two processes (protocol in
+docs/ARCHITECTURE.md): a worker that runs prompt + completion and answers calls, and a judge that
+runs the task's prompt and test with `candidate` as a proxy and alone decides the verdict. Values
+cross as plain data (_wire.py); a call the worker cannot answer that way, or a worker that dies,
+hangs or sends malformed bytes, is a failed call and never passes. This (the parent) process:
 
-- its own session and process group, killed as a whole with SIGKILL by this (the parent)
-  process at the wall-clock deadline and again when the sample ends, so signal handlers and
-  leftover children do not matter;
-- rlimits set in the child (address space, or data segment on macOS; CPU seconds; file size;
-  processes; open files; no core files); a limit that cannot be set is recorded, not fatal;
-- a private temporary working directory (also its HOME and TMPDIR), deleted afterwards, stdin
-  on /dev/null, stdout and stderr read here concurrently with a size cap;
-- destructive calls disabled inside the sample as a second line of defence (_harness.py).
+- starts the interpreter in its own session and process group, kills the group with SIGKILL at
+  the wall-clock deadline and again when the sample ends;
+- hands the judge its request and reads the verdict over socket pairs the worker never holds;
+  verdict lines carry a per-sample nonce, and no verdict is never a pass;
+- gives both a private temporary working directory (HOME, TMPDIR; owned by the worker's user),
+  deleted afterwards; stdin on /dev/null; stdout and stderr read concurrently with a size cap.
 
-The verdict travels over an extra pipe, not stdout: each line on it starts with a random nonce
-that only the harness learnt (through another pipe it closes before the sample runs), and the
-verdict line is written only after the program returned or raised. Printing a success marker
-does nothing; sys.exit / SystemExit is caught and reported as an error; os._exit, a signal or
-closing every descriptor leaves no verdict, and no verdict is never a pass.
+The worker applies the rlimits (address space, or data segment on macOS; CPU seconds; file size;
+processes; open files; no core files) and, on Linux as root, an empty network namespace, uid
+`worker_uid` and no_new_privs; what held is reported in SampleRun.guards and logged once.
 
-Statuses: passed; failed (an assert failed); error (any other exception, a syntax error, no
-verdict); timeout (the wall-clock deadline); killed (a resource limit: MemoryError, file size,
-SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and infra_error are not
-cacheable. With `partial_credit` the value is the fraction of check()'s top-level assert
-statements that passed (a loop of asserts is one statement). Samples see the standard library
-only unless `site_packages=True`.
-
-This is isolation against mistakes and reward hacks of a model, not a security boundary against
-a deliberate attacker: the sample runs as the same user, and code that introspects the
-harness's memory (ctypes, gc) could find the nonce. Run untrusted code under a separate user or
-in a container. On Linux RLIMIT_NPROC counts every thread of the user and is not enforced for
-root; it is set to the system's current thread count plus `max_procs`.
+Statuses: passed; failed (an assert failed); error (any other exception, a syntax error, a failed
+call, no verdict); timeout (the sample's or a call's deadline); killed (a resource limit:
+MemoryError, file size, SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and
+infra_error are not cacheable. With `partial_credit` the value is the fraction of check()'s
+top-level assert statements that passed (a loop of asserts is one statement). Samples see the
+standard library only unless `site_packages=True`. On Linux RLIMIT_NPROC counts every thread of
+the user and is not enforced for root; it is set to the system's thread count plus `max_procs`.
 """
 
 from __future__ import annotations
@@ -385,7 +379,7 @@ def run_sample(task, completion: str, cfg: SandboxConfig | None = None) -> Score
     """Score one sample; a failure of the sandbox itself comes back as status infra_error."""
     try:
         return execute(task, completion, cfg).score
-    except Exception as e:  # noqa: BLE001 - a broken scorer must not stop a training run
+    except Exception as e:
         log.exception("sandbox failed")
         return Score(0.0, "infra_error", 0.0, f"sandbox failed: {type(e).__name__}: {e}"[:ERROR_CHARS],
                      cacheable=False)
