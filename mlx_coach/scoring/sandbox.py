@@ -379,7 +379,7 @@ def run_sample(task, completion: str, cfg: SandboxConfig | None = None) -> Score
     """Score one sample; a failure of the sandbox itself comes back as status infra_error."""
     try:
         return execute(task, completion, cfg).score
-    except Exception as e:
+    except Exception as e:  # a broken scorer must not stop a training run
         log.exception("sandbox failed")
         return Score(0.0, "infra_error", 0.0, f"sandbox failed: {type(e).__name__}: {e}"[:ERROR_CHARS],
                      cacheable=False)
