@@ -1,17 +1,23 @@
-"""Sandbox cost: trivial samples through the sandbox vs bare interpreter spawns, side by side.
+"""Sandbox cost: the judge/worker design vs the single-process design it replaced, and vs bare
+interpreter spawns, side by side.
 
     python benchmarks/bench_sandbox.py [--samples 500] [--workers 2] [--latency-n 40] [--json PATH]
 
-1. Latency, one at a time: a sample through `run_sample` vs `python -c pass` and vs
-   `python -I -B -S -c pass` (the interpreter flags the sandbox uses), interleaved so that
-   both see the same machine load. Overhead = sandbox median - spawn median.
-2. Throughput, `--workers` at a time: `--samples` trivial samples through SandboxScorer vs as many
-   bare `python -c pass` spawns on a thread pool of the same size, in alternating rounds.
+1. Latency, one at a time: a sample through `run_sample` in each design vs `python -c pass` and
+   `python -I -B -S -c pass` (the sandbox's interpreter flags), interleaved so that all see the
+   same machine load. Overhead = sandbox median - spawn median.
+2. Throughput, `--workers` at a time: `--samples` trivial samples through SandboxScorer in each
+   design vs as many bare `python -c pass` spawns on a thread pool of the same size, in
+   alternating rounds.
+
+The single-process design is `single_process_harness.py` (the harness before issue 9: sample and
+test in one interpreter, verdict sent from it) driven by the same parent code in sandbox.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,8 +30,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mlx_coach.scoring import sandbox  # noqa: E402
 from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer, run_sample  # noqa: E402
 from mlx_coach.tasks import Task  # noqa: E402
+
+SINGLE_PROCESS_HARNESS = str(Path(__file__).with_name("single_process_harness.py"))
+
+
+def _single_process_request(task, completion, cfg, nonce, root, limits, uid):
+    return {"nonce": nonce, "program": sandbox.build_program(task, completion), "root": root,
+            "partial": bool(cfg.partial_credit), "limits": limits, "max_open_files": int(cfg.max_open_files)}
+
+
+@contextlib.contextmanager
+def single_process_design():
+    """Within this block, sandbox.execute runs the pre-judge single-process harness (not thread-safe
+    against other sandbox use in this process: for benchmarks and the corpus's baseline test)."""
+    saved = sandbox.LAUNCHER, sandbox._request
+    sandbox.LAUNCHER, sandbox._request = SINGLE_PROCESS_HARNESS, _single_process_request
+    try:
+        yield
+    finally:
+        sandbox.LAUNCHER, sandbox._request = saved
 
 TASK = Task("bench/add", "def add(a, b):\n", "add",
             "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n")
@@ -50,37 +76,39 @@ def sandboxed(cfg) -> float:
     return time.perf_counter() - t0
 
 
+DESIGNS = {"judge+worker": contextlib.nullcontext, "single process": single_process_design}
+
+
 def latency(n: int, cfg) -> dict:
-    times = {"python -c pass": [], "python -I -B -S -c pass": [], "sandbox sample": []}
+    times = {"python -c pass": [], "python -I -B -S -c pass": []} | {f"sandbox, {d}": [] for d in DESIGNS}
     for _ in range(n):
         times["python -c pass"].append(spawn(BARE))
         times["python -I -B -S -c pass"].append(spawn(BARE_FLAGS))
-        times["sandbox sample"].append(sandboxed(cfg))
+        for design, ctx in DESIGNS.items():
+            with ctx():
+                times[f"sandbox, {design}"].append(sandboxed(cfg))
     return {name: {"median_ms": statistics.median(t) * 1000, "mean_ms": statistics.fmean(t) * 1000}
             for name, t in times.items()}
 
 
 def throughput(samples: int, workers: int, cfg, rounds: int = 5) -> dict:
     per_round = max(1, samples // rounds)
-    spent = {"bare": 0.0, "sandbox": 0.0}
-    done = {"bare": 0, "sandbox": 0}
-    statuses = {}
+    spent = {"bare": 0.0} | {d: 0.0 for d in DESIGNS}
+    statuses = {d: {} for d in DESIGNS}
     with SandboxScorer(cfg) as scorer, ThreadPoolExecutor(workers) as pool:
         for r in range(rounds):
             n = per_round if r < rounds - 1 else samples - per_round * (rounds - 1)
             t0 = time.perf_counter()
             list(pool.map(lambda _: spawn(BARE), range(n)))
             spent["bare"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for s in scorer.score_batch([(TASK, COMPLETION)] * n):
-                statuses[s.status] = statuses.get(s.status, 0) + 1
-            spent["sandbox"] += time.perf_counter() - t0
-            done["bare"] += n
-            done["sandbox"] += n
+            for design, ctx in DESIGNS.items():
+                with ctx():
+                    t0 = time.perf_counter()
+                    for s in scorer.score_batch([(TASK, COMPLETION)] * n):
+                        statuses[design][s.status] = statuses[design].get(s.status, 0) + 1
+                    spent[design] += time.perf_counter() - t0
     return {"workers": workers, "samples": samples, "statuses": statuses,
-            "bare_spawns_per_s": done["bare"] / spent["bare"],
-            "sandbox_samples_per_s": done["sandbox"] / spent["sandbox"],
-            "bare_s": spent["bare"], "sandbox_s": spent["sandbox"]}
+            "per_s": {name: samples / t for name, t in spent.items()}, "seconds": spent}
 
 
 def main(argv=None):
@@ -94,23 +122,27 @@ def main(argv=None):
 
     lat = latency(args.latency_n, cfg)
     thr = throughput(args.samples, args.workers, cfg)
-    overhead = lat["sandbox sample"]["median_ms"] - lat["python -c pass"]["median_ms"]
-    overhead_flags = lat["sandbox sample"]["median_ms"] - lat["python -I -B -S -c pass"]["median_ms"]
+    new, old = lat["sandbox, judge+worker"]["median_ms"], lat["sandbox, single process"]["median_ms"]
+    spawn_flags = lat["python -I -B -S -c pass"]["median_ms"]
 
     print(f"sandbox benchmark: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")
     print(f"\nlatency, one at a time ({args.latency_n} each, interleaved)")
-    print(f"  {'':26} {'median ms':>10} {'mean ms':>10}")
+    print(f"  {'':30} {'median ms':>10} {'mean ms':>10}")
     for name, t in lat.items():
-        print(f"  {name:26} {t['median_ms']:10.1f} {t['mean_ms']:10.1f}")
-    print(f"  per-sample overhead vs python -c pass:          {overhead:+.1f} ms")
-    print(f"  per-sample overhead vs python -I -B -S -c pass: {overhead_flags:+.1f} ms")
+        print(f"  {name:30} {t['median_ms']:10.1f} {t['mean_ms']:10.1f}")
+    print(f"  judge+worker / single process:                  {new / old:.2f}x")
+    print(f"  overhead vs python -I -B -S -c pass: judge+worker {new - spawn_flags:+.1f} ms, "
+          f"single process {old - spawn_flags:+.1f} ms")
     print(f"\nthroughput, {args.workers} workers ({args.samples} each, alternating rounds)")
-    print(f"  bare python -c pass spawns   {thr['bare_spawns_per_s']:8.1f} /s")
-    print(f"  sandboxed samples            {thr['sandbox_samples_per_s']:8.1f} /s   statuses {thr['statuses']}")
+    print(f"  bare python -c pass spawns      {thr['per_s']['bare']:8.1f} /s")
+    for design in DESIGNS:
+        print(f"  sandbox, {design:22} {thr['per_s'][design]:8.1f} /s   statuses {thr['statuses'][design]}")
+    ratio = thr["per_s"]["single process"] / thr["per_s"]["judge+worker"]
+    print(f"  per-sample cost, judge+worker / single process: {ratio:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"latency": lat, "throughput": thr, "overhead_ms": overhead,
-                                               "overhead_vs_same_flags_ms": overhead_flags,
+        Path(args.json).write_text(json.dumps({"latency": lat, "throughput": thr, "latency_ratio": new / old,
+                                               "throughput_cost_ratio": ratio,
                                                "cpus": os.cpu_count(), "platform": platform.platform()}, indent=2))
     return 0
 

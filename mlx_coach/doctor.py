@@ -83,6 +83,10 @@ def _sandbox_rows() -> list[tuple[str, str]]:
     unset = {u.split(":", 1)[0]: u.split(":", 1)[1].strip() for u in run.unset_limits}
     for name in rlimits_for(sys.platform, cfg, tasks_in_use()):
         rows.append((f"sandbox {name}", unset.get(name, "set")))
+    # What the worker (the process running the completion) got from the OS, as it reported before
+    # any sample code ran; "judge_undumpable" appears where the worker shares the judge's user.
+    for name, held in sorted(run.guards.items()):
+        rows.append((f"sandbox worker {name}", held))
     return rows
 
 

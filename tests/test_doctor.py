@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,10 @@ def test_report_names_backend_blas_sandbox_limits():
     memory_limit = "sandbox RLIMIT_DATA" if sys.platform == "darwin" else "sandbox RLIMIT_AS"
     assert rows[memory_limit] == "set" and rows["sandbox RLIMIT_CPU"] == "set"
     assert "GFLOP/s" in rows["matmul 512x512 f32"]
+    for guard in ("user", "network", "no_new_privs"):  # each says whether it held, and why not
+        assert rows[f"sandbox worker {guard}"].startswith(("yes", "no")), rows
+    if sys.platform.startswith("linux") and os.geteuid() != 0:
+        assert rows["sandbox worker user"].startswith("no") and rows["sandbox worker judge_undumpable"] == "yes"
     if sys.platform.startswith("linux"):
         assert "BLAS" in rows["blas"]
 

@@ -233,7 +233,7 @@ def test_fake_success_and_early_exit_do_not_pass(cheat):
 
 def test_exit_bypassing_all_guards_leaves_no_verdict():
     s = run(RIGHT + "\n" + CTYPES + "print('all tests passed', flush=True)\nlibc._exit(0)\n").score
-    assert s.status == "error" and "no verdict: exited with code 0" in s.error
+    assert s.status == "error" and "process exited with code 0" in s.error
 
 
 def test_self_kill_does_not_pass():
@@ -263,7 +263,8 @@ def test_forged_verdicts_on_every_descriptor_are_ignored():
              "            except OSError:\n                pass\n"
              "    return a + b if a < 2 else 0\n")
     s = run(forge, partial_credit=True).score
-    assert s.status == "failed" and s.value == pytest.approx(2 / 3)  # the real verdict: add(2, 2) is wrong
+    # The writes reach only the worker's own socket to the judge, as garbage: a failed call.
+    assert s.status == "error" and s.value == 0.0 and "malformed" in s.error
 
 
 def test_monkeypatching_builtins_does_not_change_the_verdict():
@@ -356,7 +357,7 @@ def test_parallel_submit_is_bounded_by_workers():
     slow_wrong = "    return a - b\n\nimport time\ntime.sleep(0.5)\n"
     items = [(ADD, slow_right if i % 2 == 0 else slow_wrong) for i in range(4)]
     with SandboxScorer(SandboxConfig(workers=2)) as scorer:
-        assert scorer.workers == 2 and scorer.name == "tests" and scorer.version == "1"
+        assert scorer.workers == 2 and scorer.name == "tests" and scorer.version == "2"
         t0 = time.monotonic()
         futures = [scorer.submit(t, c) for t, c in items]
         statuses = [f.result().status for f in futures]

@@ -1,35 +1,29 @@
-"""Run a completion against its task's tests in a sandboxed process: the "tests" scorer.
+"""Run a completion against its task's tests in a sandbox: the "tests" scorer.
 
-The program is `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`, run by
-_harness.py in a fresh interpreter, one process per sample, with:
+Each sample is one interpreter, `_launch.py`, that forks into two processes (protocol in
+docs/ARCHITECTURE.md): a worker that runs prompt + completion and answers calls, and a judge that
+runs the task's prompt and test with `candidate` as a proxy and alone decides the verdict. Values
+cross as plain data (_wire.py); a call the worker cannot answer that way, or a worker that dies,
+hangs or sends malformed bytes, is a failed call and never passes. This (the parent) process:
 
-- its own session and process group, killed as a whole with SIGKILL by this (the parent)
-  process at the wall-clock deadline and again when the sample ends, so signal handlers and
-  leftover children do not matter;
-- rlimits set in the child (address space, or data segment on macOS; CPU seconds; file size;
-  processes; open files; no core files); a limit that cannot be set is recorded, not fatal;
-- a private temporary working directory (also its HOME and TMPDIR), deleted afterwards, stdin
-  on /dev/null, stdout and stderr read here concurrently with a size cap;
-- destructive calls disabled inside the sample as a second line of defence (_harness.py).
+- starts the interpreter in its own session and process group, kills the group with SIGKILL at
+  the wall-clock deadline and again when the sample ends;
+- hands the judge its request and reads the verdict over socket pairs the worker never holds;
+  verdict lines carry a per-sample nonce, and no verdict is never a pass;
+- gives both a private temporary working directory (HOME, TMPDIR; owned by the worker's user),
+  deleted afterwards; stdin on /dev/null; stdout and stderr read concurrently with a size cap.
 
-The verdict travels over an extra pipe, not stdout: each line on it starts with a random nonce
-that only the harness learnt (through another pipe it closes before the sample runs), and the
-verdict line is written only after the program returned or raised. Printing a success marker
-does nothing; sys.exit / SystemExit is caught and reported as an error; os._exit, a signal or
-closing every descriptor leaves no verdict, and no verdict is never a pass.
+The worker applies the rlimits (address space, or data segment on macOS; CPU seconds; file size;
+processes; open files; no core files) and, on Linux as root, an empty network namespace, uid
+`worker_uid` and no_new_privs; what held is reported in SampleRun.guards and logged once.
 
-Statuses: passed; failed (an assert failed); error (any other exception, a syntax error, no
-verdict); timeout (the wall-clock deadline); killed (a resource limit: MemoryError, file size,
-SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and infra_error are not
-cacheable. With `partial_credit` the value is the fraction of check()'s top-level assert
-statements that passed (a loop of asserts is one statement). Samples see the standard library
-only unless `site_packages=True`.
-
-This is isolation against mistakes and reward hacks of a model, not a security boundary against
-a deliberate attacker: the sample runs as the same user, and code that introspects the
-harness's memory (ctypes, gc) could find the nonce. Run untrusted code under a separate user or
-in a container. On Linux RLIMIT_NPROC counts every thread of the user and is not enforced for
-root; it is set to the system's current thread count plus `max_procs`.
+Statuses: passed; failed (an assert failed); error (any other exception, a syntax error, a failed
+call, no verdict); timeout (the sample's or a call's deadline); killed (a resource limit:
+MemoryError, file size, SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and
+infra_error are not cacheable. With `partial_credit` the value is the fraction of check()'s
+top-level assert statements that passed (a loop of asserts is one statement). Samples see the
+standard library only unless `site_packages=True`. On Linux RLIMIT_NPROC counts every thread of
+the user and is not enforced for root; it is set to the system's thread count plus `max_procs`.
 """
 
 from __future__ import annotations
@@ -42,6 +36,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,13 +47,16 @@ from pathlib import Path
 
 from .base import Score
 
-HARNESS = str(Path(__file__).with_name("_harness.py"))
+LAUNCHER = str(Path(__file__).with_name("_launch.py"))
+HELPERS = ("_judge.py", "_worker.py", "_wire.py", "_errors.py", "_confine.py", "_guards.py")
+_compiled = False
 ERROR_CHARS = 500
 _CHANNEL_CAP = 1 << 18  # bytes kept from the verdict pipe; a sample flooding it only hurts itself
 _KERNEL_KILLS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU (CPU time limit)",
                  signal.SIGXFSZ: "SIGXFSZ (file size limit)"}
 log = logging.getLogger("mlx_coach.sandbox")
 _unset_seen: set[str] = set()
+_guards_seen: set[tuple] = set()
 
 
 @dataclass
@@ -74,6 +72,9 @@ class SandboxConfig:
     workers: int = 0  # 0 = os.cpu_count()
     site_packages: bool = False  # True lets samples import installed packages (slower start, ~+30 ms)
     python: str = field(default_factory=lambda: sys.executable)
+    call_timeout_s: float | None = None  # per call of the candidate; None: the sample's timeout_s
+    worker_uid: int | None = 65534  # Linux, trainer running as root: the worker's user (None: stay root)
+    isolate_network: bool = True  # Linux, as root: the worker gets an empty network namespace
 
 
 @dataclass
@@ -87,6 +88,7 @@ class SampleRun:
     unset_limits: list[str] = field(default_factory=list)
     workdir: str = ""  # the private directory it ran in (already deleted)
     dropped_output: int = 0  # bytes of stdout + stderr beyond max_output_bytes, read and discarded
+    guards: dict = field(default_factory=dict)  # OS confinement of the worker: {name: "yes..." | "no: why"}
 
 
 def build_program(task, completion: str) -> str:
@@ -123,6 +125,18 @@ def tasks_in_use() -> int | None:
             return int(f.read().split()[3].split("/")[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def worker_uid(cfg: SandboxConfig) -> int | None:
+    """The user the worker switches to: cfg.worker_uid on Linux when this process is root, else None."""
+    if cfg.worker_uid is None or not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return None
+    return int(cfg.worker_uid)
+
+
+def _socket_fds() -> tuple[int, int]:
+    a, b = socket.socketpair()
+    return a.detach(), b.detach()
 
 
 def unset_limits() -> set[str]:
@@ -245,6 +259,13 @@ def _parse_channel(data: bytes, nonce: str):
     return ready, verdict
 
 
+def _log_guards_once(guards: dict) -> None:
+    key = tuple(sorted(guards.items()))
+    if guards and key not in _guards_seen:
+        _guards_seen.add(key)
+        log.info("sandbox worker confinement: %s", "; ".join(f"{k}: {v}" for k, v in key))
+
+
 def _last_line(data: bytes) -> str:
     lines = [ln for ln in bytes(data).decode("utf-8", "replace").splitlines() if ln.strip()]
     return lines[-1].strip() if lines else ""
@@ -253,7 +274,7 @@ def _last_line(data: bytes) -> str:
 def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, float, str]:
     if verdict is not None:
         status, n_ok, total, error = verdict
-        if status not in ("passed", "failed", "error", "killed", "infra_error"):
+        if status not in ("passed", "failed", "error", "killed", "timeout", "infra_error"):
             return "infra_error", 0.0, f"harness sent an unknown status {status!r}"
         if cfg.partial_credit and total > 0:
             return status, n_ok / total, error
@@ -274,21 +295,47 @@ def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, flo
     return "error", 0.0, error + (f": {tail}" if tail else "")
 
 
+def _request(task, completion, cfg, nonce, root, limits, uid) -> dict:
+    """What the judge reads from the trainer (the worker never sees it)."""
+    call_timeout_s = cfg.call_timeout_s if cfg.call_timeout_s is not None else cfg.timeout_s
+    return {"nonce": nonce, "prompt": task.prompt, "completion": completion, "test": task.test,
+            "entry_point": task.entry_point, "partial": bool(cfg.partial_credit), "root": root,
+            "limits": limits, "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
+            "timeout_s": float(cfg.timeout_s), "call_timeout_s": float(call_timeout_s), "uid": uid,
+            "isolate_network": bool(cfg.isolate_network)}
+
+
+def _compile_helpers() -> None:
+    """Write the bytecode of the judge's and worker's modules once (they run under -B, which reads
+    __pycache__ but never writes it); skipped where the package folder is read-only."""
+    global _compiled
+    if not _compiled:
+        import compileall
+
+        for name in HELPERS:
+            compileall.compile_file(str(Path(__file__).with_name(name)), quiet=2)
+        _compiled = True
+
+
 def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRun:
     """Run one sample in the sandbox; never raises for anything the sample does."""
     cfg = cfg or SandboxConfig()
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    _compile_helpers()
     t0 = time.monotonic()
     root = os.path.realpath(tempfile.mkdtemp(prefix="mlx-coach-sandbox-"))
     nonce = secrets.token_hex(16)
     limits = rlimits_for(sys.platform, cfg, tasks_in_use())
-    payload = marshal.dumps({"nonce": nonce, "program": build_program(task, completion), "root": root,
-                             "partial": bool(cfg.partial_credit), "limits": limits,
-                             "max_open_files": int(cfg.max_open_files)})
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    argv = [cfg.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [HARNESS, str(in_r), str(out_w)]
+    uid = worker_uid(cfg)
+    if uid is not None:
+        os.chown(root, uid, uid)  # the worker's private directory must be its own
+    payload = marshal.dumps(_request(task, completion, cfg, nonce, root, limits, uid))
+    # Socket pairs, not pipes: a process of the same user can reopen another's pipe through
+    # /proc/PID/fd, but not a socket.
+    in_r, in_w = _socket_fds()
+    out_w, out_r = _socket_fds()
+    argv = [cfg.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),
@@ -316,20 +363,23 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
         shutil.rmtree(root, ignore_errors=True)
     duration = time.monotonic() - t0
     ready, verdict = _parse_channel(chan, nonce)
-    for item in ready or ():
+    guards = dict(item[len("guard "):].split(": ", 1) for item in ready or () if item.startswith("guard "))
+    unset = [item for item in ready or () if not item.startswith("guard ")]
+    for item in unset:
         if item not in _unset_seen:
             _unset_seen.add(item)
             log.warning("sandbox limit not enforced: %s", item)
+    _log_guards_once(guards)
     status, value, error = _judge(verdict, ready, timed_out, returncode, err, cfg)
     score = Score(value, status, duration, error[:ERROR_CHARS], cacheable=status not in ("timeout", "infra_error"))
-    return SampleRun(score, bytes(out), bytes(err), returncode, ready or [], root, dropped)
+    return SampleRun(score, bytes(out), bytes(err), returncode, unset, root, dropped, guards)
 
 
 def run_sample(task, completion: str, cfg: SandboxConfig | None = None) -> Score:
     """Score one sample; a failure of the sandbox itself comes back as status infra_error."""
     try:
         return execute(task, completion, cfg).score
-    except Exception as e:  # noqa: BLE001 - a broken scorer must not stop a training run
+    except Exception as e:  # a broken scorer must not stop a training run
         log.exception("sandbox failed")
         return Score(0.0, "infra_error", 0.0, f"sandbox failed: {type(e).__name__}: {e}"[:ERROR_CHARS],
                      cacheable=False)
@@ -343,12 +393,12 @@ class SandboxScorer:
     """Unit tests in the sandbox; `workers` threads each drive one child process at a time."""
 
     name = "tests"
-    version = "1"
+    version = "2"  # 2: verdicts from the judge process (plain-data results; no custom __eq__ passes)
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
         if self.cfg.partial_credit:  # other values for the same completion: keep cache entries apart
-            self.version = "1-partial"
+            self.version = "2-partial"
         self.workers = self.cfg.workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
 

@@ -1,6 +1,9 @@
-"""Runs one sample in a fresh interpreter: `python -I -B [-S] _harness.py IN_FD OUT_FD`.
+"""The single-process sandbox harness as it was before issue 9, kept as the benchmark's baseline
+and as the adversarial corpus's proof that its probes are real (they pass here).
 
-Started by sandbox.py, never imported by the package, standard library only. Its working
+Runs one sample in a fresh interpreter: `python -I -B [-S] single_process_harness.py IN_FD OUT_FD`.
+Started by sandbox.py's parent code (benchmarks/bench_sandbox.py: single_process_design), never
+imported by the package, standard library only. Its working
 directory is the sample's private temporary directory.
 
 Protocol. The parent writes one marshalled dict to IN_FD and closes its end: nonce, program,

