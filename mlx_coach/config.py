@@ -22,6 +22,7 @@ from .errors import UserError
 from .memory import MemoryConfig
 from .rewards import RewardConfig
 from .rollout import RolloutConfig
+from .scoring.sandbox import SandboxConfig
 from .settings import check_range, coerce, setting as _f
 from .telemetry import TelemetryConfig
 
@@ -88,15 +89,6 @@ class TrainConfig:
 
 
 @dataclass
-class SandboxSettings:
-    timeout_s: float = _f(5.0, lo=0.0, lo_open=True)
-    memory_mb: int = _f(1024, lo=16)
-    workers: int = _f(0, lo=0, help="0 = CPU count")
-    partial_credit: bool = _f(False)
-    site_packages: bool = _f(False, help="let samples import third-party packages (slower start-up)")
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -104,7 +96,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     rewards: list = field(default_factory=lambda: [RewardConfig()])
     cache: CacheConfig = field(default_factory=CacheConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

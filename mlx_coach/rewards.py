@@ -167,11 +167,9 @@ class RewardSet:
 
 def _make_scorer(r, cfg, cache, key):
     if r.type == "tests":
-        from .scoring.sandbox import SandboxConfig, SandboxScorer
+        from .scoring.sandbox import SandboxScorer
 
-        s = cfg.sandbox
-        return SandboxScorer(SandboxConfig(timeout_s=s.timeout_s, memory_mb=s.memory_mb, workers=s.workers,
-                                           partial_credit=s.partial_credit, site_packages=s.site_packages))
+        return SandboxScorer(cfg.sandbox)
     if r.type == "http-judge":
         from .scoring.teacher import HttpJudge
 

@@ -237,6 +237,25 @@ def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
     assert [s.status for s, _ in again] == alone[::-1] and {p for _, p in again} == {"cached"}
 
 
+def test_every_sandbox_setting_that_can_change_a_verdict_is_in_the_key():
+    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+
+    def key(**settings):
+        scorer = SandboxScorer(SandboxConfig(**settings))
+        try:
+            return make_key(scorer.name, scorer.version, task(), BASE)
+        finally:
+            scorer.close()
+
+    base = key()
+    for change in ({"partial_credit": True}, {"memory_mb": 64}, {"timeout_s": 1.0}, {"site_packages": True},
+                   {"cpu_s": 2}, {"max_procs": 4}, {"max_open_files": 16}, {"max_file_bytes": 10},
+                   {"call_timeout_s": 0.5}, {"worker_uid": None}, {"isolate_network": False}):
+        assert key(**change) != base, change
+    assert key(workers=1) == key(workers=2) == base  # how many run at once never changes a verdict
+    assert key(max_output_bytes=10) == base  # output is read and dropped; the verdict travels apart
+
+
 def test_key_parts():
     key = make_key("tests", "3", task(), BASE)
     assert key[0] == "tests@3" and key[1] == "T/0" and len(key[2]) == len(key[3]) == 64

@@ -129,10 +129,10 @@ def test_infinite_loop_ignoring_signals_times_out_within_deadline():
                "    for s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):\n"
                "        signal.signal(s, signal.SIG_IGN)\n"
                "    while True:\n        pass\n")
-    t0 = time.monotonic()
     s = run(hostile, timeout_s=1.0).score
     assert s.status == "timeout" and not s.cacheable and s.value == 0.0
-    assert 1.0 <= s.duration_s < 1.5 and time.monotonic() - t0 < 1.8
+    # ended by the deadline, not by the loop: the generous bound only tells "killed" from "hung"
+    assert 1.0 <= s.duration_s < 10
     still_works()
 
 
@@ -171,8 +171,8 @@ def test_children_of_the_sample_do_not_outlive_it():
         "        while True:\n            time.sleep(1)\n"
         "    pids.append(pid)\n"
         "print(' '.join(map(str, pids)), flush=True)\n")
-    r = run(hostile, timeout_s=5.0)
-    assert r.score.status == "passed" and r.score.duration_s < 3  # verdict in: no wait for the children
+    r = run(hostile, timeout_s=30.0)
+    assert r.score.status == "passed" and r.score.duration_s < 15  # verdict in: no wait for the children
     pids = [int(p) for p in r.stdout.split()]
     assert len(pids) == 3
     deadline = time.monotonic() + 3
@@ -303,8 +303,8 @@ def test_huge_file_hits_the_file_size_limit():
 
 
 def test_stdin_is_closed_not_hanging():
-    s = run("    return int(input())\n").score
-    assert s.status == "error" and "EOFError" in s.error and s.duration_s < 2
+    s = run("    return int(input())\n", timeout_s=30.0).score
+    assert s.status == "error" and "EOFError" in s.error and s.duration_s < 15  # EOF at once, no hang
     s = run("    import sys\n    assert sys.stdin.read() == ''\n    return a + b\n").score
     assert s.status == "passed"
 
@@ -357,13 +357,16 @@ def test_parallel_submit_is_bounded_by_workers():
     slow_wrong = "    return a - b\n\nimport time\ntime.sleep(0.5)\n"
     items = [(ADD, slow_right if i % 2 == 0 else slow_wrong) for i in range(4)]
     with SandboxScorer(SandboxConfig(workers=2)) as scorer:
-        assert scorer.workers == 2 and scorer.name == "tests" and scorer.version == "2"
+        assert scorer.workers == 2 and scorer.name == "tests" and scorer.version.startswith("2-")
         t0 = time.monotonic()
         futures = [scorer.submit(t, c) for t, c in items]
-        statuses = [f.result().status for f in futures]
+        scores = [f.result() for f in futures]
         wall = time.monotonic() - t0
-        assert statuses == ["passed", "failed", "passed", "failed"]
-        assert 0.95 < wall < 1.95  # two at a time: two rounds of 0.5 s, not one (0.5), not four (2.0)
+        assert [s.status for s in scores] == ["passed", "failed", "passed", "failed"]
+        # two at a time: the four 0.5 s sleeps need two rounds (never one), and the samples' own
+        # durations add up to about twice the wall time (a ratio, so it holds on a loaded machine too)
+        busy = sum(s.duration_s for s in scores)
+        assert wall > 0.95 and 1.5 < busy / wall < 2.5, (busy, wall)
         assert [s.status for s in scorer.score_batch([(ADD, RIGHT), (ADD, "    return 0\n")])] == \
             ["passed", "failed"]
 

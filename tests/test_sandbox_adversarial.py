@@ -253,6 +253,22 @@ def test_worker_runs_as_another_user_without_network():
     assert r.score.passed and r.stdout.decode().split()[0] == "PermissionError", (r.score, r.stdout)
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.geteuid() == 0), reason="needs Linux and root")
+def test_a_worker_that_stays_root_has_no_capabilities_and_cannot_read_the_judge():
+    """worker_uid null (or an interpreter other users cannot read) keeps the worker at uid 0: it then
+    drops every capability, so the undumpable judge's memory is out of its reach all the same."""
+    probe = ("    import os\n"
+             "    caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapBnd'))]\n"
+             "    try:\n        open('/proc/%d/mem' % os.getppid(), 'rb').read(1)\n        mem = 'read'\n"
+             "    except OSError as e:\n        mem = type(e).__name__\n"
+             "    print(os.getuid(), mem, *caps, flush=True)\n    return a + b\n")
+    r = execute(ADD, probe, SandboxConfig(worker_uid=None, timeout_s=20.0))
+    assert r.score.passed, r.score
+    uid, mem, eff, bnd = r.stdout.decode().split()[:4]
+    assert uid == "0" and mem == "PermissionError" and int(eff, 16) == 0 and int(bnd, 16) == 0, r.stdout
+    assert r.guards["capabilities"].startswith("yes"), r.guards
+
+
 # Probes that pass the single-process design (sample and test in one interpreter, the harness
 # before issue 9): the corpus is real, not a list of programs that would fail anyway.
 FOOLED_THE_SINGLE_PROCESS_DESIGN = ["frame_locals", "gc_closures", "ctypes_heap_scan", "own_check_and_settrace",

@@ -10,6 +10,8 @@ import os
 import sys
 
 _PR_SET_DUMPABLE = 4
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNET = 0x40000000
 
@@ -82,12 +84,32 @@ def confine_worker(uid, isolate_network):
             held["user"] = f"yes: uid {uid}, no groups, no capabilities"
         except OSError as e:
             held["user"] = f"no: setuid({uid}): {e.strerror}"
+    if linux and os.geteuid() == 0:
+        # still root (no switch, or an interpreter other users cannot read): keep uid 0 but give up
+        # every capability, so the worker cannot ptrace or read the undumpable judge's memory, or switch
+        # users, namespaces or limits back
+        why = drop_capabilities()
+        held["capabilities"] = "yes: none (uid 0 without capabilities)" if why is None else f"no: {why}"
     if linux:
         why = _call("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         held["no_new_privs"] = "yes" if why is None else f"no: {why}"
     else:
         held["no_new_privs"] = f"no: Linux only ({sys.platform})"
     return held
+
+
+def drop_capabilities():
+    """Linux: empty the bounding set and the effective, permitted and inheritable sets (capset with
+    version 3 headers). None on success, else why not."""
+    libc, ctypes = _libc()
+    for cap in range(64):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break  # EINVAL: past the kernel's last capability
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    if libc.capset(header, data) != 0:
+        return f"capset: {os.strerror(ctypes.get_errno())}"
+    return None
 
 
 def _first_unreadable(paths):

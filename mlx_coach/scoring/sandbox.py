@@ -28,6 +28,8 @@ the user and is not enforced for root; it is set to the system's thread count pl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import marshal
 import math
@@ -44,7 +46,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+from ..settings import check_fields, setting
 from .base import Score
 
 LAUNCHER = str(Path(__file__).with_name("_launch.py"))
@@ -61,20 +65,35 @@ _guards_seen: set[tuple] = set()
 
 @dataclass
 class SandboxConfig:
-    timeout_s: float = 5.0  # wall clock, from spawn to verdict, interpreter start included
-    memory_mb: int = 1024
-    cpu_s: int | None = None  # None: ceil(timeout_s) + 1
-    max_output_bytes: int = 64_000  # kept of each of stdout and stderr; the rest is read and dropped
-    max_file_bytes: int = 10_000_000
-    max_procs: int = 64  # threads/processes the sample may add (Linux counts threads)
-    max_open_files: int = 64
-    partial_credit: bool = False
-    workers: int = 0  # 0 = os.cpu_count()
-    site_packages: bool = False  # True lets samples import installed packages (slower start, ~+30 ms)
-    python: str = field(default_factory=lambda: sys.executable)
-    call_timeout_s: float | None = None  # per call of the candidate; None: the sample's timeout_s
-    worker_uid: int | None = 65534  # Linux, trainer running as root: the worker's user (None: stay root)
-    isolate_network: bool = True  # Linux, as root: the worker gets an empty network namespace
+    """The `sandbox:` config section."""
+
+    timeout_s: float = setting(5.0, lo=0.0, lo_open=True, help="wall clock, from spawn to verdict, interpreter start included")
+    memory_mb: int = setting(1024, lo=16, help="address space (Linux) or data segment (macOS) of the worker")
+    cpu_s: Optional[int] = setting(None, lo=1, help="CPU seconds; null: ceil(timeout_s) + 1")
+    max_output_bytes: int = setting(64_000, lo=0, help="kept of each of stdout and stderr; the rest is read and dropped")
+    max_file_bytes: int = setting(10_000_000, lo=0)
+    max_procs: int = setting(64, lo=1, help="threads/processes the sample may add (Linux counts threads)")
+    max_open_files: int = setting(64, lo=8)
+    partial_credit: bool = setting(False, help="value = fraction of check()'s top-level asserts that passed")
+    workers: int = setting(0, lo=0, help="samples scored at once; 0 = CPU count")
+    site_packages: bool = setting(False, help="let samples import installed packages (slower start, ~+30 ms)")
+    python: Optional[str] = setting(None, help="interpreter for judge and worker; null: the one running mlx-coach")
+    call_timeout_s: Optional[float] = setting(None, lo=0.0, lo_open=True, help="per call of the candidate; null: timeout_s")
+    worker_uid: Optional[int] = setting(65534, lo=0, help="Linux, trainer running as root: the worker's user (null: stay root)")
+    isolate_network: bool = setting(True, help="Linux, as root: the worker gets an empty network namespace")
+
+    def __post_init__(self):
+        check_fields(self, "sandbox")
+
+    @property
+    def interpreter(self) -> str:
+        return self.python or sys.executable
+
+    def verdict_settings(self) -> dict:
+        """Every setting that can change a verdict (not workers, not the output cap): part of the cache key."""
+        keep = ("timeout_s", "memory_mb", "cpu_s", "max_file_bytes", "max_procs", "max_open_files", "partial_credit",
+                "site_packages", "call_timeout_s", "worker_uid", "isolate_network")
+        return {name: getattr(self, name) for name in keep} | {"python": self.interpreter}
 
 
 @dataclass
@@ -335,7 +354,7 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
     # /proc/PID/fd, but not a socket.
     in_r, in_w = _socket_fds()
     out_w, out_r = _socket_fds()
-    argv = [cfg.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
+    argv = [cfg.interpreter, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),
@@ -344,7 +363,7 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
         shutil.rmtree(root, ignore_errors=True)
-        error = f"could not start {cfg.python}: {e}"[:ERROR_CHARS]
+        error = f"could not start {cfg.interpreter}: {e}"[:ERROR_CHARS]
         score = Score(0.0, "infra_error", time.monotonic() - t0, error, cacheable=False)
         return SampleRun(score, workdir=root)
     os.close(in_r)
@@ -397,8 +416,10 @@ class SandboxScorer:
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
-        if self.cfg.partial_credit:  # other values for the same completion: keep cache entries apart
-            self.version = "2-partial"
+        # the cache key names every setting that can change a verdict (limits, partial credit, ...)
+        settings = json.dumps(self.cfg.verdict_settings(), sort_keys=True)
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
+        self.version = f"2-{'partial-' if self.cfg.partial_credit else ''}{digest}"
         self.workers = self.cfg.workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
 
