@@ -20,6 +20,7 @@ STEP_TAGS = [
     "time/rewards_s",
     # cache (issue: score cache)
     "reward/fresh_mean", "reward/cached_mean", "reward/fresh_count", "reward/cached_count", "cache/hit_rate",
+    "reward/timeout_count", "reward/infra_error_count",
     "cache/hits", "cache/misses", "cache/evictions", "cache/expirations", "cache/size",
     # memory, phases, health (issue: telemetry)
     "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/fragmentation", "memory/clear_events",

@@ -280,3 +280,15 @@ def test_objective_variants_train_and_log_finite_numbers(tmp_path, algo):
         # step 1: policy = reference, observed KL 0 < target, so the controller lowered beta by the
         # clipped error, and 16 samples exceed the 10-sample horizon, so by the full 20%: 0.1 * (1 - 0.2)
         assert last["kl/beta"] == pytest.approx(0.1 * (1 - 0.2))
+
+
+def test_sandbox_timeouts_are_counted_not_passed_off_as_failing_programs(tmp_path):
+    """A deadline no interpreter can meet: every sample is a timeout, scored 0, counted per step in
+    reward/timeout_count, and never cached (a loaded machine must not fix a verdict)."""
+    cfg = tiny_cfg(tmp_path, rewards=[{"type": "tests"}], sandbox={"timeout_s": 0.001, "workers": 2},
+                   train={"steps": 2})
+    train(cfg, tmp_path / "run")
+    rows = step_rows(tmp_path / "run")
+    assert [r["reward/timeout_count"] for r in rows] == [r["reward/count"] for r in rows] == [16, 16]
+    assert all(r["reward/mean"] == 0.0 and r["reward/cached_count"] == 0 for r in rows)
+    assert rows[-1]["cache/size"] == 0

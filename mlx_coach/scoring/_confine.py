@@ -56,7 +56,7 @@ def _call(fn, *args):
     return os.strerror(ctypes.get_errno())
 
 
-def confine_worker(uid, isolate_network):
+def confine_worker(uid, isolate_network, workdir=None):
     """Linux: an empty network namespace, then user `uid` with no groups, no capabilities and
     no_new_privs. Must run before the rlimits (setuid checks RLIMIT_NPROC of the new user).
 
@@ -87,7 +87,10 @@ def confine_worker(uid, isolate_network):
     if linux and os.geteuid() == 0:
         # still root (no switch, or an interpreter other users cannot read): keep uid 0 but give up
         # every capability, so the worker cannot ptrace or read the undumpable judge's memory, or switch
-        # users, namespaces or limits back
+        # users, namespaces or limits back. Without CAP_DAC_OVERRIDE it must own its directory, which
+        # the trainer gave to `uid` in advance.
+        if workdir is not None and os.stat(workdir).st_uid != 0:
+            os.chown(workdir, 0, 0)
         why = drop_capabilities()
         held["capabilities"] = "yes: none (uid 0 without capabilities)" if why is None else f"no: {why}"
     if linux:

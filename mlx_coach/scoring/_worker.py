@@ -50,7 +50,7 @@ def _exception_reply(head, exc, filename, lines):
 def main(fd):
     exit_now = os._exit  # bound before the guards replace it
     _, setup = _wire.recv(fd)
-    held = _confine.confine_worker(setup["uid"], setup["isolate_network"])
+    held = _confine.confine_worker(setup["uid"], setup["isolate_network"], setup["root"])
     unset = _confine.apply_limits(setup["limits"])
     _wire.send(fd, ("hello", unset, held))
 
