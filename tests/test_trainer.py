@@ -1,6 +1,7 @@
 """The RL loop on the builtin tiny model: gradient sign and scale, KL pull, exact resume, NaN guard."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -12,10 +13,20 @@ from mlx_coach.models import adapters_disabled
 from mlx_coach.trainer import Trainer, micro_batches, train
 
 
+def write_short_tasks(folder, n=40):
+    """n one-line stubs: where the reward ignores the task, short prompts make a step ~10x cheaper."""
+    path = Path(folder) / "short_tasks.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"task_id": f"s/{i}", "prompt": f"def f{i}(x):\n", "entry_point": f"f{i}",
+                                        "test": "def check(c):\n    assert c(1) == 1\n"}) + "\n" for i in range(n)))
+    return str(path)
+
+
 def tiny_cfg(tmp_path, **sections):
+    """The builtin tiny model on 40 short stubs (32 train, 8 validation), a function reward, no KL."""
     base = {
         "model": {"path": "builtin:tiny", "lora_rank": 8, "lora_alpha": 16},
-        "data": {"tasks": "builtin", "val_fraction": 0.2},
+        "data": {"tasks": write_short_tasks(tmp_path), "val_fraction": 0.2},
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 12, "temperature": 1.0},
         "algo": {"beta": 0.0},
         "optim": {"lr": 2e-3, "grad_clip": 1.0},
@@ -48,11 +59,11 @@ def perturb(trainer, seed=1, scale=0.15):
 def test_reward_rises_with_a_programmatic_reward(tmp_path):
     """The share of a target letter rises from what the untrained policy samples.
 
-    Margins from seeds 0-4 on this CPU (2026-11-30): step-1 reward (before any update) 0.008-0.023,
-    mean of steps 6-8 0.122-0.154. Trajectories differ across CPUs in their last bits and then diverge,
+    Margins from seeds 0-3 on this CPU (2026-11-30): step-1 reward (before any update) 0.009-0.024,
+    mean of steps 6-8 0.119-0.143. Trajectories differ across CPUs in their last bits and then diverge,
     so the test asserts the rise, not a trajectory: end > max(4 x start, start + 0.06)."""
-    cfg = tiny_cfg(tmp_path, train={"steps": 8}, rollout={"group_size": 8, "max_new_tokens": 12},
-                   optim={"lr": 1e-2})
+    cfg = tiny_cfg(tmp_path, train={"steps": 8},
+                   rollout={"group_size": 8, "max_new_tokens": 12}, optim={"lr": 1e-2})
     train(cfg, tmp_path / "run")
     r = [row["reward/mean"] for row in step_rows(tmp_path / "run")]
     assert len(r) == 8
@@ -62,40 +73,47 @@ def test_reward_rises_with_a_programmatic_reward(tmp_path):
 
 
 def exact_kl_to_reference(trainer, contexts):
-    """Forward KL(reference || policy), summed over the vocabulary at every position of fixed contexts
+    """Forward KL(reference || policy), summed over the vocabulary at every position of fixed sequences
     and averaged: what a k3 loss term descends, computed exactly rather than from samples."""
-    x = mx.array(contexts)
+    L = max(len(c) for c in contexts)
+    x = mx.array([c + [0] * (L - len(c)) for c in contexts])
+    mask = mx.array([[1.0] * len(c) + [0.0] * (L - len(c)) for c in contexts])
     logp = trainer.model(x).astype(mx.float32)
     with adapters_disabled(trainer.model):
         logq = trainer.model(x).astype(mx.float32)
     logp = logp - mx.logsumexp(logp, axis=-1, keepdims=True)
     logq = logq - mx.logsumexp(logq, axis=-1, keepdims=True)
-    return float(mx.mean(mx.sum(mx.exp(logq) * (logq - logp), axis=-1)).item())
+    kl = mx.sum(mx.exp(logq) * (logq - logp), axis=-1)
+    return float((mx.sum(kl * mask) / mx.sum(mask)).item())
 
 
 def test_kl_term_pulls_toward_the_reference(tmp_path):
     """Reward carries no signal; only beta * KL moves the policy, and it must move it back.
 
-    Measured exactly on the training prompts (not from the sampled kl/mean, whose per-step noise is as
-    large as the effect). Seeds 0-3 on this CPU (2026-11-30): the mean over the last 4 of 12 steps was
-    0.64-0.75 of the starting KL; the test asserts < 0.85."""
-    cfg = tiny_cfg(tmp_path, algo={"beta": 0.5, "kl_estimator": "k3"}, train={"steps": 12},
-                   rollout={"group_size": 8, "max_new_tokens": 12},
+    Measured exactly on fixed prompt + completion sequences sampled once from the perturbed policy
+    (the sampled kl/mean is as noisy per step as the effect). Seeds 0-5 on this CPU (2026-11-30): the
+    mean over the last 5 of 20 steps was 0.46-0.62 of the starting KL; the test asserts < 0.8."""
+    from mlx_coach.rollout import RolloutConfig, generate_rollouts
+
+    cfg = tiny_cfg(tmp_path, algo={"beta": 0.5, "kl_estimator": "k3"},
+                   train={"steps": 20}, rollout={"group_size": 8, "max_new_tokens": 12},
                    rewards=[{"type": "function", "function": "reward_fns:zero"}], optim={"lr": 3e-3})
     trainer = Trainer(cfg, tmp_path / "run")
     try:
-        contexts = [c for c in (trainer.tokenizer.encode(t.prompt)[:64] for t in trainer.train_tasks[:16])
-                    if len(c) == 64][:8]
         perturb(trainer)
+        mx.random.seed(1000)
+        fixed = generate_rollouts(trainer.model, trainer.tokenizer, [t.prompt for t in trainer.train_tasks[:8]],
+                                  RolloutConfig(group_size=1, max_new_tokens=12, stop=[])).rollouts
+        contexts = [r.prompt_ids + r.token_ids for r in fixed]
         start = exact_kl_to_reference(trainer, contexts)
         kls = []
-        for _ in range(12):
+        for _ in range(20):
             trainer.run_step()
             kls.append(exact_kl_to_reference(trainer, contexts))
     finally:
         trainer.close()
-    assert len(contexts) == 8 and start > 0.1
-    assert np.mean(kls[-4:]) < 0.85 * start, (start, kls)
+    assert start > 0.1
+    assert np.mean(kls[-5:]) < 0.8 * start, (start, kls)
 
 
 def test_resume_is_exact(tmp_path):
