@@ -77,6 +77,12 @@ class AlertState:
     early_toks_n: int = 0
     recent_toks: list = field(default_factory=list)
     past_early: bool = False
+    # what toks_drop can blame: memory held (footprint, else MLX active + cache) and the scorer's time,
+    # early in the epoch (first value) and over the recent window
+    early_memory: float | None = None
+    recent_memory: list = field(default_factory=list)
+    early_score_s: float | None = None
+    recent_score_s: list = field(default_factory=list)
     # memory across epochs
     epoch_active_sum: float = 0.0
     epoch_active_n: int = 0
@@ -205,25 +211,48 @@ def evaluate(state, metrics, cfg, phase=None):
         else:
             state.past_early = True
         state.recent_toks = (state.recent_toks + [toks])[-cfg.window:]
+        memory = _num(metrics, "memory/footprint_gb")
+        if memory is None and _num(metrics, "memory/active_gb") is not None:
+            memory = _num(metrics, "memory/active_gb") + (_num(metrics, "memory/cache_gb") or 0.0)
+        score_s = _num(metrics, "time/score_s")
+        if memory is not None:
+            state.early_memory = memory if state.early_memory is None else state.early_memory
+            state.recent_memory = (state.recent_memory + [memory])[-cfg.window:]
+        if score_s is not None:
+            state.early_score_s = score_s if state.early_score_s is None else state.early_score_s
+            state.recent_score_s = (state.recent_score_s + [score_s])[-cfg.window:]
         early = state.early_toks_sum / state.early_toks_n if state.early_toks_n else None
         recent = _mean(state.recent_toks)
         if (phase != "early" and early and len(state.recent_toks) >= cfg.window
                 and recent < (1 - cfg.toks_drop_frac) * early):
-            frag = _num(metrics, "memory/fragmentation")
-            frag_text = f"; memory fragmentation is {frag:.0%}" if frag is not None else ""
+            cause, action = toks_drop_cause(state)
             _fire(state, cfg, step, Alert(
                 "warning", "toks_drop",
                 f"generation fell to {recent:.1f} tok/s in the {phase} phase from {early:.1f} early in the "
-                f"epoch (-{1 - recent / early:.0%}){frag_text}",
-                "Clear the MLX cache sooner (lower memory.clear_fragmentation, set memory.clear_every or "
-                "memory.cache_limit); check the score-cache hit rate by phase.",
+                f"epoch (-{1 - recent / early:.0%}); {cause}", action,
             ), out)
     return out
+
+
+def toks_drop_cause(state, growth=0.2):
+    """(what was measured, what to do) for a tok/s drop: memory growth, a slower scorer, or neither."""
+    memory, score_s = _mean(state.recent_memory), _mean(state.recent_score_s)
+    if memory is not None and state.early_memory and memory > (1 + growth) * state.early_memory:
+        return (f"memory held grew from {state.early_memory:.2f} to {memory:.2f} GB over the same steps",
+                "Clear MLX's cache under pressure (memory.clear_pressure, memory.clear_growth_steps) and keep "
+                "shapes bucketed (rollout.bucket); see memory/footprint_gb and memory/distinct_shapes.")
+    if score_s is not None and state.early_score_s and score_s > (1 + growth) * state.early_score_s:
+        return (f"scoring took {score_s:.2f} s a step against {state.early_score_s:.2f} s early: the sandbox "
+                "competes for the CPU", "Lower sandbox.workers or raise the score-cache hit rate (cache.policy).")
+    return ("memory and scoring time did not grow, so the cause is outside the trainer's measurements",
+            "Look for another process on the machine, thermal throttling or swap.")
 
 
 def _reset_epoch_toks(state):
     state.early_toks_sum, state.early_toks_n = 0.0, 0
     state.recent_toks, state.past_early = [], False
+    state.early_memory, state.recent_memory = None, []
+    state.early_score_s, state.recent_score_s = None, []
 
 
 def evaluate_epoch(state, epoch_metrics, cfg, step=None):

@@ -1,33 +1,39 @@
-"""Watch MLX memory, apply its limits, clear its buffer cache before it hurts throughput.
+"""Watch MLX and process memory, apply MLX's limits, clear its buffer cache under pressure.
 
-MLX keeps freed buffers in a cache and hands them out again to allocations of a fitting size.
-Three numbers describe the allocator (bytes, from `mx.get_*_memory`):
+Numbers in every sample (bytes; GB in metric names is 1e9 bytes, as mlx-lm reports peak memory):
 
-    active  memory held by live arrays
-    cache   freed buffers MLX keeps for reuse
-    peak    highest `active` since the last `mx.reset_peak_memory()`
+    active     memory held by live MLX arrays                          (mx.get_active_memory)
+    cache      freed buffers MLX keeps for reuse                       (mx.get_cache_memory)
+    peak       highest `active` since the last reset                   (mx.get_peak_memory)
+    footprint  the process's resident memory from the OS: /proc/self/statm on Linux, the physical
+               footprint (proc_pid_rusage) on macOS; None where neither is readable
+    cache_share = cache / (active + cache): the idle share of MLX's memory (0 when both are 0)
 
-    fragmentation = cache / (active + cache)     (0 when both are 0)
+What they mean. On Metal, `active + cache` is what MLX holds on the GPU heap and `footprint` what the
+OS charges the process (MLX's buffers plus Python, tokenizer, sandbox pipes); users report footprints
+growing into swap while MLX's peak stays flat, which only the OS number shows. On Linux/CPU MLX's
+buffers live in ordinary memory and MLX caps the cache at 32 MiB unless told otherwise, so
+`cache_share` there mostly reflects that cap. `cache_share` is not fragmentation (MLX does not report
+unused tails inside buffers; a freed buffer is reused only for a request between its size and about
+twice it). The number of distinct (rows, tokens) shapes a step asked for is logged by the trainer as
+`memory/distinct_shapes`: each new shape asks the allocator for buffer sizes the cache may not hold.
 
-Despite its name, `fragmentation` is the idle share of MLX's buffer cache, not fragmentation in the
-allocator's sense (MLX does not report unused tails inside buffers). It is bounded by the cache limit:
-on Linux/CPU MLX caps the cache at 32 MiB by default, so the share says little there. Whether a high
-share costs throughput on Metal has not been measured by this project. The raw bytes are kept in
-every sample.
-
-Clearing policy (`clear_decision`, a pure function of one sample) fires on, in this order:
-fragmentation above `clear_fragmentation`, cache above `clear_cache_gb`, every `clear_every` steps.
+Clearing policy (`clear_decision`, a pure function of the samples), first rule that fires:
+- pressure: footprint (else active + cache) above `clear_pressure` x the limit (memory.memory_limit if
+  set, else the device's recommended working set on Metal / physical memory on CPU);
+- growth: the cache grew in each of the last `clear_growth_steps` steps;
+- cache share above `clear_cache_share` (off by default: a high share after an update is normal);
+- cache above `clear_cache_gb`; every `clear_every` steps.
 A clear either drops the whole cache (`mx.clear_cache()`) or, with `clear_fraction` set, trims it by
 that fraction: the cache limit is lowered to `(1 - clear_fraction) * cache`, the allocator evicts its
 least recently used buffers down to the limit, and the old limit is restored. MLX's CPU allocator
 trims inside `set_cache_limit`; the Metal allocator enforces the limit on its next allocation, so a
-one-element array is allocated while the lower limit is in force. Buffers still in use stay cached,
-so a trim costs fewer re-allocations than a full clear.
-
-GB in metric names is 1e9 bytes, as mlx-lm reports peak memory.
+one-element array is allocated while the lower limit is in force. Every clear is an event with the
+bytes it freed and the milliseconds it took.
 """
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -61,11 +67,13 @@ class MemoryConfig:
     cache_limit: Optional[float] = setting(None, lo=0.0, help="bytes, or a fraction (0,1] of device memory")
     memory_limit: Optional[float] = setting(None, lo=0.0)
     wired_limit: Optional[float] = setting(None, lo=0.0, help="Metal only; fraction of the recommended working set")
-    clear_fragmentation: Optional[float] = setting(0.5, lo=0.0, hi=1.0, help="clear when cache / (active + cache) exceeds this; 0/null off")
+    clear_pressure: Optional[float] = setting(0.85, lo=0.0, hi=1.0, lo_open=True, help="clear when the footprint exceeds this share of the limit; null off")
+    clear_growth_steps: int = setting(0, lo=0, help="clear when the cache grew in each of the last N steps; 0 off")
+    clear_cache_share: Optional[float] = setting(None, lo=0.0, hi=1.0, help="clear when cache / (active + cache) exceeds this; 0/null off")
     clear_cache_gb: Optional[float] = setting(None, lo=0.0, help="clear when the cache holds more than this")
     clear_every: int = setting(0, lo=0, help="clear every N steps; 0 = off")
     clear_fraction: Optional[float] = setting(0.5, lo=0.0, hi=1.0, help="trim the cache by this fraction; null, 0 or 1 = drop all of it")
-    clear_min_cache_gb: float = setting(0.0625, lo=0.0, help="the fragmentation rule ignores caches smaller than this")
+    clear_min_cache_gb: float = setting(0.0625, lo=0.0, help="the cache-share and growth rules ignore caches smaller than this")
     clear_min_interval: int = setting(1, lo=0, help="steps between proactive clears (1 = at most one per step)")
     oom_min_batch: int = setting(1, lo=1)
 
@@ -93,21 +101,22 @@ class MemorySample:
     peak: int
     phase: str
     t: float
+    footprint: Optional[int] = None  # the OS's number for the whole process; None where unreadable
 
     @property
-    def fragmentation(self):
-        return fragmentation(self.active, self.cache)
+    def cache_share(self):
+        return cache_share(self.active, self.cache)
 
 
 @dataclass
 class ClearEvent:
-    reason: str  # "fragmentation" | "cache_size" | "periodic" | "oom" | a caller's reason
+    reason: str  # "cache_share" | "cache_size" | "periodic" | "oom" | a caller's reason
     freed_bytes: int
     ms: float
     step: int
     cache_before: int = 0
     cache_after: int = 0
-    fragmentation: float = 0.0  # before the clear
+    cache_share: float = 0.0  # before the clear
     partial: bool = False  # True when the cache was trimmed by clear_fraction, not dropped
     kind: str = field(default="memory/clear", init=False)
 
@@ -133,7 +142,7 @@ def _event_fields(event):
     return {k: v for k, v in asdict(event).items() if k not in ("step", "kind")}
 
 
-def fragmentation(active, cache):
+def cache_share(active, cache):
     total = active + cache
     return cache / total if total > 0 else 0.0
 
@@ -170,17 +179,60 @@ def resolve_wired_limit(value, info, name="memory.wired_limit"):
     return limit
 
 
-def clear_decision(sample, cfg, step, last_clear_step):
-    """(should_clear, reason) for one sample; reason is None when no clear is due."""
+def process_footprint():
+    """Resident bytes of this process from the OS, or None. Linux: resident pages of /proc/self/statm.
+    macOS: ri_phys_footprint of proc_pid_rusage (what Activity Monitor shows; not run on a Mac here)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+    if sys.platform == "darwin":
+        return _darwin_phys_footprint()
+    return None
+
+
+def _darwin_phys_footprint():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
+        info = (ctypes.c_uint64 * 64)()  # rusage_info_v2, with room to spare
+        if libc.proc_pid_rusage(os.getpid(), 2, ctypes.byref(info)) != 0:
+            return None
+        return int(info[9])  # 16-byte uuid, then user, system, idle wakeups, interrupts, pageins, wired, resident, footprint
+    except (OSError, AttributeError):
+        return None
+
+
+def pressure_limit(cfg, device_bytes):
+    """The bytes the pressure rule compares the footprint with: memory_limit if set, else the device's."""
+    return resolve_limit(cfg.memory_limit, device_bytes, "memory.memory_limit") or device_bytes
+
+
+def clear_decision(sample, cfg, step, last_clear_step, *, limit=None, cache_history=()):
+    """(should_clear, reason) for the latest sample; reason is None when no clear is due.
+
+    limit: bytes for the pressure rule (see pressure_limit); cache_history: the cache bytes at the end
+    of each step so far, this one included, oldest first (growth: the last N + 1 of them rise)."""
     if last_clear_step is not None and step - last_clear_step < cfg.clear_min_interval:
         return False, None
+    used = sample.footprint if sample.footprint is not None else sample.active + sample.cache
+    if cfg.clear_pressure and limit and sample.cache > 0 and used > cfg.clear_pressure * limit:
+        return True, "pressure"
+    n = cfg.clear_growth_steps
+    if n and sample.cache >= cfg.clear_min_cache_gb * GB and len(cache_history) > n:
+        recent = list(cache_history[-(n + 1):])
+        if all(b > a for a, b in zip(recent, recent[1:])):
+            return True, "growth"
     if (
-        cfg.clear_fragmentation  # None or 0: off
+        cfg.clear_cache_share  # None or 0: off
         and sample.cache >= cfg.clear_min_cache_gb * GB
         and sample.cache > 0
-        and fragmentation(sample.active, sample.cache) > cfg.clear_fragmentation
+        and cache_share(sample.active, sample.cache) > cfg.clear_cache_share
     ):
-        return True, "fragmentation"
+        return True, "cache_share"
     if cfg.clear_cache_gb is not None and sample.cache > cfg.clear_cache_gb * GB:
         return True, "cache_size"
     if cfg.clear_every and step > 0 and step % cfg.clear_every == 0:
@@ -241,6 +293,9 @@ class MemoryManager:
         self.oom_count = 0
         self.run_peak = 0
         self.last_ok_batch = None
+        self.clear_ms_total = 0.0
+        self.cache_history = []  # cache bytes at the end of each step (the growth rule), bounded
+        self.shapes = set()  # (phase, rows, tokens) the current step asked for
 
     def apply_limits(self):
         """Set the configured limits in MLX; returns {name: bytes} for those set."""
@@ -272,6 +327,7 @@ class MemoryManager:
             peak=mx.get_peak_memory(),
             phase=phase,
             t=self.clock(),
+            footprint=process_footprint(),
         )
         self.latest = s
         self.run_peak = max(self.run_peak, s.peak)
@@ -280,7 +336,8 @@ class MemoryManager:
     def maybe_clear(self, step):
         """Clear (or trim) the cache if the policy says so for the latest sample."""
         s = self.latest or self._read("clear")
-        due, reason = clear_decision(s, self.cfg, step, self.last_clear_step)
+        due, reason = clear_decision(s, self.cfg, step, self.last_clear_step,
+                                     limit=pressure_limit(self.cfg, self.device_bytes), cache_history=self.cache_history)
         if not due:
             return None
         return self.clear(step, reason, fraction=self.cfg.clear_fraction)
@@ -288,7 +345,7 @@ class MemoryManager:
     def clear(self, step, reason="manual", fraction=None):
         """Clear now, whatever the policy; fraction as in MemoryConfig.clear_fraction."""
         mx.synchronize()  # buffers of in-flight work return to the cache first
-        frag = fragmentation(mx.get_active_memory(), mx.get_cache_memory())
+        frag = cache_share(mx.get_active_memory(), mx.get_cache_memory())
         before = mx.get_cache_memory()
         t0 = time.perf_counter()
         target = trim_target(before, fraction)
@@ -304,6 +361,7 @@ class MemoryManager:
         self.events.append(event)
         self.clear_count += 1
         self.freed_total += event.freed_bytes
+        self.clear_ms_total += ms
         self.last_clear_step = step
         self._read("after_clear")  # later decisions in this step see the cleared state
         return event
@@ -328,6 +386,10 @@ class MemoryManager:
                     raise
                 batch = new_batch
 
+    def note_shapes(self, phase, shapes):
+        """Record the (rows, tokens) shapes a phase of this step asked for."""
+        self.shapes.update((phase, *shape) for shape in shapes)
+
     def step_metrics(self, reset_peak=True):
         """Metrics for the step; peak is per step (MLX's peak is reset here unless reset_peak=False)."""
         s = self.latest or self._read("step")
@@ -337,16 +399,24 @@ class MemoryManager:
             "memory/cache_gb": s.cache / GB,
             "memory/peak_gb": step_peak / GB,
             "memory/peak_run_gb": self.run_peak / GB,
-            "memory/fragmentation": s.fragmentation,
+            "memory/cache_share": s.cache_share,
             "memory/clear_events": self.clear_count,
+            "memory/clear_ms": self.clear_ms_total,
             "memory/freed_gb": self.freed_total / GB,
             "memory/oom_events": self.oom_count,
+            "memory/distinct_shapes": len(self.shapes),
         }
+        if s.footprint is not None:
+            m["memory/footprint_gb"] = s.footprint / GB
+        self.cache_history = (self.cache_history + [s.cache])[-64:]
+        self.shapes = set()
         for phase, p in self.by_phase.items():
             m[f"memory/phase/{phase}/active_gb"] = p.active / GB
             m[f"memory/phase/{phase}/cache_gb"] = p.cache / GB
             m[f"memory/phase/{phase}/peak_gb"] = p.peak / GB
-            m[f"memory/phase/{phase}/fragmentation"] = p.fragmentation
+            m[f"memory/phase/{phase}/cache_share"] = p.cache_share
+            if p.footprint is not None:
+                m[f"memory/phase/{phase}/footprint_gb"] = p.footprint / GB
         self.by_phase = {}
         self.latest = None
         if reset_peak:

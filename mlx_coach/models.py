@@ -669,7 +669,14 @@ def _hidden_and_head(model):
     return None
 
 
-def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, temperature=1.0):
+def padded_length(prompt_ids, completion_ids, bucket=0):
+    """Columns of the batch sequence_logprobs builds: the longest prompt + completion, rounded up to a
+    multiple of bucket (0: not rounded)."""
+    longest = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    return -(-longest // bucket) * bucket if bucket else longest
+
+
+def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, temperature=1.0, bucket=0):
     """Log-probs of completion tokens given their prompts, in one batched forward pass.
 
     prompt_ids, completion_ids: B lists of token ids. Rows are right-padded (prompt +
@@ -677,7 +684,9 @@ def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, 
     entropy [B, T] or None), float32, under softmax(logits / temperature) without top-p (the
     distribution `rollout.sample` reports for its tokens at the same temperature): mask is 1.0
     for real completion tokens, and logp/entropy are 0 where mask is 0. Differentiable with
-    respect to the model's trainable parameters.
+    respect to the model's trainable parameters. bucket > 0 right-pads the rows to a multiple of it
+    (fewer distinct shapes for MLX's buffer cache); causal attention keeps the padding out of every
+    real position, so the results equal the unpadded ones up to float rounding.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -689,7 +698,7 @@ def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, 
     if min(plen) < 1:
         raise ValueError("every prompt needs at least one token")
     T = max(1, max(clen))
-    L = max(p + c for p, c in zip(plen, clen))
+    L = padded_length(prompt_ids, completion_ids, bucket)
     rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     rows = [r + [0] * (L - len(r)) for r in rows]
     inputs = mx.array(rows, dtype=mx.int32)

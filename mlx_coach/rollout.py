@@ -23,7 +23,7 @@ import bisect
 import re
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
@@ -49,6 +49,8 @@ class RolloutConfig:
     extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
     system_prompt: Optional[str] = setting(None)
     prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
+    bucket: int = setting(32, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
+                                          "shrink a decode batch only to powers of two, so freed buffers fit later requests; 0 = exact shapes")
 
     def __post_init__(self):
         check_fields(self, "rollout")
@@ -84,6 +86,7 @@ class RolloutBatch:
     tokens_per_sec: float = 0.0  # decode_tokens / decode_s
     peak_batch: int = 0  # most sequences decoding together
     num_batches: int = 0
+    shapes: set = field(default_factory=set)  # (rows, tokens) of the forwards: prefill chunks, decode steps
 
 
 # ---------------------------------------------------------------------------- text helpers
@@ -301,14 +304,27 @@ def _plan_batches(lengths, cfg):
     return batches
 
 
-def _prefill(model, prompt_ids, pad_id, step):
-    """Prefill left-padded prompts together; returns (caches, last-position logits)."""
-    longest = max(len(p) for p in prompt_ids)
+def round_up(n, bucket):
+    """n rounded up to a multiple of bucket (n itself when bucket is 0)."""
+    return -(-n // bucket) * bucket if bucket else n
+
+
+def rows_bucket(live, bucket):
+    """Rows a decode batch keeps for `live` unfinished sequences: the next power of two when bucketing."""
+    return 1 << (live - 1).bit_length() if bucket and live > 0 else live
+
+
+def _prefill(model, prompt_ids, pad_id, step, bucket=0, shapes=None):
+    """Prefill left-padded prompts together (lengths padded up to a multiple of `bucket`; the padding is
+    masked by the cache); returns (caches, last-position logits)."""
+    longest = round_up(max(len(p) for p in prompt_ids), bucket)
     pads = [longest - len(p) for p in prompt_ids]
     tokens = mx.array([[pad_id] * n + p for n, p in zip(pads, prompt_ids)], dtype=mx.int32)
     caches = _batch_caches(model, pads)
     body = tokens[:, :-1]
     while body.shape[1] > 0:
+        if shapes is not None:
+            shapes.add((body.shape[0], body[:, :step].shape[1]))
         model(body[:, :step], cache=caches)
         mx.eval([c.state for c in caches])
         body = body[:, step:]
@@ -319,7 +335,7 @@ def _prefill(model, prompt_ids, pad_id, step):
 def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, stats):
     G = cfg.group_size
     tic = time.perf_counter()
-    caches, logits = _prefill(model, prompt_ids, 0, cfg.prefill_step)
+    caches, logits = _prefill(model, prompt_ids, 0, cfg.prefill_step, cfg.bucket, stats["shapes"])
     rows = [i for i in range(len(prompt_ids)) for _ in range(G)]
     for c in caches:
         c.filter(rows)  # repeat each prompt's cache rows G times
@@ -338,6 +354,7 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
         n_generated += 1
         more = n_generated < cfg.max_new_tokens and any(s.reason is None for s in active)
         if more:  # queue step t + 1 before reading step t's tokens
+            stats["shapes"].add((len(active), 1))
             logits = model(y[:, None], cache=caches)[:, -1, :]
             nxt = sample(logits, cfg.temperature, cfg.top_p)
             mx.async_eval(*nxt)
@@ -349,8 +366,12 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
             break
         y, lp, ent = nxt
         done = sum(s.reason is not None for s in active)
-        if done and done * 4 >= len(active):
-            keep = [r for r, s in enumerate(active) if s.reason is None]
+        target = rows_bucket(len(active) - done, cfg.bucket)
+        if done and done * 4 >= len(active) and target < len(active):
+            # keep the live rows, topped up with finished ones (whose tokens are ignored) to the bucket
+            live = [r for r, s in enumerate(active) if s.reason is None]
+            idle = [r for r, s in enumerate(active) if s.reason is not None]
+            keep = sorted(live + idle[: target - len(live)])
             for c in caches:
                 c.filter(keep)
             keep_arr = mx.array(keep)
@@ -376,7 +397,7 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     eos = getattr(tokenizer, "eos_token_ids", None)
     eos = set(eos) if eos is not None else {tokenizer.eos_token_id} - {None}
     stops = [s.encode() for s in cfg.stops()]
-    stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0)
+    stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0, shapes=set())
 
     was_training = model.training
     model.eval()
@@ -416,4 +437,5 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
         tokens_per_sec=stats["decode_tokens"] / max(stats["decode_s"], 1e-9),
         peak_batch=stats["peak_batch"],
         num_batches=len(batches),
+        shapes=stats["shapes"],
     )

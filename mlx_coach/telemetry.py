@@ -33,9 +33,9 @@ from mlx_coach.settings import check_fields, setting
 PHASES = ("early", "mid", "late")
 
 TOKS = "gen/tokens_per_sec"
-FRAG = "memory/fragmentation"
+FRAG = "memory/cache_share"
 
-EPOCH_COLUMNS = ("tokens_per_sec", "cache_hit_rate", "fragmentation", "fresh_reward_mean", "steps")
+EPOCH_COLUMNS = ("tokens_per_sec", "cache_hit_rate", "cache_share", "fresh_reward_mean", "steps")
 
 
 @dataclass
@@ -154,17 +154,17 @@ def custom_scalar_layout():
     return {
         "mlx-coach": {
             # relative tok/s (1.0 = the run's first steps) shares the 0..1 scale of the hit rate
-            "relative tok/s vs cache hit rate and fragmentation": [
+            "relative tok/s vs cache hit rate and MLX cache share": [
                 "Multiline", exact(TOKS + "_rel", "cache/hit_rate", FRAG)],
             "tok/s vs cache hit rate": ["Multiline", exact(TOKS, "cache/hit_rate")],
             "tok/s vs cache hit rate by epoch phase": [
                 "Multiline",
                 ["^gen/tokens_per_sec_by_phase/", "^cache/hit_rate_by_phase/"],
             ],
-            "tok/s vs fragmentation": ["Multiline", exact(TOKS, FRAG)],
-            "tok/s vs fragmentation by epoch phase": [
+            "tok/s vs MLX cache share": ["Multiline", exact(TOKS, FRAG)],
+            "tok/s vs MLX cache share by epoch phase": [
                 "Multiline",
-                ["^gen/tokens_per_sec_by_phase/", "^memory/fragmentation_by_phase/"],
+                ["^gen/tokens_per_sec_by_phase/", "^memory/cache_share_by_phase/"],
             ],
             "reward: fresh vs cached": [
                 "Multiline",
@@ -303,14 +303,14 @@ class PhaseAccumulator:
 
     def add(self, phase, metrics):
         """metrics: tokens_per_sec, hits and misses (this step's lookups, not running totals),
-        fragmentation, fresh_reward_mean and fresh_count (its weight, default 1); each optional."""
+        cache_share, fresh_reward_mean and fresh_count (its weight, default 1); each optional."""
         s = self.stats.setdefault(
             phase,
             {"steps": 0, "toks_sum": 0.0, "toks_n": 0, "hits": 0.0, "misses": 0.0,
              "frag_sum": 0.0, "frag_n": 0, "fresh_sum": 0.0, "fresh_n": 0.0},
         )
         s["steps"] += 1
-        toks, frag = _as_float(metrics.get("tokens_per_sec")), _as_float(metrics.get("fragmentation"))
+        toks, frag = _as_float(metrics.get("tokens_per_sec")), _as_float(metrics.get("cache_share"))
         if _finite(toks):
             s["toks_sum"] += toks
             s["toks_n"] += 1
@@ -333,7 +333,7 @@ class PhaseAccumulator:
         return {
             "tokens_per_sec": ratio(s["toks_sum"], s["toks_n"]),
             "cache_hit_rate": ratio(s["hits"], s["hits"] + s["misses"]),
-            "fragmentation": ratio(s["frag_sum"], s["frag_n"]),
+            "cache_share": ratio(s["frag_sum"], s["frag_n"]),
             "fresh_reward_mean": ratio(s["fresh_sum"], s["fresh_n"]),
             "steps": s["steps"],
         }
@@ -346,7 +346,7 @@ class PhaseAccumulator:
         out = {
             f"gen/tokens_per_sec_by_phase/{phase}": v["tokens_per_sec"],
             f"cache/hit_rate_by_phase/{phase}": v["cache_hit_rate"],
-            f"memory/fragmentation_by_phase/{phase}": v["fragmentation"],
+            f"memory/cache_share_by_phase/{phase}": v["cache_share"],
         }
         return {k: x for k, x in out.items() if not math.isnan(x)}
 

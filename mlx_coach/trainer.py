@@ -36,8 +36,8 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
-from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, sequence_logprobs,
-                     unfreeze_all)
+from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
+                     sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .tasks import load_tasks, split_tasks
@@ -229,10 +229,12 @@ class Trainer:
         for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
             p_ids, c_ids = [prompt_ids[i] for i in idx], [comp_ids[i] for i in idx]
             if self.ref_model is not None:
-                logp, _, _ = sequence_logprobs(self.ref_model, p_ids, c_ids, temperature=self.temperature)
+                logp, _, _ = sequence_logprobs(self.ref_model, p_ids, c_ids, temperature=self.temperature,
+                                               bucket=self.cfg.rollout.bucket)
             else:
                 with adapters_disabled(self.model):
-                    logp, _, _ = sequence_logprobs(self.model, p_ids, c_ids, temperature=self.temperature)
+                    logp, _, _ = sequence_logprobs(self.model, p_ids, c_ids, temperature=self.temperature,
+                                                   bucket=self.cfg.rollout.bucket)
             logp = mx.pad(logp, [(0, 0), (0, T - logp.shape[1])])
             mx.eval(logp)
             parts.append(logp)
@@ -241,7 +243,8 @@ class Trainer:
     def _loss(self, model, batch, beta):
         a = self.cfg.algo
         logp, mask, entropy = sequence_logprobs(model, batch["prompt_ids"], batch["comp_ids"],
-                                                with_entropy=a.entropy_coef > 0, temperature=self.temperature)
+                                                with_entropy=a.entropy_coef > 0, temperature=self.temperature,
+                                                bucket=self.cfg.rollout.bucket)
         mask = mask * batch["loss_mask"][:, : mask.shape[1]]
         old = batch["old_logp"][:, : logp.shape[1]]
         old = mx.where(mask > 0, old, mx.stop_gradient(logp))
@@ -358,6 +361,7 @@ class Trainer:
                                              _with_budget(rc, budget)), rc.max_batch_tokens, step=self.step + 1)
         t_gen = time.perf_counter() - t0
         self.memory.sample("generate")
+        self.memory.note_shapes("generate", rb.shapes)
         rollouts = rb.rollouts
         G = rc.group_size
         group_tasks = [tasks[r.prompt_index] for r in rollouts]
@@ -403,6 +407,9 @@ class Trainer:
                  "inject_nan": self.step + 1 in cfg.train.debug_nan_steps}
 
         # --- update ---
+        self.memory.note_shapes("update", [
+            (len(idx), padded_length([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx], cfg.rollout.bucket))
+            for idx in micro_batches(len(comp_ids), cfg.optim.grad_accum)])
         t0 = time.perf_counter()
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
@@ -468,7 +475,7 @@ class Trainer:
         self.events_seen = len(self.memory.events)
         self.phases.add(phase, {"tokens_per_sec": rb.tokens_per_sec, "hits": metrics.get("cache/step_hits", 0),
                                 "misses": metrics.get("cache/step_misses", 0),
-                                "fragmentation": mem.get("memory/fragmentation", 0.0),
+                                "cache_share": mem.get("memory/cache_share", 0.0),
                                 "fresh_reward_mean": metrics["reward/fresh_mean"] if fresh else None, "fresh_count": len(fresh)})
         metrics.update(self.phases.by_phase_metrics(phase))
         metrics["time/step_s"] = time.perf_counter() - t_step

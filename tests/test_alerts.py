@@ -37,7 +37,7 @@ def healthy_run(seed=0):
             "reward/frac_zero_std": 0.3 + rng.normal(0, 0.1),
             "gen/tokens_per_sec": 48.0 + rng.normal(0, 2.0),
             "memory/active_gb": 1.0 + rng.normal(0, 0.01),
-            "memory/fragmentation": 0.2 + rng.normal(0, 0.05),
+            "memory/cache_share": 0.2 + rng.normal(0, 0.05),
         })
     return rows
 
@@ -139,17 +139,26 @@ def test_zero_std_groups():
     assert [(s, a.code) for s, a in fired] == [(103, "zero_std_groups"), (153, "zero_std_groups")]
 
 
-def test_tokens_per_second_falling_within_an_epoch():
+def slow_mid_epoch(**also):
     rows = healthy_run()
     for row in rows[60:100]:  # epoch 1: early phase ends at step 67
+        row["time/score_s"] = 0.5
         if row["epoch/position"] >= 0.4:
             row["gen/tokens_per_sec"] = 30.0 + (row["step"] % 3)
-            row["memory/fragmentation"] = 0.72
-    fired, _ = run(rows)
-    assert codes(fired) == ["toks_drop"]
+            row.update(also)
+    return rows
+
+
+def test_tokens_per_second_falling_within_an_epoch_names_the_measured_cause():
+    fired, _ = run(slow_mid_epoch(**{"memory/active_gb": 1.6}))
+    assert codes(fired)[0] == "toks_drop"  # (and memory_growth at the epoch's end: memory did grow)
     step, alert = fired[0]
-    assert 70 <= step < 80 and alert.level == "warning"
-    assert "in the mid phase" in alert.message and "fragmentation is 72%" in alert.message
+    assert 70 <= step < 80 and alert.level == "warning" and "in the mid phase" in alert.message
+    assert "memory held grew from 0.99 to 1.60 GB" in alert.message and "clear_pressure" in alert.action
+    alert = run(slow_mid_epoch(**{"time/score_s": 2.0}))[0][0][1]
+    assert "scoring took 2.00 s a step against 0.50 s" in alert.message and "sandbox.workers" in alert.action
+    alert = run(slow_mid_epoch())[0][0][1]
+    assert "did not grow" in alert.message and "another process" in alert.action
     # the same slow tok/s in every phase of the epoch is no drop
     rows = healthy_run()
     for row in rows[50:100]:

@@ -1,3 +1,4 @@
+import sys
 import mlx.core as mx
 import pytest
 
@@ -10,7 +11,7 @@ from mlx_coach.memory import (
     OomEvent,
     clear_decision,
     device_memory_bytes,
-    fragmentation,
+    cache_share,
     halve_batch,
     is_oom_error,
     resolve_limit,
@@ -32,11 +33,11 @@ CPU_INFO = {"architecture": "x86_64", "device_name": "AMD EPYC"}
 OOM = "[metal::malloc] Resource limit (499000) exceeded."
 
 
-def test_fragmentation_definition():
-    assert fragmentation(0, 0) == 0.0
-    assert fragmentation(3, 1) == 0.25
-    assert fragmentation(0, 7) == 1.0
-    assert MemorySample(active=1, cache=3, peak=4, phase="rollout", t=0.0).fragmentation == 0.75
+def test_cache_share_definition():
+    assert cache_share(0, 0) == 0.0
+    assert cache_share(3, 1) == 0.25
+    assert cache_share(0, 7) == 1.0
+    assert MemorySample(active=1, cache=3, peak=4, phase="rollout", t=0.0).cache_share == 0.75
 
 
 def test_resolve_limit_bytes_and_fractions():
@@ -70,8 +71,8 @@ def test_wired_limit_is_bounded_by_the_recommended_working_set():
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(UserError, match="memory.clear_fragmentation"):
-        MemoryConfig(clear_fragmentation=1.5)
+    with pytest.raises(UserError, match="memory.clear_cache_share"):
+        MemoryConfig(clear_cache_share=1.5)
     with pytest.raises(UserError, match="memory.clear_fraction"):
         MemoryConfig(clear_fraction=-0.1)
     with pytest.raises(UserError, match="memory.oom_min_batch"):
@@ -99,34 +100,34 @@ def replay(cfg, cache_gb=CACHE_GB, active_gb=1.0):
     return fired
 
 
-def test_fragmentation_rule_fires_when_cache_exceeds_active():
-    # fragmentation > 0.5 <=> cache > active
-    assert replay(MemoryConfig(clear_fragmentation=0.5)) == [
-        (5, "fragmentation"), (6, "fragmentation"), (9, "fragmentation")]
-    assert replay(MemoryConfig(clear_fragmentation=0.5, clear_min_interval=3)) == [
-        (5, "fragmentation"), (9, "fragmentation")]
+def test_cache_share_rule_fires_when_cache_exceeds_active():
+    # cache share > 0.5 <=> cache > active
+    assert replay(MemoryConfig(clear_cache_share=0.5)) == [
+        (5, "cache_share"), (6, "cache_share"), (9, "cache_share")]
+    assert replay(MemoryConfig(clear_cache_share=0.5, clear_min_interval=3)) == [
+        (5, "cache_share"), (9, "cache_share")]
     # 0.4 <=> cache > 2/3 of active
-    assert [s for s, _ in replay(MemoryConfig(clear_fragmentation=0.4))] == [3, 4, 5, 6, 9]
+    assert [s for s, _ in replay(MemoryConfig(clear_cache_share=0.4))] == [3, 4, 5, 6, 9]
 
 
-def test_tiny_caches_are_not_cleared_for_fragmentation():
-    cfg = MemoryConfig(clear_fragmentation=0.5)
+def test_tiny_caches_are_not_cleared_for_cache_share():
+    cfg = MemoryConfig(clear_cache_share=0.5)
     s = MemorySample(active=0, cache=4, peak=4, phase="rollout", t=0.0)
     assert clear_decision(s, cfg, 1, None) == (False, None)
-    cfg = MemoryConfig(clear_fragmentation=0.5, clear_min_cache_gb=0)
-    assert clear_decision(s, cfg, 1, None) == (True, "fragmentation")
+    cfg = MemoryConfig(clear_cache_share=0.5, clear_min_cache_gb=0)
+    assert clear_decision(s, cfg, 1, None) == (True, "cache_share")
 
 
 def test_cache_size_and_periodic_rules():
-    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=1.1)
+    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=1.1)
     assert replay(cfg) == [(5, "cache_size"), (6, "cache_size"), (9, "cache_size")]
-    cfg = MemoryConfig(clear_fragmentation=None, clear_every=4)
+    cfg = MemoryConfig(clear_cache_share=None, clear_every=4)
     assert replay(cfg) == [(4, "periodic"), (8, "periodic")]
-    # both due: fragmentation is reported first
-    cfg = MemoryConfig(clear_fragmentation=0.5, clear_every=3)
-    assert replay(cfg) == [(3, "periodic"), (5, "fragmentation"), (6, "fragmentation"), (9, "fragmentation")]
-    assert replay(MemoryConfig(clear_fragmentation=None)) == []
-    assert replay(MemoryConfig(clear_fragmentation=0)) == []  # 0 is off too
+    # both due: the cache share is reported first
+    cfg = MemoryConfig(clear_cache_share=0.5, clear_every=3)
+    assert replay(cfg) == [(3, "periodic"), (5, "cache_share"), (6, "cache_share"), (9, "cache_share")]
+    assert replay(MemoryConfig(clear_cache_share=None)) == []
+    assert replay(MemoryConfig(clear_cache_share=0)) == []  # 0 is off too
 
 
 def test_trim_target():
@@ -261,12 +262,12 @@ def test_sample_reads_mlx_memory(mlx_limits):
     del a
     s2 = mgr.sample("update")
     assert s2.active <= s.active - 4 * 2**20 and s2.cache >= 4 * 2**20
-    assert s2.fragmentation > s.fragmentation
+    assert s2.cache_share > s.cache_share
     m = mgr.step_metrics()
     assert m["memory/phase/rollout/active_gb"] == s.active / GB
     assert m["memory/phase/update/cache_gb"] == s2.cache / GB
     assert m["memory/active_gb"] == s2.active / GB
-    assert m["memory/fragmentation"] == s2.fragmentation
+    assert m["memory/cache_share"] == s2.cache_share
     assert m["memory/peak_gb"] >= 4 * 2**20 / GB
     assert m["memory/clear_events"] == 0 and m["memory/freed_gb"] == 0
     assert mx.get_peak_memory() < s.peak  # reset for the next step
@@ -274,8 +275,8 @@ def test_sample_reads_mlx_memory(mlx_limits):
 
 
 def test_maybe_clear_frees_the_cache(mlx_limits):
-    # a cache-size trigger: fragmentation depends on what else this process holds (other tests' models)
-    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=None)
+    # a cache-size trigger: the cache share depends on what else this process holds (other tests' models)
+    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=None)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache()
     assert cached >= 10 * 2**20
@@ -283,7 +284,7 @@ def test_maybe_clear_frees_the_cache(mlx_limits):
     event = mgr.maybe_clear(step=3)
     assert event is not None and event.reason == "cache_size" and event.step == 3
     assert event.cache_before == cached and event.cache_after == 0 and event.freed_bytes == cached
-    assert not event.partial and event.fragmentation == sample.fragmentation and event.ms >= 0
+    assert not event.partial and event.cache_share == sample.cache_share and event.ms >= 0
     assert mx.get_cache_memory() == 0
     assert mgr.maybe_clear(step=3) is None  # at most one proactive clear per step
     fill_cache()
@@ -298,7 +299,7 @@ def test_maybe_clear_frees_the_cache(mlx_limits):
 
 
 def test_maybe_clear_trims_by_fraction_and_restores_the_limit(mlx_limits):
-    cfg = MemoryConfig(clear_fragmentation=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=0.5)
+    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=0.5)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache(n=10)
     mgr.sample("rollout")
@@ -311,7 +312,7 @@ def test_maybe_clear_trims_by_fraction_and_restores_the_limit(mlx_limits):
 
 
 def test_clear_every_on_a_real_manager(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(clear_fragmentation=None, clear_every=2), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_cache_share=None, clear_every=2), device_info=CPU_INFO)
     reasons = []
     for step in range(1, 6):
         fill_cache(n=2)
@@ -319,3 +320,58 @@ def test_clear_every_on_a_real_manager(mlx_limits):
         ev = mgr.maybe_clear(step)
         reasons.append(ev and ev.reason)
     assert reasons == [None, "periodic", None, "periodic", None]
+
+
+# --- what the OS says, pressure and growth ---------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_footprint_is_the_resident_size_the_os_reports():
+    from mlx_coach.memory import process_footprint
+
+    def vm_rss():
+        line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = (vm_rss(), process_footprint(), vm_rss())
+    assert min(before[0], before[2]) - 8 * 2**20 <= before[1] <= max(before[0], before[2]) + 8 * 2**20
+    held = bytearray(256 * 2**20)  # touched pages count as resident
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    grown = process_footprint()
+    assert grown - before[1] >= 200 * 2**20
+    del held
+
+
+def test_pressure_rule_compares_the_footprint_with_the_limit():
+    cfg = MemoryConfig(clear_pressure=0.8)
+    gb = int(GB)
+    calm = MemorySample(active=1 * gb, cache=1 * gb, peak=0, phase="p", t=0.0, footprint=7 * gb)
+    tight = MemorySample(active=1 * gb, cache=1 * gb, peak=0, phase="p", t=0.0, footprint=9 * gb)
+    assert clear_decision(calm, cfg, 1, None, limit=10 * gb) == (False, None)
+    assert clear_decision(tight, cfg, 1, None, limit=10 * gb) == (True, "pressure")
+    assert clear_decision(tight, MemoryConfig(clear_pressure=None), 1, None, limit=10 * gb) == (False, None)
+    # without an OS number, MLX's own active + cache stand in for the footprint
+    no_os = MemorySample(active=5 * gb, cache=4 * gb, peak=0, phase="p", t=0.0)
+    assert clear_decision(no_os, cfg, 1, None, limit=10 * gb) == (True, "pressure")
+    empty_cache = MemorySample(active=9 * gb, cache=0, peak=0, phase="p", t=0.0, footprint=9 * gb)
+    assert clear_decision(empty_cache, cfg, 1, None, limit=10 * gb) == (False, None)  # nothing to free
+
+
+def test_growth_rule_fires_on_a_cache_that_grew_every_step():
+    cfg = MemoryConfig(clear_growth_steps=3, clear_pressure=None, clear_min_cache_gb=0.0)
+    s = MemorySample(active=1, cache=40, peak=0, phase="p", t=0.0)
+    assert clear_decision(s, cfg, 5, None, cache_history=[10, 20, 30, 40]) == (True, "growth")
+    assert clear_decision(s, cfg, 5, None, cache_history=[10, 20, 20, 40]) == (False, None)  # one flat step
+    assert clear_decision(s, cfg, 5, None, cache_history=[20, 30, 40]) == (False, None)  # too short a history
+
+
+def test_step_metrics_carry_footprint_and_distinct_shapes(mlx_limits):
+    mgr = MemoryManager(MemoryConfig(clear_pressure=None), device_info=CPU_INFO)
+    mgr.note_shapes("generate", [(8, 1), (8, 1), (4, 1)])
+    mgr.note_shapes("update", [(8, 64)])
+    mgr.sample("update")
+    m = mgr.step_metrics()
+    assert m["memory/distinct_shapes"] == 3
+    if sys.platform.startswith("linux"):
+        assert m["memory/footprint_gb"] > 0 and m["memory/phase/update/footprint_gb"] > 0
+    assert mgr.step_metrics()["memory/distinct_shapes"] == 0  # per step

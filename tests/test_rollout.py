@@ -331,3 +331,42 @@ def test_smollm2_chat_rollouts_write_code_and_logprobs_agree(tmp_path):
         n = len(r.token_ids)
         np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), atol=2e-4)
         np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), atol=2e-3)
+
+
+def test_bucketing_changes_shapes_not_results(policy):
+    """Prompt lengths padded to multiples of 32 and a decode batch that shrinks only to powers of two: greedy samples,
+    their log-probs and the scored text are those of exact shapes; fewer distinct shapes are asked for."""
+    model, tok = policy
+    free = generate_rollouts(model, tok, PROMPTS, greedy(group_size=1, max_new_tokens=24)).rollouts
+    # EOS tokens that all but the last completion emit early and the last never: most rows finish within
+    # a few steps, the rest run to the length limit, so the batch shrinks
+    eos = {t for r in free[:-1] for t in r.token_ids[:3]} - set(free[-1].token_ids)
+    old, tok.eos_token_ids = tok.eos_token_ids, eos
+    runs = {}
+    try:
+        for bucket in (0, 32):
+            runs[bucket] = generate_rollouts(model, tok, PROMPTS * 2, greedy(group_size=3, max_new_tokens=24,
+                                                                             bucket=bucket))
+    finally:
+        tok.eos_token_ids = old
+    exact, bucketed = runs[0], runs[32]
+    assert len({r.finish_reason for r in exact.rollouts}) > 1  # rows finish at different steps
+    assert [r.token_ids for r in bucketed.rollouts] == [r.token_ids for r in exact.rollouts]
+    assert [r.text for r in bucketed.rollouts] == [r.text for r in exact.rollouts]
+    for a, b in zip(exact.rollouts, bucketed.rollouts):
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=1e-4, atol=1e-4)
+    start_rows = len(bucketed.rollouts)
+    shrunk = {rows for rows, tokens in bucketed.shapes if tokens == 1} - {start_rows}
+    assert shrunk and all(rows & (rows - 1) == 0 for rows in shrunk), shrunk  # shrinks to powers of two
+    assert len(bucketed.shapes) <= len(exact.shapes)
+
+
+def test_sequence_logprobs_padding_is_masked_exactly(policy):
+    model, tok = policy
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 40)]
+    comps = [rng.integers(0, 256, n).tolist() for n in (9, 3, 20)]
+    exact = sequence_logprobs(model, prompts, comps, with_entropy=True, temperature=0.7)
+    padded = sequence_logprobs(model, prompts, comps, with_entropy=True, temperature=0.7, bucket=32)
+    for a, b in zip(exact, padded):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-5)

@@ -23,12 +23,12 @@ STEP_TAGS = [
     "reward/timeout_count", "reward/infra_error_count",
     "cache/hits", "cache/misses", "cache/evictions", "cache/expirations", "cache/size",
     # memory, phases, health (issue: telemetry)
-    "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/fragmentation", "memory/clear_events",
+    "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/cache_share", "memory/clear_events",
     "memory/freed_gb", "reward/ema", "reward/frac_zero_std", "gen/truncated_frac", "policy/entropy",
     "grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters", "grad/update_ratio",
-    "loss/policy_ema",
-]
-PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/fragmentation_by_phase/{}"]
+    "loss/policy_ema", "memory/distinct_shapes", "memory/clear_ms",
+] + (["memory/footprint_gb"] if sys.platform.startswith("linux") else [])
+PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/cache_share_by_phase/{}"]
 
 
 @pytest.fixture(scope="module")

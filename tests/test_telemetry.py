@@ -58,9 +58,9 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
     for step in range(4):
         tel.log(step, {"gen/tokens_per_sec": 40.0 + step, "cache/hit_rate": 0.25 * step,
                        "reward/mean": np.float32(0.5), "note": "text is kept out of TensorBoard"})
-    rows = {"early": {"tokens_per_sec": 48.0, "cache_hit_rate": 0.9, "fragmentation": 0.1,
+    rows = {"early": {"tokens_per_sec": 48.0, "cache_hit_rate": 0.9, "cache_share": 0.1,
                       "fresh_reward_mean": float("nan"), "steps": 2},
-            "mid": {"tokens_per_sec": 30.5, "cache_hit_rate": 0.4, "fragmentation": 0.6,
+            "mid": {"tokens_per_sec": 30.5, "cache_hit_rate": 0.4, "cache_share": 0.6,
                     "fresh_reward_mean": 0.3, "steps": 2}}
     tel.epoch_table(0, 3, rows)
     tel.text("run/config", "lr: 1e-5", 0)
@@ -81,7 +81,7 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
 
     (step, table), = text(acc, "epoch/phase_table")
     assert step == 3
-    assert "| phase | tokens_per_sec | cache_hit_rate | fragmentation | fresh_reward_mean | steps |" in table
+    assert "| phase | tokens_per_sec | cache_hit_rate | cache_share | fresh_reward_mean | steps |" in table
     assert "| early | 48 | 0.9 | 0.1 | n/a | 2 |" in table
     assert "| mid | 30.5 | 0.4 | 0.6 | 0.3 | 2 |" in table
     assert text(acc, "run/config") == [(0, "lr: 1e-5")]
@@ -100,7 +100,7 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
     assert charts["tok/s vs cache hit rate"] == ["^gen/tokens_per_sec$", "^cache/hit_rate$"]
     assert charts["tok/s vs cache hit rate by epoch phase"] == [
         "^gen/tokens_per_sec_by_phase/", "^cache/hit_rate_by_phase/"]
-    assert charts["tok/s vs fragmentation"] == ["^gen/tokens_per_sec$", "^memory/fragmentation$"]
+    assert charts["tok/s vs MLX cache share"] == ["^gen/tokens_per_sec$", "^memory/cache_share$"]
     assert charts["reward: fresh vs cached"] == ["^reward/fresh_mean$", "^reward/cached_mean$", "^reward/mean$"]
     assert charts["loss"] == ["^loss/policy$", "^loss/kl$", "^loss/policy_ema$"]
 
@@ -127,13 +127,13 @@ def test_custom_scalar_tags_match_only_their_series(tmp_path):
     (config,) = load(tmp_path).Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     tags = ["gen/tokens_per_sec", "gen/tokens_per_sec_by_phase/early", "cache/hit_rate",
-            "cache/hit_rate_by_phase/mid", "memory/fragmentation", "memory/fragmentation_by_phase/late"]
+            "cache/hit_rate_by_phase/mid", "memory/cache_share", "memory/cache_share_by_phase/late"]
     # TensorBoard's custom-scalars plugin selects series with re.match(pattern, tag)
     chart = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
     picked = lambda title: [t for t in tags if any(re.match(p, t) for p in chart[title])]  # noqa: E731
     assert picked("tok/s vs cache hit rate") == ["gen/tokens_per_sec", "cache/hit_rate"]
-    assert picked("tok/s vs fragmentation by epoch phase") == [
-        "gen/tokens_per_sec_by_phase/early", "memory/fragmentation_by_phase/late"]
+    assert picked("tok/s vs MLX cache share by epoch phase") == [
+        "gen/tokens_per_sec_by_phase/early", "memory/cache_share_by_phase/late"]
 
 
 def test_non_finite_values(tmp_path):
@@ -185,7 +185,7 @@ def test_jsonl_only_without_tensorboard(tmp_path):
 
 
 def step_metrics(toks, hits, misses, frag, fresh=None, fresh_n=None):
-    m = {"tokens_per_sec": toks, "hits": hits, "misses": misses, "fragmentation": frag,
+    m = {"tokens_per_sec": toks, "hits": hits, "misses": misses, "cache_share": frag,
          "fresh_reward_mean": fresh}
     if fresh_n is not None:
         m["fresh_count"] = fresh_n
@@ -202,9 +202,9 @@ def test_phase_accumulator_pools_hits_and_misses():
     assert early == {
         "gen/tokens_per_sec_by_phase/early": 45.0,
         "cache/hit_rate_by_phase/early": 11 / 41,  # pooled, not the mean of 1.0 and 0.25
-        "memory/fragmentation_by_phase/early": pytest.approx(0.2),
+        "memory/cache_share_by_phase/early": pytest.approx(0.2),
     }
-    # no lookups and no fragmentation sample in "mid": those tags are left out
+    # no lookups and no cache-share sample in "mid": those tags are left out
     assert acc.by_phase_metrics("mid") == {"gen/tokens_per_sec_by_phase/mid": 30.0}
     assert acc.by_phase_metrics("late") == {"gen/tokens_per_sec_by_phase/late": 20.0}
     rows = acc.epoch_rows()
