@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_coach.telemetry import read_jsonl  # noqa: E402
+from mlx_coach.telemetry import read_jsonl
 
 PHASES = ("time/step_s", "time/generate_s", "time/score_s", "time/update_s")
 
@@ -54,7 +54,7 @@ def run(ranks, cfg_path, out, port):
         launcher = Path(sys.executable).with_name("mlx.launch")
         launcher = str(launcher) if launcher.exists() else shutil.which("mlx.launch")
         cmd = [launcher, "-n", str(ranks), "--backend", "ring", "--starting-port", str(port), "--", *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if p.returncode != 0:
         sys.exit(f"{ranks}-rank run failed:\n{p.stderr[-2000:]}")
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r][1:]  # drop the warm-up step

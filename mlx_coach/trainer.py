@@ -324,8 +324,9 @@ class Trainer:
             mx.eval(grads_sum, loss_sum, stats_sum)
         if self.world.size > 1:
             grads_sum = nn.average_gradients(grads_sum)
-            mean = lambda x: mx.distributed.all_sum(x) / self.world.size  # noqa: E731
-            loss_sum, stats_sum = mean(loss_sum), {k: mean(v) for k, v in stats_sum.items()}
+            size = self.world.size
+            loss_sum = mx.distributed.all_sum(loss_sum) / size
+            stats_sum = {k: mx.distributed.all_sum(v) / size for k, v in stats_sum.items()}
             mx.eval(grads_sum, loss_sum, stats_sum)
         return grads_sum, loss_sum, stats_sum
 

@@ -13,13 +13,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
+from test_trainer import tiny_cfg
 
 from mlx_coach.distributed import shard_bounds, world
 from mlx_coach.errors import UserError
 from mlx_coach.telemetry import read_jsonl
 from mlx_coach.trainer import train
-
-from test_trainer import tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 # the mlx.launch installed with this interpreter's mlx
@@ -52,7 +51,7 @@ def launch(args, ranks=2, timeout=240):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     cmd = [MLX_LAUNCH, "-n", str(ranks), "--backend", "ring",
            "--starting-port", str(free_port_block()), "--", sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False)
 
 
 def test_shards_are_contiguous_disjoint_and_cover_each_step_once():
@@ -134,7 +133,8 @@ def two_runs(tmp_path_factory):
         args = ["-m", "mlx_coach", "train", "-c", str(cfg), "--output", str(out)]
         if ranks == 1:  # no mlx.launch at all: the plain single-process command
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-            p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+            p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
+                               check=False)
         else:
             p = launch(args)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -146,7 +146,6 @@ def _adapters(run):
     return mx.load(str(run / "checkpoints/step-3/adapters.safetensors")), mx.load(str(run / "initial_trainable.safetensors"))
 
 
-@pytest.mark.slow
 def test_two_ranks_train_the_same_adapters_as_one_rank(two_runs):
     """Same seed, same 4 prompts per step, 3 steps (across an epoch end): the 2-rank run's adapter update
     equals the 1-rank run's. Measured on this CPU: per-tensor relative difference of the updates <= 4e-4
@@ -166,7 +165,6 @@ def test_two_ranks_train_the_same_adapters_as_one_rank(two_runs):
     assert (state["world_size"], state["step"], state["epoch"], state["pos"]) == (2, 3, 1, 4)
 
 
-@pytest.mark.slow
 def test_rank_0_alone_logs_every_sample_of_both_ranks_once(two_runs):
     one, two = (read_jsonl(two_runs[r][0] / "metrics.jsonl") for r in (1, 2))
     steps1, steps2 = ([r for r in rows if "reward/mean" in r] for rows in (one, two))
@@ -180,8 +178,8 @@ def test_rank_0_alone_logs_every_sample_of_both_ranks_once(two_runs):
         assert r2["dist/param_checksum_spread"] == 0.0  # identical weights on both ranks
     assert any(r["gen/truncated_frac"] < 1 for r in steps1)  # the stop strings made lengths differ
     evals = [r for r in two if "eval/pass@1" in r]
-    assert [r["step"] for r in evals] == [2] and evals[0]["eval/pass@1"] == [
-        r for r in one if "eval/pass@1" in r][0]["eval/pass@1"]
+    assert [r["step"] for r in evals] == [2] and evals[0]["eval/pass@1"] == next(
+        r for r in one if "eval/pass@1" in r)["eval/pass@1"]
     assert not (two_runs[2][0] / "alerts.jsonl").exists() or "param_drift" not in (
         two_runs[2][0] / "alerts.jsonl").read_text()
     assert two_runs[2][1].stdout.count("done: step 3") == 1  # rank 0 alone reports
@@ -200,10 +198,13 @@ def test_resuming_with_another_world_size_is_refused_in_one_line(tmp_path):
     assert "2-rank run" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_step_with_fewer_prompts_than_ranks_is_refused_on_every_rank(tmp_path):
+def test_a_step_with_fewer_prompts_than_ranks_is_refused(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**EQUIVALENCE, "rollout": {**EQUIVALENCE["rollout"], "prompts_per_step": 1}}))
     p = launch(["-m", "mlx_coach", "train", "-c", str(cfg), "--output", str(tmp_path / "run1")], timeout=120)
-    assert p.returncode != 0
-    errors = [line for line in p.stderr.splitlines() if line.startswith("mlx-coach: error:")]
-    assert len(errors) == 2 and "fewer than the 2 ranks" in errors[0], p.stderr[-2000:]
+    # a rank exits 2 with the one line; mlx.launch 0.32 then stops the other rank and itself exits 0
+    output = p.stdout + p.stderr
+    errors = [line for line in output.splitlines() if line.startswith("mlx-coach: error:")]
+    assert errors and all("fewer than the 2 ranks" in e for e in errors), output[-2000:]
+    assert "exited with code 2" in output
+    assert not (tmp_path / "run1/metrics.jsonl").exists()
