@@ -51,6 +51,20 @@ def _mlx_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def _distributed_rows() -> list[tuple[str, str]]:
+    """Backends this MLX build can start, and this process's place in the group (1 rank outside mlx.launch)."""
+    import mlx.core as mx
+
+    from .distributed import launched_backend, world
+
+    built = [b for b in ("ring", "jaccl", "mpi", "nccl") if mx.distributed.is_available(b)]
+    w = world()
+    launched = launched_backend()
+    where = f"{launched} (mlx.launch)" if launched else "none (single process; start ranks with mlx.launch)"
+    return [("distributed backends", ", ".join(built) or "none"), ("distributed backend", where),
+            ("distributed rank / size", f"{w.rank} / {w.size}")]
+
+
 def _blas_row() -> tuple[str, str]:
     """Which BLAS the matmul above went through (Linux: read from the process's memory map)."""
     if not sys.platform.startswith("linux"):
@@ -113,6 +127,7 @@ def report() -> list[tuple[str, str]]:
         rows.append(("mlx-lm", version("mlx-lm")))
     rows += _mlx_rows()
     rows.append(_blas_row())
+    rows += _distributed_rows()
     rows += _sandbox_rows()
     rows += _missing()
     return rows

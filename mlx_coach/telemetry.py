@@ -292,6 +292,15 @@ class Telemetry:
         self.close()
 
 
+class SilentTelemetry:
+    """What ranks other than 0 log to in a distributed run: nothing (rank 0 writes the run directory)."""
+
+    def _nothing(self, *args, **kwargs):
+        return None
+
+    log = text = event = alert = image = epoch_table = custom_layout = flush = close = _nothing
+
+
 class PhaseAccumulator:
     """Running per-phase statistics within the current epoch (call reset() at each epoch start)."""
 

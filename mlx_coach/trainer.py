@@ -27,10 +27,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import losses
-from .alerts import AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
+from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
+from .distributed import checksum_spread, shard_bounds, world
 from .errors import UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
@@ -41,9 +42,10 @@ from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy,
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .tasks import load_tasks, split_tasks
-from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
+from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
 LENGTH_EDGES = (200, 400)  # prompt length buckets (characters) for the category x length heatmap
+DRIFT_TOLERANCE = 1e-6  # relative spread of the ranks' parameter checksums that counts as drift
 
 
 def step_seed(seed, step):
@@ -97,11 +99,14 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir, *, resume=False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.world = world()  # size 1 without mlx.launch; rank 0 alone writes the run directory
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.world.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
+        self._check_shards()
 
         # --- policy, reference, optimizer ---
         mx.random.seed(cfg.train.seed)
@@ -130,7 +135,7 @@ class Trainer:
             self.initial_trainable = mx.load(str(initial))
         else:
             self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
-            if m.fine_tune == "lora":
+            if m.fine_tune == "lora" and self.world.is_main:
                 mx.save_safetensors(str(initial), self.initial_trainable)
 
         # --- scoring, memory, telemetry ---
@@ -155,8 +160,11 @@ class Trainer:
         if resume:
             self._resume()
         self.order = epoch_order(len(self.train_tasks), cfg.train.seed, self.epoch)
-        self.telemetry = Telemetry(self.run_dir, tensorboard=cfg.telemetry.tensorboard,
-                                   console=cfg.telemetry.progress, purge_step=self.step + 1 if resume else None)
+        if self.world.is_main:
+            self.telemetry = Telemetry(self.run_dir, tensorboard=cfg.telemetry.tensorboard,
+                                       console=cfg.telemetry.progress, purge_step=self.step + 1 if resume else None)
+        else:
+            self.telemetry = SilentTelemetry()
         self.telemetry.custom_layout()
         self.cache_counts = self._cache_counts()  # per-step hit rates are differences of these
         if not resume:
@@ -168,12 +176,21 @@ class Trainer:
         if self.model_info.get("kind") != "builtin":
             return self.model_info["path"]
         target = self.run_dir / "base_model"
-        if not (target / "config.json").is_file():
+        if self.world.is_main and not (target / "config.json").is_file():
             tmp = self.run_dir / ".base_model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(self.model_info["path"], tmp)
             os.replace(tmp, target)
         return str(target.resolve())
+
+    def _check_shards(self):
+        """Every rank needs at least one prompt in every step, the epoch's last (shorter) step included."""
+        n, per_step, size = len(self.train_tasks), self.cfg.rollout.prompts_per_step, self.world.size
+        smallest = min(per_step, n % per_step or per_step, n)
+        if smallest < size:
+            raise UserError(f"config key 'rollout.prompts_per_step': {n} training tasks in steps of {per_step} leave "
+                            f"a step of {smallest} prompts, fewer than the {size} ranks; make each step hold at "
+                            f"least {size} prompts (prompts_per_step, data.limit)")
 
     # ---------------------------------------------------------------- checkpoints
     def _state(self):
@@ -186,9 +203,13 @@ class Trainer:
             "reward_ema": self.reward_ema.state_dict(), "loss_ema": self.loss_ema.state_dict(),
             "alerts": self.alert_state.state_dict(), "phases": self.phases.state_dict(),
             "lr_scale": self.lr_scale, "model": self.model_info.get("path"), "toks_first": self.toks_first,
+            "world_size": self.world.size,
         }
 
     def save(self):
+        """Rank 0 writes the checkpoint (every rank holds the same weights and optimizer state)."""
+        if not self.world.is_main:
+            return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._state(),
                                self.adapter_cfg, self.cache.snapshot())
 
@@ -197,6 +218,11 @@ class Trainer:
         if ckpt is None:
             raise UserError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
         state, cache_snapshot = load_checkpoint(ckpt, self.model, self.optimizer)
+        saved_size = state.get("world_size", 1)
+        if saved_size != self.world.size:
+            raise UserError(f"--resume: {ckpt} was written by a {saved_size}-rank run; resume it with "
+                            f"{saved_size} rank(s) (this run has {self.world.size}): another world size "
+                            f"splits the steps' prompts differently, so the run would not continue the same")
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.baseline, self.skipped = state["baseline"], state["skipped_steps"]
         self.kl_ctl = losses.kl_controller_from_state(state["kl_controller"])
@@ -210,7 +236,8 @@ class Trainer:
         self.toks_first = state["toks_first"]
         if cache_snapshot is not None:
             self.cache.restore(cache_snapshot)
-        print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
+        if self.world.is_main:
+            print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
 
     # ---------------------------------------------------------------- phases
     def next_prompts(self):
@@ -277,19 +304,32 @@ class Trainer:
 
     def accumulate_gradients(self, batch, beta, chunks):
         """(grads, loss, stats) of the whole batch, summed over micro-batches weighted so that they
-        equal the full batch's; each micro-batch is evaluated before the next builds its graph."""
+        equal the full batch's; each micro-batch is evaluated before the next builds its graph.
+
+        Distributed: each rank's sum is scaled by size x (its share of the global batch's normaliser,
+        batch["rank_weight"]), so `nn.average_gradients` yields the global batch's gradient; loss and
+        stats are averaged the same way. Every rank then clips and applies the same gradient."""
         grads_sum, loss_sum, stats_sum = None, 0.0, {}
+        rank_weight = batch.get("rank_weight", 1.0)
         for idx in chunks:
             sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
-                   for k, v in batch.items() if k not in ("mask_np", "inject_nan")}
+                   for k, v in batch.items() if k not in ("mask_np", "inject_nan", "rank_weight")}
             sub["inject_nan"] = batch.get("inject_nan", False)
             w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
+            if self.world.size > 1:
+                w *= rank_weight
             (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
             grads = tree_map(lambda g: g * w, grads)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             loss_sum += loss * w
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * w
+            mx.eval(grads_sum, loss_sum, stats_sum)
+        if self.world.size > 1:
+            grads_sum = nn.average_gradients(grads_sum)
+            size = self.world.size
+            loss_sum = mx.distributed.all_sum(loss_sum) / size
+            stats_sum = {k: mx.distributed.all_sum(v) / size for k, v in stats_sum.items()}
             mx.eval(grads_sum, loss_sum, stats_sum)
         return grads_sum, loss_sum, stats_sum
 
@@ -326,6 +366,14 @@ class Trainer:
             return float((chunk_mask.sum(1) > 0).sum() / max((batch_mask.sum(1) > 0).sum(), 1))
         return len(chunk_mask) / len(batch_mask)
 
+    def _rank_weight(self, mask_np):
+        """size x this rank's share of what the loss divides by (tokens, sequences or rows) over all ranks."""
+        agg = self.cfg.algo.aggregation
+        mine = float(mask_np.sum() if agg == "token" else (mask_np.sum(1) > 0).sum() if agg == "sequence"
+                     else len(mask_np))
+        # _chunk_weight divided by max(local total, 1): multiplying by it leaves chunk / global total
+        return self.world.size * max(mine, 1.0) / max(self.world.all_sum(mine), 1.0)
+
     def _log_cache_clear(self, removed, step):
         if removed or self.cfg.cache.policy == "epoch-clear":
             self.telemetry.event(step, "cache/clear", removed=int(removed), epoch=self.epoch)
@@ -338,7 +386,20 @@ class Trainer:
         t = self.cfg.train
         rc = replace(self.cfg.rollout, temperature=0.0, group_size=1,
                      max_new_tokens=t.val_max_new_tokens or self.cfg.rollout.max_new_tokens)
-        records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer, bypass_cache=True)
+        if self.world.size == 1:
+            records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer,
+                                         bypass_cache=True)
+        else:  # each rank scores its share (greedy: the same verdicts as one rank's), then all are combined
+            mine = self.world.shard(self.val_tasks)
+            lo, _ = shard_bounds(len(self.val_tasks), self.world.size, self.world.rank)
+            local = generate_and_score(self.model, self.tokenizer, mine, rc, self.val_scorer,
+                                       bypass_cache=True) if mine else []
+            index = {t.task_id: lo + i for i, t in enumerate(mine)}
+            rows = self.world.gather_columns({"task": [index[r["task_id"]] for r in local],
+                                              "passed": [float(r["passed"]) for r in local]})
+            tasks = [self.val_tasks[int(i)] for i in rows["task"]]
+            records = [{"task_id": t.task_id, "passed": bool(p), "category": t.tags.get("category", "none"),
+                        "prompt": t.prompt} for t, p in zip(tasks, rows["passed"])]
         summary = pass_at_k_summary(records, ks=(1,))
         triples = [(r["category"], len(r["prompt"]), r["passed"]) for r in records]
         return summary, triples
@@ -347,8 +408,10 @@ class Trainer:
     def run_step(self):
         cfg, a = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
-        mx.random.seed(step_seed(cfg.train.seed, self.step))
-        tasks, position = self.next_prompts()
+        # rank 0 draws what a single process draws; other ranks draw from their own streams
+        mx.random.seed((step_seed(cfg.train.seed, self.step) + 104_729 * self.world.rank) % 2**31)
+        all_tasks, position = self.next_prompts()
+        tasks = self.world.shard(all_tasks)  # this rank's contiguous share of the step's prompts
         phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
         metrics = {"epoch": self.epoch, "epoch/position": position}
 
@@ -392,19 +455,33 @@ class Trainer:
         # KL(behaviour || reference) per sampled token, whatever kl_in is: the controller, kl/mean and
         # the kl_high alert see the policy's distance even when the penalty sits in the reward
         all_tokens = mx.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comp_ids])
-        kl_obs = float(losses.aggregate(losses.kl_estimate(old_logp, ref_logp, a.kl_estimator), all_tokens).item())
+        kl_tokens = losses.kl_estimate(old_logp, ref_logp, a.kl_estimator)
+        if self.world.size == 1:
+            kl_obs = float(losses.aggregate(kl_tokens, all_tokens).item())
+        else:  # token mean over every rank's tokens
+            kl_sum, n_tok = self.world.all_sum([float(mx.sum(mx.where(all_tokens > 0, kl_tokens, 0.0)).item()), float(all_tokens.sum().item())])
+            kl_obs = kl_sum / max(n_tok, 1.0)
         rewards = mx.array(rewards_np)
         if a.kl_in == "reward" and beta > 0:
             rewards = losses.kl_penalized_rewards(rewards, old_logp, ref_logp, mx.array(mask_np), beta, a.kl_estimator)
+        if self.world.size > 1:
+            # advantages (group, batch or moving-baseline) are computed on the global batch, as on one
+            # rank, and each rank keeps its rows: its prompts' groups are whole, so its slice is contiguous
+            lo, hi = shard_bounds(len(all_tasks), self.world.size, self.world.rank)
+            rewards = mx.array(self.world.gather(np.array(rewards)[:, None]).ravel())
         if a.advantage == "grpo":
             adv = losses.grpo_advantages(rewards, G, scale=a.scale_rewards)
         elif a.advantage == "dr_grpo":
             adv = losses.dr_grpo_advantages(rewards, G)
         else:
             adv, self.baseline = losses.reinforce_advantages(rewards, self.baseline, a.baseline_decay)
+        if self.world.size > 1:
+            adv = adv[lo * G: hi * G]
         batch = {"prompt_ids": prompt_ids, "comp_ids": comp_ids, "old_logp": old_logp, "ref_logp": ref_logp,
                  "adv": adv, "loss_mask": loss_mask, "mask_np": mask_np,
                  "inject_nan": self.step + 1 in cfg.train.debug_nan_steps}
+        if self.world.size > 1:
+            batch["rank_weight"] = self._rank_weight(mask_np)
 
         # --- update ---
         self.memory.note_shapes("update", [
@@ -416,17 +493,29 @@ class Trainer:
         self.memory.sample("update")
         self.skipped += upd["skipped"]
         if upd["skipped"] == 0:  # the controller's horizon is in samples, as in TRL and OpenRLHF
-            self.kl_ctl.update(kl_obs, len(rollouts))
+            self.kl_ctl.update(kl_obs, len(all_tasks) * G)
         self.step += 1
+        if self.world.size > 1 and cfg.train.checksum_every and self.step % cfg.train.checksum_every == 0:
+            self.check_parameters_agree(metrics)
 
-        # --- metrics ---
-        fresh = [s.total for s in scored if s.provenance == "fresh"]
-        cached = [s.total for s in scored if s.provenance == "cached"]
-        comp_lens = [len(c) for c in comp_ids]
+        # --- metrics (per sample, gathered from every rank in rank order; one rank: its own lists) ---
+        cols = self.world.gather_columns({
+            "total": [s.total for s in scored], "fresh": [s.provenance == "fresh" for s in scored],
+            "cached": [s.provenance == "cached" for s in scored], "passed": [s.passed for s in scored],
+            "truncated": truncated, "comp_len": [len(c) for c in comp_ids],
+            **{f"status/{st}": [st in s.statuses.values() for s in scored] for st in ("timeout", "infra_error")},
+            **{f"part/{src.name}": [s.parts.get(src.name, math.nan) for s in scored] for src in self.rewards.sources}})
+        rewards_np = np.array(cols["total"], dtype=np.float32)
+        fresh = [v for v, f in zip(cols["total"], cols["fresh"]) if f]
+        cached = [v for v, c in zip(cols["total"], cols["cached"]) if c]
+        comp_lens, truncated = cols["comp_len"], cols["truncated"]
         ent = [e for r in rollouts for e in r.entropies]
+        if self.world.size > 1:
+            ent = self.world.gather(np.array(ent, dtype=np.float32)[:, None]).ravel().tolist()
+        gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards)
         metrics.update({
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
-            "reward/count": len(scored), "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
+            "reward/count": len(cols["total"]), "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
             "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
             "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
             "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),
@@ -439,41 +528,42 @@ class Trainer:
             "grad/update_ratio": float(np.mean(upd["update_ratio"])) if upd["update_ratio"] else 0.0,
             "lr": float(self.optimizer.learning_rate.item()), "lr/scale": self.lr_scale,
             "train/skipped_steps": self.skipped,
-            "train/pass_rate": float(np.mean([s.passed for s in scored])),
-            "gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,
-            "gen/decode_tokens": rb.decode_tokens, "gen/completion_len_mean": float(np.mean(comp_lens)),
+            "train/pass_rate": float(np.mean(cols["passed"])),
+            **gen,  # tokens and tok/s summed over ranks, times the slowest rank's
+            "gen/completion_len_mean": float(np.mean(comp_lens)),
             "gen/truncated_frac": float(np.mean(truncated)),
-            "time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
-            "time/rewards_s": t_rewards,  # the reward sources alone (cache, sandbox, judges, functions)
         })
         # the mean of no samples is undefined: NaN, never a made-up 0
         # a sandbox deadline hit on a loaded machine scores 0 like a failing program: count it apart
         for status in ("timeout", "infra_error"):
-            metrics[f"reward/{status}_count"] = sum(status in s.statuses.values() for s in scored)
+            metrics[f"reward/{status}_count"] = sum(bool(v) for v in cols[f"status/{status}"])
         metrics["reward/fresh_mean"] = float(np.mean(fresh)) if fresh else float("nan")
         metrics["reward/cached_mean"] = float(np.mean(cached)) if cached else float("nan")
+        toks = metrics["gen/tokens_per_sec"]
         if len(self.toks_first) < 5:
-            self.toks_first.append(rb.tokens_per_sec)
-        metrics["gen/tokens_per_sec_rel"] = rb.tokens_per_sec / max(float(np.mean(self.toks_first)), 1e-9)
+            self.toks_first.append(toks)
+        metrics["gen/tokens_per_sec_rel"] = toks / max(float(np.mean(self.toks_first)), 1e-9)
         if self.baseline_reward is not None and fresh:
             metrics["reward/gain_from_baseline"] = float(np.mean(fresh)) - self.baseline_reward
         if self.epoch == 0:
             self.first_epoch_fresh.extend(fresh)
         for src in self.rewards.sources:
-            vals = [s.parts.get(src.name) for s in scored]
-            vals = [v for v in vals if v is not None]
+            vals = [v for v in cols[f"part/{src.name}"] if not math.isnan(v)]
             if vals and len(self.rewards.sources) > 1:
                 metrics[f"reward/{src.name}_mean"] = float(np.mean(vals))
         metrics.update(self.rewards.stats())
         metrics.update(upd["group_norms"])
         metrics.update(self.cache_metrics())
         mem = self.memory.step_metrics()
+        if self.world.size > 1:  # the largest rank's memory (per-phase samples stay rank 0's)
+            keys = [k for k in mem if not k.startswith("memory/phase/")]
+            mem.update(zip(keys, self.world.all_max([mem[k] for k in keys])))
         metrics.update(mem)
         self.memory.maybe_clear(self.step)
         for ev in self.memory.events[self.events_seen:]:  # clears and OOM batch halvings
             self.telemetry.event(self.step, ev.kind, **ev.fields())
         self.events_seen = len(self.memory.events)
-        self.phases.add(phase, {"tokens_per_sec": rb.tokens_per_sec, "hits": metrics.get("cache/step_hits", 0),
+        self.phases.add(phase, {"tokens_per_sec": toks, "hits": metrics.get("cache/step_hits", 0),
                                 "misses": metrics.get("cache/step_misses", 0),
                                 "cache_share": mem.get("memory/cache_share", 0.0),
                                 "fresh_reward_mean": metrics["reward/fresh_mean"] if fresh else None, "fresh_count": len(fresh)})
@@ -486,6 +576,8 @@ class Trainer:
             for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
                 self.telemetry.alert(self.step, alert)
             factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
+            if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere
+                factor = self.world.from_main(factor or 0.0) or None
             if factor is not None:
                 self.lr_scale *= factor
                 self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
@@ -493,6 +585,27 @@ class Trainer:
         if self.pos >= len(self.order):
             self.end_epoch()
         return metrics
+
+    def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards):
+        """Generation throughput and phase times of the step: tokens and tok/s summed over ranks,
+        times the slowest rank's (the step waits for it)."""
+        sums = {"gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,
+                "gen/decode_tokens": rb.decode_tokens}
+        times = {"time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
+                 "time/rewards_s": t_rewards}  # rewards_s: the reward sources alone (cache, sandbox, judges, functions)
+        if self.world.size > 1:
+            sums = dict(zip(sums, self.world.all_sum(list(sums.values()))))
+            times = dict(zip(times, self.world.all_max(list(times.values()))))
+        return {**sums, **times}
+
+    def check_parameters_agree(self, metrics):
+        """All-reduced parameter checksums: the ranks must hold the same weights; drift is alerted."""
+        spread = checksum_spread(self.world, tree_flatten(self.model.trainable_parameters()))
+        metrics["dist/param_checksum_spread"] = spread
+        if spread > DRIFT_TOLERANCE:
+            self.telemetry.alert(self.step, Alert(
+                "error", "param_drift", f"ranks hold different weights (checksum spread {spread:.2e})",
+                "stop and resume from the last checkpoint; check that every rank runs the same code and config"))
 
     def _cache_counts(self):
         s = self.cache.stats()["student"]
@@ -502,6 +615,10 @@ class Trainer:
         s = self.cache.stats()["student"]
         (h0, m0), self.cache_counts = self.cache_counts, self._cache_counts()
         dh, dm = s["hits"] - h0, s["misses"] - m0
+        if self.world.size > 1:  # each rank has its own cache: counts summed over ranks
+            names = ("hits", "misses", "evictions", "expirations", "size")
+            dh, dm, *totals = self.world.all_sum([dh, dm, *(s[k] for k in names)])
+            s = dict(zip(names, totals))
         return {"cache/hit_rate": dh / (dh + dm) if dh + dm else 0.0, "cache/step_hits": dh, "cache/step_misses": dm,
                 "cache/hits": s["hits"], "cache/misses": s["misses"], "cache/evictions": s["evictions"],
                 "cache/expirations": s["expirations"], "cache/size": s["size"]}
@@ -559,7 +676,7 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
     try:
         while trainer.step < total:
             last = trainer.run_step()
-            if cfg.telemetry.progress:
+            if cfg.telemetry.progress and trainer.world.is_main:
                 print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
             if every and trainer.step % every == 0:
                 trainer.save()
@@ -587,5 +704,6 @@ def run_from_args(args):
     if not args.resume and latest_checkpoint(run_dir) is not None:
         raise UserError(f"--output: {run_dir} already holds checkpoints; use --resume {run_dir} or a new --output")
     last = train(cfg, run_dir, resume=bool(args.resume))
-    print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")
+    if world().is_main:
+        print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")
     return 0

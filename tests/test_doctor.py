@@ -18,6 +18,9 @@ def test_report_names_backend_blas_sandbox_limits():
         assert rows["sandbox worker user"].startswith("no") and rows["sandbox worker judge_undumpable"] == "yes"
     if sys.platform.startswith("linux"):
         assert "BLAS" in rows["blas"]
+    # outside mlx.launch: one rank; the ring backend ships with every MLX build
+    assert rows["distributed rank / size"] == "0 / 1" and rows["distributed backend"].startswith("none")
+    assert "ring" in rows["distributed backends"]
 
 
 def test_cli_doctor_prints_every_row():

@@ -1,0 +1,131 @@
+"""Data parallelism over `mx.distributed`: this process's rank, its share of a step's prompts, and the
+collectives that turn per-rank numbers into the global batch's numbers.
+
+`mlx.launch -n 2 --backend ring -- mlx-coach train ...` starts one process per rank; `world()` calls
+`mx.distributed.init()` once and keeps the group. Without mlx.launch the group has size 1 and every
+helper here returns its input unchanged without running a collective, so a single-process run does
+exactly what it did before distributed training existed.
+
+Sharding is contiguous: rank r takes the r-th of `size` near-equal slices of the step's prompts
+(`np.array_split`), so concatenating the ranks' rollouts in rank order gives the single-process
+batch's order. `gather` relies on that to rebuild per-sample columns of the global batch.
+"""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+
+_WORLD = None
+
+
+class World:
+    """Rank and size of the global group, and the few collectives the trainer needs."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = group.rank()
+        self.size = group.size()
+
+    @property
+    def is_main(self):
+        """Rank 0 alone writes the run directory (metrics, TensorBoard, checkpoints, alerts)."""
+        return self.rank == 0
+
+    def shard(self, items):
+        """This rank's contiguous slice of `items` (may be empty when len(items) < size)."""
+        lo, hi = shard_bounds(len(items), self.size, self.rank)
+        return items[lo:hi]
+
+    def all_sum(self, values):
+        """Element-wise sum over ranks of a float or a flat list of floats (float32 on the wire)."""
+        return self._reduce(mx.distributed.all_sum, values)
+
+    def all_max(self, values):
+        return self._reduce(mx.distributed.all_max, values)
+
+    def all_min(self, values):
+        return self._reduce(mx.distributed.all_min, values)
+
+    def _reduce(self, op, values):
+        if self.size == 1:
+            return values
+        x = op(mx.array(np.atleast_1d(np.asarray(values, dtype=np.float32))), group=self.group)
+        out = np.array(x, dtype=np.float64)
+        return float(out[0]) if np.ndim(values) == 0 else out.tolist()
+
+    def gather_columns(self, columns):
+        """{name: per-sample list} of every rank, concatenated in rank order (size 1: `columns` itself)."""
+        if self.size == 1:
+            return columns
+        names = list(columns)
+        rows = np.array([columns[k] for k in names], dtype=np.float32).T.reshape(-1, len(names))
+        merged = self.gather(rows)
+        return {k: merged[:, i].tolist() for i, k in enumerate(names)}
+
+    def gather(self, rows):
+        """Concatenate every rank's rows (a [n_r, k] float array, n_r may differ, even be 0) in rank order."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if self.size == 1:
+            return rows
+        width = rows.shape[1] if rows.ndim == 2 else 1
+        rows = rows.reshape(-1, width)
+        counts = np.array(self.all_gather_fixed(np.array([[len(rows)]], dtype=np.float32)), dtype=np.int64).ravel()
+        padded = np.zeros((max(int(counts.max()), 1), width), dtype=np.float32)
+        padded[: len(rows)] = rows
+        stacked = np.array(self.all_gather_fixed(padded)).reshape(self.size, -1, width)
+        return np.concatenate([stacked[r, : counts[r]] for r in range(self.size)], axis=0)
+
+    def all_gather_fixed(self, x):
+        return mx.distributed.all_gather(mx.array(x), group=self.group)
+
+    def from_main(self, value):
+        """Rank 0's float on every rank (for decisions only rank 0 may take, e.g. a learning-rate cut)."""
+        if self.size == 1:
+            return value
+        return self.all_sum(value if self.is_main else 0.0)
+
+
+def shard_bounds(n, size, rank):
+    """[lo, hi) of rank's contiguous share of n items; shares differ in length by at most one."""
+    sizes = [len(a) for a in np.array_split(np.arange(n), size)]
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
+
+
+def world():
+    """The global group's World; `mx.distributed.init()` runs once per process."""
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = World(mx.distributed.init())
+    return _WORLD
+
+
+def launched_backend():
+    """The backend mlx.launch set up for this process, read from its environment (None outside mlx.launch)."""
+    if os.environ.get("MLX_IBV_DEVICES"):
+        return "jaccl"
+    if os.environ.get("MLX_HOSTFILE"):
+        return "ring"
+    if os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE"):
+        return "mpi"
+    return None
+
+
+def tree_checksum(flat_params):
+    """A cheap fingerprint of parameters: sum and sum of squares over every array (float32)."""
+    total, squares = 0.0, 0.0
+    for _, v in flat_params:
+        v = v.astype(mx.float32)
+        total += float(mx.sum(v).item())
+        squares += float(mx.sum(v * v).item())
+    return [total, squares]
+
+
+def checksum_spread(world_, flat_params):
+    """Largest relative difference between ranks' parameter checksums (0.0 when identical)."""
+    mine = tree_checksum(flat_params)
+    if world_.size == 1:
+        return 0.0
+    hi, lo = world_.all_max(mine), world_.all_min(mine)
+    return max(abs(h - low) / max(abs(h), abs(low), 1e-12) for h, low in zip(hi, lo))
