@@ -15,8 +15,9 @@ growing into swap while MLX's peak stays flat, which only the OS number shows. O
 buffers live in ordinary memory and MLX caps the cache at 32 MiB unless told otherwise, so
 `cache_share` there mostly reflects that cap. `cache_share` is not fragmentation (MLX does not report
 unused tails inside buffers; a freed buffer is reused only for a request between its size and about
-twice it). The number of distinct (rows, tokens) shapes a step asked for is logged by the trainer as
-`memory/distinct_shapes`: each new shape asks the allocator for buffer sizes the cache may not hold.
+twice it). The trainer logs the (rows, tokens) shapes of a step's forwards: `memory/distinct_shapes`
+in the step and `memory/new_shapes`, those no earlier step asked for. A new shape asks the allocator for
+buffer sizes that earlier steps did not free, so it is the measured proxy for cache mismatch.
 
 Clearing policy (`clear_decision`, a pure function of the samples), first rule that fires:
 - pressure: footprint (else active + cache) above `clear_pressure` x the limit (memory.memory_limit if
@@ -68,7 +69,7 @@ class MemoryConfig:
     memory_limit: Optional[float] = setting(None, lo=0.0)
     wired_limit: Optional[float] = setting(None, lo=0.0, help="Metal only; fraction of the recommended working set")
     clear_pressure: Optional[float] = setting(0.85, lo=0.0, hi=1.0, lo_open=True, help="clear when the footprint exceeds this share of the limit; null off")
-    clear_growth_steps: int = setting(0, lo=0, help="clear when the cache grew in each of the last N steps; 0 off")
+    clear_growth_steps: int = setting(2, lo=0, help="clear when the cache grew in each of the last N steps; 0 off")
     clear_cache_share: Optional[float] = setting(None, lo=0.0, hi=1.0, help="clear when cache / (active + cache) exceeds this; 0/null off")
     clear_cache_gb: Optional[float] = setting(None, lo=0.0, help="clear when the cache holds more than this")
     clear_every: int = setting(0, lo=0, help="clear every N steps; 0 = off")
@@ -296,6 +297,7 @@ class MemoryManager:
         self.clear_ms_total = 0.0
         self.cache_history = []  # cache bytes at the end of each step (the growth rule), bounded
         self.shapes = set()  # (phase, rows, tokens) the current step asked for
+        self.seen_shapes = set()  # every shape earlier steps asked for
 
     def apply_limits(self):
         """Set the configured limits in MLX; returns {name: bytes} for those set."""
@@ -405,10 +407,12 @@ class MemoryManager:
             "memory/freed_gb": self.freed_total / GB,
             "memory/oom_events": self.oom_count,
             "memory/distinct_shapes": len(self.shapes),
+            "memory/new_shapes": len(self.shapes - self.seen_shapes),
         }
         if s.footprint is not None:
             m["memory/footprint_gb"] = s.footprint / GB
         self.cache_history = (self.cache_history + [s.cache])[-64:]
+        self.seen_shapes |= self.shapes
         self.shapes = set()
         for phase, p in self.by_phase.items():
             m[f"memory/phase/{phase}/active_gb"] = p.active / GB

@@ -371,7 +371,10 @@ def test_step_metrics_carry_footprint_and_distinct_shapes(mlx_limits):
     mgr.note_shapes("update", [(8, 64)])
     mgr.sample("update")
     m = mgr.step_metrics()
-    assert m["memory/distinct_shapes"] == 3
+    assert m["memory/distinct_shapes"] == m["memory/new_shapes"] == 3
     if sys.platform.startswith("linux"):
         assert m["memory/footprint_gb"] > 0 and m["memory/phase/update/footprint_gb"] > 0
     assert mgr.step_metrics()["memory/distinct_shapes"] == 0  # per step
+    mgr.note_shapes("update", [(8, 64), (8, 96)])
+    m = mgr.step_metrics()
+    assert (m["memory/distinct_shapes"], m["memory/new_shapes"]) == (2, 1)  # (8, 64) was seen two steps ago
