@@ -2,9 +2,10 @@
 
 Read `train()` top to bottom: setup, then one step per loop iteration in visible phases
 (data, rollout, scoring, advantages, update, logging, checkpoint). Randomness is a pure
-function of (seed, step) and (seed, epoch), so a run resumed from its checkpoint with the same
-config replays the same samples (tested to 1e-5 on CPU with a constant schedule). A cosine
-schedule's length is train.steps, so changing `--steps` between the two halves changes the rates.
+function of (seed, step) and (seed, epoch), and the learning-rate schedule's length is
+optim.schedule_steps (fixed when a run starts), not where this invocation stops; so a run stopped
+at step N and resumed to 2N replays a straight 2N run's samples and rates (tested with a cosine
+schedule). The run directory is claimed (locked) before anything is written (rundir.py).
 
 Every log-prob (behaviour, policy, reference) is taken at the sampling temperature, so the PPO
 ratio and the KL estimate refer to the distribution the samples came from (top-p aside: the
@@ -14,7 +15,9 @@ truncated nucleus is not renormalised in the ratio, as in TRL and verl).
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,8 +32,8 @@ from mlx.utils import tree_flatten, tree_map
 from . import losses
 from .alerts import AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, load_config, save_config
+from .checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
+from .config import Config, load_config, load_run_config, save_config
 from .errors import UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
@@ -40,6 +43,7 @@ from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy,
                      unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
+from .rundir import claim
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
 
@@ -97,8 +101,17 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir, *, resume=False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.claim = claim(self.run_dir, resume=resume)  # the lock, before anything is written
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.claim.release()
+            raise
+        # only once the run has started cleanly: a failed start (a bad --set model.path) must not
+        # leave its config behind for every later --resume to fail on
         save_config(cfg, self.run_dir / "config.yaml")
+
+    def _setup(self, cfg, resume):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
@@ -116,7 +129,7 @@ class Trainer:
             self.ref_model = frozen_copy(self.model)
             unfreeze_all(self.model)
         self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
-        total_updates = cfg.train.steps * cfg.algo.num_iterations
+        total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
         self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
@@ -193,10 +206,11 @@ class Trainer:
                                self.adapter_cfg, self.cache.snapshot())
 
     def _resume(self):
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-        state, cache_snapshot = load_checkpoint(ckpt, self.model, self.optimizer)
+        try:
+            ckpt, state, cache_snapshot = load_latest_intact(
+                self.run_dir, self.model, self.optimizer, warn=lambda line: print(line, file=sys.stderr, flush=True))
+        except CheckpointError as e:
+            raise UserError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'} ({e})") from None
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.baseline, self.skipped = state["baseline"], state["skipped_steps"]
         self.kl_ctl = losses.kl_controller_from_state(state["kl_controller"])
@@ -407,7 +421,7 @@ class Trainer:
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
         self.memory.sample("update")
-        self.skipped += upd["skipped"]
+        self.skipped += int(upd["skipped"] > 0)  # steps, not updates (num_iterations may be > 1)
         if upd["skipped"] == 0:  # the controller's horizon is in samples, as in TRL and OpenRLHF
             self.kl_ctl.update(kl_obs, len(rollouts))
         self.step += 1
@@ -528,9 +542,12 @@ class Trainer:
         self._log_cache_clear(self.cache.on_epoch_start(self.epoch), self.step)
 
     def close(self):
-        self.pool.shutdown(wait=True)
-        self.rewards.close()
-        self.telemetry.close()
+        try:
+            self.pool.shutdown(wait=True)
+            self.rewards.close()
+            self.telemetry.close()
+        finally:
+            self.claim.release()
 
 
 def _timed(fn, *args):
@@ -543,21 +560,59 @@ def _with_budget(rc, budget):
     return replace(rc, max_batch_tokens=budget)
 
 
+def schedule_steps(cfg):
+    """The learning-rate schedule's length in steps: optim.schedule_steps, else train.steps."""
+    return cfg.optim.schedule_steps or cfg.train.steps
+
+
+class _DeferredInterrupt:
+    """While active, the first SIGINT (Ctrl-C) only sets `requested`: the step in progress finishes
+    and train() checkpoints it before stopping. A second SIGINT interrupts at once. Only the main
+    thread can handle signals; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def train(cfg: Config, run_dir, *, resume=False, steps=None):
-    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics."""
+    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics.
+    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt."""
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every
     last = {}
     try:
-        while trainer.step < total:
-            last = trainer.run_step()
-            if cfg.telemetry.progress:
-                print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
-            if every and trainer.step % every == 0:
-                trainer.save()
-        if latest_checkpoint(trainer.run_dir) is None or trainer.step % max(every, 1) or not every:
-            trainer.save()
+        with _DeferredInterrupt() as interrupt:
+            while trainer.step < total and not interrupt.requested:
+                last = trainer.run_step()
+                if cfg.telemetry.progress:
+                    print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
+                if every and trainer.step % every == 0:
+                    trainer.save()
+            path = latest_checkpoint(trainer.run_dir)
+            if trainer.step and (path is None or not every or trainer.step % every):
+                path = trainer.save()
+            if interrupt.requested:
+                print(f"interrupted at step {trainer.step}: saved {path}; continue with --resume {trainer.run_dir}",
+                      file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     finally:
         trainer.close()
     return last
@@ -569,16 +624,21 @@ def run_from_args(args):
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
-        cfg = load_config(saved, args.set)  # the run's resolved config, plus any overrides
+        cfg = load_run_config(saved, args.set)  # the run's resolved config, plus any overrides
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.output or cfg.train.output)
+        # the schedule's length is fixed here, at the run's start: `--steps` says where to stop
+        # now, so stopping at N and resuming to 2N follows the same rates as a straight 2N run
+        if not cfg.optim.schedule_steps:
+            cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
     if args.steps:
         cfg.train.steps = args.steps
     if not args.resume and args.output:
         cfg.train.output = args.output
-    if not args.resume and latest_checkpoint(run_dir) is not None:
-        raise UserError(f"--output: {run_dir} already holds checkpoints; use --resume {run_dir} or a new --output")
+    if cfg.train.steps > schedule_steps(cfg) and cfg.optim.schedule != "constant":
+        print(f"note: --steps {cfg.train.steps} runs past the {schedule_steps(cfg)}-step learning-rate schedule "
+              f"(optim.schedule_steps); the rate stays at its end value from then on", file=sys.stderr)
     last = train(cfg, run_dir, resume=bool(args.resume))
     print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")
     return 0
