@@ -250,3 +250,33 @@ def test_ctrl_c_checkpoints_the_last_step_before_exiting(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step-{last} at step {last}" in resumed.stderr
     assert steps_logged(run) == list(range(1, last + 2))
+
+
+# --- 3: SQLite cache entries written after the last checkpoint -----------------------------------
+
+
+def test_scores_a_killed_run_cached_after_its_checkpoint_do_not_come_back_as_cached(tmp_path):
+    """The killed run wrote SQLite rows for steps after its last checkpoint; the resumed run must
+    report the same fresh/cached split (and baseline) as a straight run (issue 10, item 3)."""
+    args = [*SMALL, "--set", "train.checkpoint_every=3", "--set", "rollout.temperature=0.0"]
+    run = tmp_path / "run"
+    killed = start("train", *args, "--output", str(run), "--steps", "50",
+                   "--set", f"cache.sqlite_path={tmp_path / 'killed.sqlite'}")
+    wait_for(lambda: (run / "checkpoints/step-3/state.json").is_file() and 4 in steps_logged(run), killed,
+             "a step after the checkpoint")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (run / "checkpoints/step-6").exists()  # steps after the checkpoint were scored, not saved
+    resumed = cli("train", "--resume", str(run), "--steps", "6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    done = cli("train", *args, "--output", str(straight), "--steps", "6",
+               "--set", f"cache.sqlite_path={tmp_path / 'straight.sqlite'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def split(d):
+        return [(r["step"], r["reward/fresh_count"], r["reward/cached_count"]) for r in read_jsonl(d / "metrics.jsonl")
+                if "reward/mean" in r]
+
+    assert split(run) == split(straight)
+    assert sum(c for _, _, c in split(straight)) > 0  # the comparison covers cached scores too
