@@ -1,13 +1,14 @@
 """Command line: `mlx-coach {train,eval,score,bench,ab,doctor}` (also `python -m mlx_coach`).
 
-User errors (bad config, dataset, arguments, model path) print one line and exit 2.
+User errors (bad config, dataset, arguments, model path) print one line and exit 2; a run stopped
+on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished steps.
 Each command's module is imported only when that command runs, so `--help` stays fast.
 """
 
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +80,9 @@ def main(argv=None):
     except UserError as e:
         print(f"mlx-coach: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"mlx-coach: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("mlx-coach: interrupted", file=sys.stderr)
         return 130

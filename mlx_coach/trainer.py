@@ -30,11 +30,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import losses
-from .alerts import AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
+from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
 from .checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
 from .config import Config, load_config, load_run_config, save_config
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
@@ -44,6 +44,7 @@ from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy,
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
+from .scoring.teacher import JudgeOutage
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line
 
@@ -359,6 +360,7 @@ class Trainer:
         cfg, a = self.cfg, self.cfg.algo
         t_step = time.perf_counter()
         mx.random.seed(step_seed(cfg.train.seed, self.step))
+        pos_before = self.pos  # a step aborted before its update (judge outage, stop) gives it back
         tasks, position = self.next_prompts()
         phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
         metrics = {"epoch": self.epoch, "epoch/position": position}
@@ -378,14 +380,18 @@ class Trainer:
 
         # --- scoring (in a worker thread) overlaps the reference forward pass ---
         t0 = time.perf_counter()
-        fut = self.pool.submit(_timed, self.rewards.score, group_tasks, [t.prompt for t in group_tasks],
-                               [r.completion for r in rollouts])
+        fut = self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=G), group_tasks,
+                               [t.prompt for t in group_tasks], [r.completion for r in rollouts])
         prompt_ids = [r.prompt_ids for r in rollouts]
         comp_ids = [r.token_ids for r in rollouts]
         T = max(1, max(len(c) for c in comp_ids))
         ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
         mx.eval(ref_logp)
-        scored, t_rewards = fut.result()
+        try:
+            scored, t_rewards = fut.result()
+        except BaseException:
+            self.pos = pos_before  # nothing of this step happened: the state is the last step's
+            raise
         t_score = time.perf_counter() - t0
         self.memory.sample("score")
 
@@ -429,11 +435,15 @@ class Trainer:
         # --- metrics ---
         fresh = [s.total for s in scored if s.provenance == "fresh"]
         cached = [s.total for s in scored if s.provenance == "cached"]
+        n_fallback = sum(s.provenance == "fallback" for s in scored)
         comp_lens = [len(c) for c in comp_ids]
         ent = [e for r in rollouts for e in r.entropies]
         metrics.update({
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
-            "reward/count": len(scored), "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
+            # count = graded samples (fresh + cached); samples with a judge's fallback are apart
+            "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
+            "reward/cached_count": len(cached), "reward/fallback_count": n_fallback,
+            "reward/fallback_frac": n_fallback / len(scored),
             "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
             "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
             "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),
@@ -488,6 +498,8 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - t_step
 
         # --- alerts and health adjustments ---
+        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
+            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
         if self.cfg.alerts.enabled:
             step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
             for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
@@ -550,6 +562,16 @@ class Trainer:
             self.claim.release()
 
 
+def _outage_alert(source, kind, failures):
+    if kind == "open":
+        return Alert("warning", "judge_outage",
+                     f"{source}: the judge failed {failures} requests in a row; its circuit breaker opened and "
+                     f"samples get the fallback (reward/fallback_frac)",
+                     "Check the judge server; rewards[].on_outage: pause waits for it, stop ends the run.")
+    return Alert("info", "judge_recovered", f"{source}: the judge answers again; its circuit breaker closed",
+                 "None needed; steps since the outage alert trained on fallback judge scores.")
+
+
 def _timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -601,7 +623,12 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
     try:
         with _DeferredInterrupt() as interrupt:
             while trainer.step < total and not interrupt.requested:
-                last = trainer.run_step()
+                try:
+                    last = trainer.run_step()
+                except JudgeOutage as e:  # on_outage: stop; keep every finished step
+                    path = trainer.save() if trainer.step else None
+                    raise RunStopped(f"{e}; stopped at step {trainer.step}"
+                                     + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
                 if cfg.telemetry.progress:
                     print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
                 if every and trainer.step % every == 0:
