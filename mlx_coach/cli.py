@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p):
     p.add_argument("-c", "--config", help="YAML config (configs/tiny.yaml); defaults when omitted")
-    p.add_argument("--steps", type=int, help="train until this step (overrides train.steps)")
+    p.add_argument("--steps", type=int, help="train until this step (overrides train.steps; the learning-rate schedule keeps its length, optim.schedule_steps)")
     p.add_argument("--output", help="run directory (overrides train.output)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

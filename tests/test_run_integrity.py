@@ -98,6 +98,8 @@ def test_a_crash_before_the_first_checkpoint_is_restarted_clean_not_appended_to(
     acc.Reload()
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2]
     assert json.loads((run / "run.json").read_text())["format"] == 1  # the directory knows it holds a run
+    over = cli("train", *SMALL, "--output", str(run), "--steps", "2")  # now it holds checkpoints
+    assert "already holds checkpoints" in one_line_error(over) and steps_logged(run) == [1, 2]
 
 
 def test_a_folder_that_holds_no_run_is_not_taken_over(tmp_path):
