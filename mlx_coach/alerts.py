@@ -3,7 +3,7 @@
 `evaluate(state, metrics, cfg)` runs once per step on the dict the trainer logs (with its "step"
 key); `evaluate_epoch(state, epoch_metrics, cfg)` once at every epoch end. Both are pure apart from
 updating `state`, so recorded metric sequences drive them in tests. Each alert code fires at most
-once per `cooldown_steps`.
+once per `cooldown_steps`, except "nonfinite", which fires at every skipped step.
 
 Metrics read (all optional; a rule without its inputs stays quiet):
     loss/*, grad/norm*          any non-finite value -> "nonfinite" (critical)
@@ -145,13 +145,15 @@ def evaluate(state, metrics, cfg, phase=None):
     if bad or newly_skipped or flagged:
         state.nonfinite_count = int(skipped) if skipped is not None else state.nonfinite_count + 1
         what = ", ".join(f"{k}={metrics[k]}" for k in sorted(bad)) or "a non-finite value"
-        _fire(state, cfg, step, Alert(
+        # every skipped step is alerted: no cooldown, since a repeat is what the user must see
+        state.last_fired["nonfinite"] = step
+        out.append(Alert(
             "critical", "nonfinite",
             f"{what} at step {step}; the update was skipped and the weights kept "
             f"({state.nonfinite_count} skipped step(s) so far)",
             "Lower the learning rate (e.g. x0.5) or tighten grad clipping; check reward and advantage "
             "scales; if it repeats, resume from the last good checkpoint.",
-        ), out)
+        ))
     if skipped is not None:
         state.last_skipped = skipped
 

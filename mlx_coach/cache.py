@@ -192,6 +192,10 @@ class ScoreCache:
         self._tick = itertools.count()
         self._counts = {ns: _Counts() for ns in NAMESPACES}
         self._watermark = {ns: -math.inf for ns in NAMESPACES}  # rows created before a clear are hidden
+        # (after, until] wall-time windows of SQLite rows that this run must not read: rows a killed
+        # run wrote after its last checkpoint. A resumed run re-scores those samples (fresh, as the
+        # straight run did); its own new rows are stamped later and read normally.
+        self._hidden: list = []
         self._stores = {"student": self._new_student_store(), "reference": {}}
         self._db = _open_db(sqlite_path) if sqlite_path else None
 
@@ -260,6 +264,8 @@ class ScoreCache:
         ).fetchone()
         if row is None or row[1] <= self._watermark[namespace]:
             return None
+        if any(after < row[1] <= until for after, until in self._hidden):
+            return None
         age = max(0.0, self._wall() - row[1])
         if namespace == "student" and self._timed and age >= self.config.ttl_s:
             return None
@@ -289,8 +295,9 @@ class ScoreCache:
             self._insert(key, value, namespace, 0.0)
             counts.puts += 1
             if self._db is not None:
-                # strictly after a clear's watermark, even with a coarse or frozen wall clock
-                created = max(self._wall(), self._watermark[namespace] + 1e-6)
+                # strictly after a clear's watermark and any hidden window, even with a coarse or frozen wall clock
+                floor = max([self._watermark[namespace]] + [until for _, until in self._hidden])
+                created = max(self._wall(), floor + 1e-6)
                 self._db.execute(
                     "INSERT OR REPLACE INTO entries (ns, key, value, created) VALUES (?, ?, ?, ?)",
                     (namespace, json.dumps(key), _encode(value), created),
@@ -386,7 +393,8 @@ class ScoreCache:
                 c.pop("bytes")
             watermarks = {ns: (w if w > -math.inf else None) for ns, w in self._watermark.items()}
             return {"format": 1, "config": asdict(self.config), "counts": counts,
-                    "watermarks": watermarks, "entries": entries}
+                    "watermarks": watermarks, "entries": entries, "wall": self._wall(),
+                    "hidden": [list(w) for w in self._hidden]}
 
     def restore(self, snap: dict) -> None:
         """Replace entries and counters with a snapshot's (under this cache's own policy).
@@ -408,6 +416,10 @@ class ScoreCache:
                         setattr(self._counts[ns], k, v)
                 w = snap.get("watermarks", {}).get(ns)
                 self._watermark[ns] = -math.inf if w is None else float(w)
+            # SQLite rows written between the snapshot and now came after the checkpoint: hide them
+            self._hidden = [tuple(w) for w in snap.get("hidden", [])]
+            if snap.get("wall") is not None:
+                self._hidden.append((float(snap["wall"]), self._wall()))
 
     def close(self) -> None:
         if self._db is not None:

@@ -4,9 +4,13 @@ A checkpoint folder holds mlx-lm-compatible `adapters.safetensors` + `adapter_co
 (for full fine-tuning: all trainable weights, `fine_tune_type: full`), `optimizer.safetensors`,
 `state.json` (step, epoch, data position, RNG, controllers) and `cache.json` (the score cache).
 It is written into a hidden temporary folder and renamed into place, so a crash leaves either
-the previous checkpoint or the new one, never half of one.
+the previous checkpoint or the new one, never half of one. `manifest.json`, written last, holds
+each file's size and sha256: loading verifies them (and that the weights fit the model) before
+anything is applied, so a damaged checkpoint is refused whole and `load_latest_intact` falls back
+to the newest intact one.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -17,6 +21,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be loaded as written (truncated, corrupt, mismatched)."""
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _write_json(path, obj):
@@ -42,6 +59,7 @@ def save_checkpoint(run_dir, step, model, optimizer, state, adapter_config, cach
     _write_json(tmp / "state.json", state)
     if cache_snapshot is not None:
         _write_json(tmp / "cache.json", cache_snapshot)
+    _write_json(tmp / MANIFEST, {p.name: _digest(p) for p in sorted(tmp.iterdir())})
     if final.exists():  # re-saving a step after a resume: swap, then drop the old one
         old = root / f".old-step-{step}-{os.getpid()}"
         os.replace(final, old)
@@ -83,15 +101,68 @@ def latest_checkpoint(run_dir):
     return found[-1] if found else None
 
 
-def load_checkpoint(path, model, optimizer):
-    """Load weights and optimizer state into place; return (state dict, cache snapshot or None)."""
+def read_checkpoint(path, model=None):
+    """Read and verify a checkpoint without applying it: (weights, optimizer state, state dict,
+    cache snapshot or None). Raises CheckpointError naming what is wrong."""
     path = Path(path)
-    weights = mx.load(str(path / "adapters.safetensors"))
+    try:
+        manifest = path / MANIFEST
+        if manifest.is_file():  # checkpoints written before the manifest existed have none
+            for name, want in json.loads(manifest.read_text()).items():
+                if not (path / name).is_file():
+                    raise CheckpointError(f"{name} is missing")
+                if _digest(path / name) != want:
+                    raise CheckpointError(f"{name} does not match its manifest (truncated or changed)")
+        weights = mx.load(str(path / "adapters.safetensors"))
+        opt = mx.load(str(path / "optimizer.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+        cache_file = path / "cache.json"
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else None
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # mx.load raises RuntimeError/ValueError on bad files
+        raise CheckpointError(f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError("state.json holds no step")
+    if model is not None:
+        want = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
+        got = {k: v.shape for k, v in weights.items()}
+        if want != got:
+            raise CheckpointError("adapters.safetensors does not fit the model (other keys or shapes)")
+    return weights, opt, state, cache
+
+
+def load_checkpoint(path, model, optimizer):
+    """Verify, then load weights and optimizer state into place; return (state dict, cache snapshot or None)."""
+    weights, opt, state, cache = read_checkpoint(path, model)
     model.load_weights(list(weights.items()), strict=False)
-    opt = mx.load(str(path / "optimizer.safetensors"))
     optimizer.state = tree_unflatten(list(opt.items()))
-    state = json.loads((path / "state.json").read_text())
-    cache_file = path / "cache.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else None
     mx.eval(model.parameters(), optimizer.state)
     return state, cache
+
+
+def load_latest_intact(run_dir, model, optimizer, warn):
+    """Load the newest checkpoint that verifies. The damaged newer ones are then renamed to
+    `damaged-step-N` (kept for inspection, never tried again), each reported through `warn`.
+    Returns (path, state, cache snapshot); when none is intact, nothing is renamed and
+    CheckpointError says what is wrong with the newest."""
+    damaged = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            weights, opt, state, cache = read_checkpoint(path, model)
+        except CheckpointError as e:
+            damaged.append((path, e))
+            continue
+        for bad, why in damaged:
+            target = bad.with_name(f"damaged-{bad.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(bad, target)
+            warn(f"checkpoint {bad} is damaged ({why}); moved to {target.name}, using {path.name}")
+        model.load_weights(list(weights.items()), strict=False)
+        optimizer.state = tree_unflatten(list(opt.items()))
+        mx.eval(model.parameters(), optimizer.state)
+        return path, state, cache
+    if damaged:
+        raise CheckpointError(f"{damaged[0][0].name}: {damaged[0][1]}" +
+                              (f" (and {len(damaged) - 1} older)" if len(damaged) > 1 else ""))
+    raise CheckpointError("none found")

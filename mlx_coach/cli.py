@@ -1,13 +1,14 @@
 """Command line: `mlx-coach {train,eval,score,bench,ab,doctor}` (also `python -m mlx_coach`).
 
-User errors (bad config, dataset, arguments, model path) print one line and exit 2.
+User errors (bad config, dataset, arguments, model path) print one line and exit 2; a run stopped
+on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished steps.
 Each command's module is imported only when that command runs, so `--help` stays fast.
 """
 
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p):
     p.add_argument("-c", "--config", help="YAML config (configs/tiny.yaml); defaults when omitted")
-    p.add_argument("--steps", type=int, help="train until this step (overrides train.steps)")
+    p.add_argument("--steps", type=int, help="train until this step (overrides train.steps; the learning-rate schedule keeps its length, optim.schedule_steps)")
     p.add_argument("--output", help="run directory (overrides train.output)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -79,6 +80,9 @@ def main(argv=None):
     except UserError as e:
         print(f"mlx-coach: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"mlx-coach: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("mlx-coach: interrupted", file=sys.stderr)
         return 130

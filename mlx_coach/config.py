@@ -9,6 +9,7 @@ out-of-range values raise `UserError` naming the dotted key, so the CLI prints o
 """
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class OptimConfig:
     warmup_steps: int = _f(0, lo=0)
     schedule: str = _f("constant", choices=("constant", "cosine"))
     min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0)
+    schedule_steps: int = _f(0, lo=0, help="length of the learning-rate schedule in steps; 0 = train.steps. "
+                             "`mlx-coach train` fixes it when a run starts (the larger of train.steps and "
+                             "--steps), so --steps and --resume only say where to stop")
     grad_clip: float = _f(1.0, lo=0.0, help="max global grad norm; 0 = off")
     grad_accum: int = _f(1, lo=1)
 
@@ -249,4 +253,29 @@ def validate(cfg):
 
 
 def save_config(cfg, path):
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write atomically (temporary file, fsync, rename): a kill leaves the old file or the new one,
+    never an empty one that a resume would read as "all defaults"."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_run_config(path, overrides=None):
+    """A run's own resolved config.yaml: like load_config, but an empty, unreadable or non-mapping
+    file is refused (it would otherwise resume silently on the built-in defaults)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--resume: cannot read {path} ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--resume: {path} is empty or not a config (damaged?); restore it or start a new run")
+    return load_config(path, overrides)

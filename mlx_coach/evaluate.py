@@ -5,6 +5,7 @@ as `eval/pass@1` and the numbers `mlx-coach eval` reports come from one code pat
 """
 
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +57,19 @@ def eval_tasks(spec, limit):
     return tasks[:limit] if limit else tasks
 
 
+def writable_dir(path, flag):
+    """`path` as a folder this process can write into (created if missing), or UserError naming it."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {out} ({e.strerror or e})") from None
+    return out
+
+
 def run_from_args(args):
     from .models import load_policy
     from .rollout import RolloutConfig
@@ -63,6 +77,7 @@ def run_from_args(args):
 
     if args.samples < 1:
         raise UserError("--samples must be >= 1")
+    out = writable_dir(args.output, "--output") if args.output else None  # before any work, not after it
     tasks = eval_tasks(args.tasks, args.limit)
     model, tokenizer, info = load_policy(args.model)
     if args.adapter:
@@ -89,9 +104,7 @@ def run_from_args(args):
     summary["statuses"] = dict(statuses)
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
                    if k.startswith("pass@") or k in ("tasks", "samples")))
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "report.json").write_text(json.dumps(summary, indent=2))
         with open(out / "samples.jsonl", "w") as f:
             for r in records:

@@ -3,8 +3,11 @@
 Scorer-backed sources (sandboxed tests, HTTP judge, local teacher) sit behind the shared
 ScoreCache, so each of their values is either *fresh* (computed now) or *cached*. A sample's
 reward is "cached" only when every cache-backed source served it from the cache; user
-functions are always called and do not change the provenance. A source that gives no value
-for a sample (a function returning None) contributes 0 and is counted.
+functions are always called and do not change the provenance. A sample where some source gave
+its fallback instead of a judgement has provenance "fallback", kept out of both. With
+`group_size`, a source's fallback is applied to a whole group or to none of it, so an outage
+never splits a group between real grades and fallbacks. A source that gives no value for a
+sample (a function returning None) contributes 0 and is counted.
 """
 
 import asyncio
@@ -52,7 +55,7 @@ class RewardConfig(JudgeConfig):
 @dataclass
 class SampleReward:
     total: float
-    provenance: str  # "fresh" | "cached"
+    provenance: str  # "fresh" | "cached" | "fallback"
     parts: dict = field(default_factory=dict)  # source name -> value (None = no value)
     statuses: dict = field(default_factory=dict)  # source name -> scorer status
     passed: bool = False  # the tests source said "passed"
@@ -118,7 +121,7 @@ class RewardSet:
             self.sources.append(Source(name, r.weight, "scorer", CachedScorer(scorer, cache)))
         self.tests = next((s for s in self.sources if s.kind == "scorer" and s.impl.scorer.name == "tests"), None)
 
-    def score(self, tasks, prompts, completions, *, bypass_cache=False):
+    def score(self, tasks, prompts, completions, *, bypass_cache=False, group_size=None):
         n = len(completions)
         parts = [dict() for _ in range(n)]
         statuses = [dict() for _ in range(n)]
@@ -131,6 +134,8 @@ class RewardSet:
                     parts[i][src.name] = v
                 continue
             results = src.impl.score_batch(list(zip(tasks, completions)), bypass=bypass_cache)
+            if group_size:
+                results = _whole_groups(results, group_size)
             for i, (score, prov) in enumerate(results):
                 parts[i][src.name] = score.value
                 statuses[i][src.name] = score.status
@@ -146,7 +151,8 @@ class RewardSet:
                 elif v is not None:
                     total = float("nan")  # a non-finite reward is surfaced, never hidden
             passed = self.tests is not None and statuses[i].get(self.tests.name) == "passed"
-            out.append(SampleReward(total, "cached" if cached[i] else "fresh", parts[i], statuses[i], passed, flagged[i]))
+            provenance = "fallback" if flagged[i] else "cached" if cached[i] else "fresh"
+            out.append(SampleReward(total, provenance, parts[i], statuses[i], passed, flagged[i]))
         return out
 
     def stats(self):
@@ -158,11 +164,38 @@ class RewardSet:
                 merged.update(scorer.stats())
         return merged
 
+    def drain_events(self):
+        """(source name, event) for each judge circuit-breaker transition since the last call."""
+        out = []
+        for src in self.sources:
+            scorer = getattr(src.impl, "scorer", None)
+            if scorer is not None and hasattr(scorer, "drain_events"):
+                out.extend((src.name, ev) for ev in scorer.drain_events())
+        return out
+
     def close(self):
         for src in self.sources:
             scorer = getattr(src.impl, "scorer", None)
             if scorer is not None and hasattr(scorer, "close"):
                 scorer.close()
+
+
+def _whole_groups(results, g):
+    """A source's (score, provenance) per sample with each group of g consecutive samples all
+    judged or all fallback: one fallback in a group turns the group's real grades into that
+    fallback too (those grades stay in the cache; only this step's rewards use the fallback)."""
+    from dataclasses import replace
+
+    out = list(results)
+    for start in range(0, len(out), g):
+        group = out[start:start + g]
+        failed = next((s for s, _ in group if s.fallback), None)
+        if failed is None or all(s.fallback for s, _ in group):
+            continue
+        for j, (s, prov) in enumerate(group):
+            if not s.fallback:
+                out[start + j] = (replace(failed, duration_s=s.duration_s), prov)
+    return out
 
 
 def _make_scorer(r, cfg, cache, key):

@@ -2,9 +2,10 @@
 
 Read `train()` top to bottom: setup, then one step per loop iteration in visible phases
 (data, rollout, scoring, advantages, update, logging, checkpoint). Randomness is a pure
-function of (seed, step) and (seed, epoch), so a run resumed from its checkpoint with the same
-config replays the same samples (tested to 1e-5 on CPU with a constant schedule). A cosine
-schedule's length is train.steps, so changing `--steps` between the two halves changes the rates.
+function of (seed, step) and (seed, epoch), and the learning-rate schedule's length is
+optim.schedule_steps (fixed when a run starts), not where this invocation stops; so a run stopped
+at step N and resumed to 2N replays a straight 2N run's samples and rates (tested with a cosine
+schedule). The run directory is claimed (locked) before anything is written (rundir.py).
 
 Every log-prob (behaviour, policy, reference) is taken at the sampling temperature, so the PPO
 ratio and the KL estimate refer to the distribution the samples came from (top-p aside: the
@@ -14,7 +15,9 @@ truncated nucleus is not renormalised in the ratio, as in TRL and verl).
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,10 +32,10 @@ from mlx.utils import tree_flatten, tree_map
 from . import losses
 from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, load_config, save_config
+from .checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
+from .config import Config, load_config, load_run_config, save_config
 from .distributed import checksum_spread, shard_bounds, world
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
@@ -41,6 +44,8 @@ from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy,
                      sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
+from .rundir import claim
+from .scoring.teacher import JudgeOutage
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
@@ -100,9 +105,20 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir, *, resume=False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.world = world()  # size 1 without mlx.launch; rank 0 alone writes the run directory
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the lock, before anything is written (rank 0 alone: the other ranks write nothing there)
+        self.claim = claim(self.run_dir, resume=resume) if self.world.is_main else None
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            if self.claim is not None:
+                self.claim.release()
+            raise
+        # only once the run has started cleanly: a failed start (a bad --set model.path) must not
+        # leave its config behind for every later --resume to fail on
         if self.world.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
+
+    def _setup(self, cfg, resume):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
@@ -121,7 +137,7 @@ class Trainer:
             self.ref_model = frozen_copy(self.model)
             unfreeze_all(self.model)
         self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
-        total_updates = cfg.train.steps * cfg.algo.num_iterations
+        total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
         self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
@@ -214,10 +230,11 @@ class Trainer:
                                self.adapter_cfg, self.cache.snapshot())
 
     def _resume(self):
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise UserError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-        state, cache_snapshot = load_checkpoint(ckpt, self.model, self.optimizer)
+        try:
+            ckpt, state, cache_snapshot = load_latest_intact(
+                self.run_dir, self.model, self.optimizer, warn=lambda line: print(line, file=sys.stderr, flush=True))
+        except CheckpointError as e:
+            raise UserError(f"--resume: no intact checkpoint under {self.run_dir / 'checkpoints'} ({e})") from None
         saved_size = state.get("world_size", 1)
         if saved_size != self.world.size:
             raise UserError(f"--resume: {ckpt} was written by a {saved_size}-rank run; resume it with "
@@ -410,6 +427,7 @@ class Trainer:
         t_step = time.perf_counter()
         # rank 0 draws what a single process draws; other ranks draw from their own streams
         mx.random.seed((step_seed(cfg.train.seed, self.step) + 104_729 * self.world.rank) % 2**31)
+        pos_before = self.pos  # a step aborted before its update (judge outage, stop) gives it back
         all_tasks, position = self.next_prompts()
         tasks = self.world.shard(all_tasks)  # this rank's contiguous share of the step's prompts
         phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
@@ -431,14 +449,18 @@ class Trainer:
 
         # --- scoring (in a worker thread) overlaps the reference forward pass ---
         t0 = time.perf_counter()
-        fut = self.pool.submit(_timed, self.rewards.score, group_tasks, [t.prompt for t in group_tasks],
-                               [r.completion for r in rollouts])
+        fut = self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=G), group_tasks,
+                               [t.prompt for t in group_tasks], [r.completion for r in rollouts])
         prompt_ids = [r.prompt_ids for r in rollouts]
         comp_ids = [r.token_ids for r in rollouts]
         T = max(1, max(len(c) for c in comp_ids))
         ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
         mx.eval(ref_logp)
-        scored, t_rewards = fut.result()
+        try:
+            scored, t_rewards = fut.result()
+        except BaseException:
+            self.pos = pos_before  # nothing of this step happened: the state is the last step's
+            raise
         t_score = time.perf_counter() - t0
         self.memory.sample("score")
 
@@ -491,7 +513,7 @@ class Trainer:
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
         self.memory.sample("update")
-        self.skipped += upd["skipped"]
+        self.skipped += int(upd["skipped"] > 0)  # steps, not updates (num_iterations may be > 1)
         if upd["skipped"] == 0:  # the controller's horizon is in samples, as in TRL and OpenRLHF
             self.kl_ctl.update(kl_obs, len(all_tasks) * G)
         self.step += 1
@@ -501,13 +523,14 @@ class Trainer:
         # --- metrics (per sample, gathered from every rank in rank order; one rank: its own lists) ---
         cols = self.world.gather_columns({
             "total": [s.total for s in scored], "fresh": [s.provenance == "fresh" for s in scored],
-            "cached": [s.provenance == "cached" for s in scored], "passed": [s.passed for s in scored],
-            "truncated": truncated, "comp_len": [len(c) for c in comp_ids],
+            "cached": [s.provenance == "cached" for s in scored], "fallback": [s.provenance == "fallback" for s in scored],
+            "passed": [s.passed for s in scored], "truncated": truncated, "comp_len": [len(c) for c in comp_ids],
             **{f"status/{st}": [st in s.statuses.values() for s in scored] for st in ("timeout", "infra_error")},
             **{f"part/{src.name}": [s.parts.get(src.name, math.nan) for s in scored] for src in self.rewards.sources}})
         rewards_np = np.array(cols["total"], dtype=np.float32)
         fresh = [v for v, f in zip(cols["total"], cols["fresh"]) if f]
         cached = [v for v, c in zip(cols["total"], cols["cached"]) if c]
+        n_fallback = int(sum(cols["fallback"]))
         comp_lens, truncated = cols["comp_len"], cols["truncated"]
         ent = [e for r in rollouts for e in r.entropies]
         if self.world.size > 1:
@@ -515,7 +538,10 @@ class Trainer:
         gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards)
         metrics.update({
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
-            "reward/count": len(cols["total"]), "reward/fresh_count": len(fresh), "reward/cached_count": len(cached),
+            # count = graded samples (fresh + cached); samples with a judge's fallback are apart
+            "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
+            "reward/cached_count": len(cached), "reward/fallback_count": n_fallback,
+            "reward/fallback_frac": n_fallback / len(cols["total"]),
             "reward/frac_zero_std": float(losses.zero_std_fraction(mx.array(rewards_np), G)),
             "reward/ema": self.reward_ema.update(float(np.mean(rewards_np))),
             "loss/policy": float(np.mean(upd["loss"])), "loss/kl": float(np.mean(upd["kl_loss"] or [0.0])),
@@ -571,6 +597,8 @@ class Trainer:
         metrics["time/step_s"] = time.perf_counter() - t_step
 
         # --- alerts and health adjustments ---
+        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
+            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
         if self.cfg.alerts.enabled:
             step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
             for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
@@ -652,9 +680,23 @@ class Trainer:
         self._log_cache_clear(self.cache.on_epoch_start(self.epoch), self.step)
 
     def close(self):
-        self.pool.shutdown(wait=True)
-        self.rewards.close()
-        self.telemetry.close()
+        try:
+            self.pool.shutdown(wait=True)
+            self.rewards.close()
+            self.telemetry.close()
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+
+def _outage_alert(source, kind, failures):
+    if kind == "open":
+        return Alert("warning", "judge_outage",
+                     f"{source}: the judge failed {failures} requests in a row; its circuit breaker opened and "
+                     f"samples get the fallback (reward/fallback_frac)",
+                     "Check the judge server; rewards[].on_outage: pause waits for it, stop ends the run.")
+    return Alert("info", "judge_recovered", f"{source}: the judge answers again; its circuit breaker closed",
+                 "None needed; steps since the outage alert trained on fallback judge scores.")
 
 
 def _timed(fn, *args):
@@ -667,21 +709,65 @@ def _with_budget(rc, budget):
     return replace(rc, max_batch_tokens=budget)
 
 
+def schedule_steps(cfg):
+    """The learning-rate schedule's length in steps: optim.schedule_steps, else train.steps."""
+    return cfg.optim.schedule_steps or cfg.train.steps
+
+
+class _DeferredInterrupt:
+    """While active, the first SIGINT (Ctrl-C) only sets `requested`: the step in progress finishes
+    and train() checkpoints it before stopping. A second SIGINT interrupts at once. Only the main
+    thread can handle signals; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def train(cfg: Config, run_dir, *, resume=False, steps=None):
-    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics."""
+    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics.
+    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt."""
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every
     last = {}
     try:
-        while trainer.step < total:
-            last = trainer.run_step()
-            if cfg.telemetry.progress and trainer.world.is_main:
-                print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
-            if every and trainer.step % every == 0:
-                trainer.save()
-        if latest_checkpoint(trainer.run_dir) is None or trainer.step % max(every, 1) or not every:
-            trainer.save()
+        with _DeferredInterrupt() as interrupt:
+            while trainer.step < total and not interrupt.requested:
+                try:
+                    last = trainer.run_step()
+                except JudgeOutage as e:  # on_outage: stop; keep every finished step
+                    path = trainer.save() if trainer.step else None
+                    raise RunStopped(f"{e}; stopped at step {trainer.step}"
+                                     + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
+                if cfg.telemetry.progress and trainer.world.is_main:
+                    print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
+                if every and trainer.step % every == 0:
+                    trainer.save()
+            path = latest_checkpoint(trainer.run_dir)
+            if trainer.step and (path is None or not every or trainer.step % every):
+                path = trainer.save()
+            if interrupt.requested:
+                if trainer.world.is_main:
+                    print(f"interrupted at step {trainer.step}: saved {path}; continue with --resume {trainer.run_dir}",
+                          file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
     finally:
         trainer.close()
     return last
@@ -693,16 +779,21 @@ def run_from_args(args):
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
-        cfg = load_config(saved, args.set)  # the run's resolved config, plus any overrides
+        cfg = load_run_config(saved, args.set)  # the run's resolved config, plus any overrides
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.output or cfg.train.output)
+        # the schedule's length is fixed here, at the run's start: `--steps` says where to stop
+        # now, so stopping at N and resuming to 2N follows the same rates as a straight 2N run
+        if not cfg.optim.schedule_steps:
+            cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
     if args.steps:
         cfg.train.steps = args.steps
     if not args.resume and args.output:
         cfg.train.output = args.output
-    if not args.resume and latest_checkpoint(run_dir) is not None:
-        raise UserError(f"--output: {run_dir} already holds checkpoints; use --resume {run_dir} or a new --output")
+    if cfg.train.steps > schedule_steps(cfg) and cfg.optim.schedule != "constant":
+        print(f"note: --steps {cfg.train.steps} runs past the {schedule_steps(cfg)}-step learning-rate schedule "
+              f"(optim.schedule_steps); the rate stays at its end value from then on", file=sys.stderr)
     last = train(cfg, run_dir, resume=bool(args.resume))
     if world().is_main:
         print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")

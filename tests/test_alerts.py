@@ -90,10 +90,13 @@ def test_nonfinite_loss_is_critical_and_counts_skipped_steps():
             skipped += 1
         row["train/skipped_steps"] = skipped
     fired, state = run(rows)
-    assert [(s, a.code, a.level) for s, a in fired] == [(30, "nonfinite", "critical"), (90, "nonfinite", "critical")]
+    # every skipped step is alerted, however close to the last (the cooldown does not hide a repeat)
+    assert [(s, a.code, a.level) for s, a in fired] == [(30, "nonfinite", "critical"), (35, "nonfinite", "critical"),
+                                                        (90, "nonfinite", "critical")]
     assert "loss/policy=nan" in fired[0][1].message and "grad/norm/total=inf" in fired[0][1].message
     assert "(1 skipped step(s) so far)" in fired[0][1].message
-    assert "(3 skipped step(s) so far)" in fired[1][1].message  # step 35 was rate-limited, still counted
+    assert "(2 skipped step(s) so far)" in fired[1][1].message
+    assert "(3 skipped step(s) so far)" in fired[2][1].message
     assert state.nonfinite_count == 3
 
 

@@ -61,7 +61,7 @@ def grade_from(request):
 class ScriptedServer:
     """Loopback server. `script` is a list of actions consumed one per request (then `default`):
     ("reply", content) | ("status", code) | ("raw", bytes) | ("json", obj) | ("drop",) |
-    ("delay", seconds, action) | None (= default(request))."""
+    ("delay", seconds, action) | ("trickle", seconds per byte, content) | None (= default(request))."""
 
     def __init__(self, script=(), default=grade_from, port=0):
         self.script, self.default = list(script), default
@@ -106,12 +106,20 @@ class ScriptedServer:
                     data = action[1]
                 elif kind == "status":
                     status, data = action[1], b'{"error": "scripted"}'
+                elif kind == "trickle":  # ("trickle", seconds per byte, content): a reply that never stalls long
+                    data = json.dumps(chat_reply(action[2])).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if kind == "trickle":
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(action[1])
+                    else:
+                        self.wfile.write(data)
                 except OSError:  # the client gave up (timeout test)
                     pass
 

@@ -328,3 +328,40 @@ def test_sandbox_timeouts_are_counted_not_passed_off_as_failing_programs(tmp_pat
     assert [r["reward/timeout_count"] for r in rows] == [r["reward/count"] for r in rows] == [16, 16]
     assert all(r["reward/mean"] == 0.0 and r["reward/cached_count"] == 0 for r in rows)
     assert rows[-1]["cache/size"] == 0
+
+
+def test_repeated_non_finite_steps_are_each_counted_once_and_alerted(tmp_path):
+    """With two updates per rollout a skipped step is still one step, and a repeat inside the
+    alerts' cooldown is alerted too (issue 10, item 5)."""
+    cfg = tiny_cfg(tmp_path, train={"steps": 4, "debug_nan_steps": [2, 3]}, algo={"beta": 0.0, "num_iterations": 2})
+    train(cfg, tmp_path / "run")
+    skipped = {r["step"]: r["train/skipped_steps"] for r in step_rows(tmp_path / "run")}
+    assert skipped == {1: 0, 2: 1, 3: 2, 4: 2}
+    alerts = [json.loads(line) for line in (tmp_path / "run/alerts.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in alerts if a["code"] == "nonfinite"] == [2, 3]
+
+
+def test_stopping_at_n_and_resuming_to_2n_is_a_straight_2n_run_with_a_cosine_schedule(tmp_path):
+    """Through the CLI as a user runs it: `--steps 4`, then `--resume --steps 8`, against a straight
+    `--steps 8`, with warmup + cosine. `--steps` must not move the schedule (issue 10, item 2)."""
+    import yaml
+
+    from mlx_coach.cli import main
+    from mlx_coach.config import to_dict
+
+    cfg = tiny_cfg(tmp_path, optim={"lr": 2e-3, "warmup_steps": 1, "schedule": "cosine"}, train={"steps": 20})
+    path = tmp_path / "cosine.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    halves, straight = tmp_path / "halves", tmp_path / "straight"
+    assert main(["train", "-c", str(path), "--output", str(halves), "--steps", "4"]) == 0
+    assert main(["train", "--resume", str(halves), "--steps", "8"]) == 0
+    assert main(["train", "-c", str(path), "--output", str(straight), "--steps", "8"]) == 0
+    lr_a = [r["lr"] for r in step_rows(halves)]
+    lr_b = [r["lr"] for r in step_rows(straight)]
+    assert len(lr_a) == len(lr_b) == 8
+    np.testing.assert_allclose(lr_a, lr_b, rtol=1e-6)
+    assert lr_b[3] > lr_b[7] > 0  # it is a decaying schedule, not yet at its end
+    a = mx.load(str(halves / "checkpoints/step-8/adapters.safetensors"))
+    b = mx.load(str(straight / "checkpoints/step-8/adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, err_msg=k)

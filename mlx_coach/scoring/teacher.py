@@ -4,18 +4,26 @@ HttpJudge asks a chat model to grade each completion and parses one strict grade
 `SCORE: N/10`. A request that fails (timeout, connection error, HTTP error, malformed reply) is
 retried with exponential backoff and jitter; consecutive failures open a circuit breaker. Any
 sample the judge could not judge gets the configured fallback value, fallback=True and
-cacheable=False, so it is never cached and never mistaken for a grade.
+cacheable=False, so it is never cached and never mistaken for a grade. Every request has an overall
+deadline (`deadline_s`): a reply that trickles in byte by byte is cut there, however short each
+socket read. A reference solution is pinned only when it parses as Python and defines the task's
+entry point. When the judge is unreachable (`on_outage`): `fallback` scores with the fallback value,
+`pause` waits for it to answer again, `stop` raises JudgeOutage; the breaker's openings and
+closings are kept as events for the trainer to alert on.
 
 LocalTeacher scores a completion by its mean per-token log-probability under a second model.
 """
 
 from __future__ import annotations
 
+import ast
 import http.client
 import json
+import sys
 import os
 import random
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +89,20 @@ def parse_grade(text: str) -> float:
     return grade / 10
 
 
+def check_reference(code: str, task) -> None:
+    """A reference solution worth pinning: Python that parses and defines the task's entry point.
+    An empty reply or "upstream overloaded, try again" is not; raises _Failure("parse_error")."""
+    if not code.strip():
+        raise _Failure("parse_error", "reference solution is empty", retryable=False)
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError) as e:
+        raise _Failure("parse_error", f"reference solution is not Python ({e})", retryable=False) from None
+    names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    if task.entry_point and task.entry_point not in names:
+        raise _Failure("parse_error", f"reference solution does not define {task.entry_point}", retryable=False)
+
+
 def extract_code(text: str) -> str:
     """The first fenced code block of a reply, or the whole reply when there is none."""
     m = _FENCE.search(text)
@@ -98,7 +120,8 @@ class JudgeConfig:
     base_url: Optional[str] = setting(None, help="POST {base_url}/chat/completions, e.g. http://127.0.0.1:8080/v1")
     model: Optional[str] = setting(None, help="judge model name (http-judge) or teacher model path (local-teacher)")
     api_key_env: Optional[str] = setting(None, help="name of the env var holding the API key; null = no key")
-    timeout_s: float = setting(30.0, lo=0.0, lo_open=True, help="per request (each socket operation)")
+    timeout_s: float = setting(30.0, lo=0.0, lo_open=True, help="per socket operation (connect, each read)")
+    deadline_s: float = setting(120.0, lo=0.0, lo_open=True, help="per request, whole: connect, send and the full reply")
     max_retries: int = setting(2, lo=0)
     backoff_s: float = setting(0.5, lo=0.0, help="first retry waits ~backoff_s, then doubling, capped at max_backoff_s")
     max_backoff_s: float = setting(8.0, lo=0.0)
@@ -109,6 +132,8 @@ class JudgeConfig:
     use_reference: bool = setting(False, help="ask the judge for a reference solution per task (pinned in the cache)")
     max_tokens: int = setting(256, lo=1)
     temperature: float = setting(0.0, lo=0.0, help="the judge's sampling temperature")
+    on_outage: str = setting("fallback", choices=("fallback", "pause", "stop"),
+                             help="judge unreachable: score with `fallback`, pause until it answers, or stop the run")
 
     def validate(self, prefix: str = "judge") -> "JudgeConfig":
         """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}"."""
@@ -127,6 +152,14 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# failures that say the judge could not be reached, as opposed to a reply that was not a grade
+OUTAGE_STATUSES = ("transport_error", "timeout", "circuit_open")
+
+
+class JudgeOutage(Exception):
+    """on_outage: stop, and the judge could not be reached."""
+
+
 class _Failure(Exception):
     def __init__(self, status: str, message: str, retryable: bool = True):
         super().__init__(message)
@@ -143,6 +176,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = None  # None when closed
         self._trial = False  # a half-open trial is in flight
+        self.events: list = []  # ("open" | "closed", failures) at each transition, drained by the owner
 
     @property
     def is_open(self) -> bool:
@@ -162,11 +196,20 @@ class CircuitBreaker:
         with self._lock:
             self._trial = False
             if ok:
+                if self._opened_at is not None:
+                    self.events.append(("closed", self._failures))
                 self._failures, self._opened_at = 0, None
                 return
             self._failures += 1  # not reset while open, so a failed trial re-opens
             if self._failures >= self.threshold:
+                if self._opened_at is None:
+                    self.events.append(("open", self._failures))
                 self._opened_at = self._timer()
+
+    def drain(self) -> list:
+        with self._lock:
+            out, self.events = self.events, []
+            return out
 
 
 class HttpJudge:
@@ -209,6 +252,24 @@ class HttpJudge:
             self._latencies = []
         if not items:
             return []
+        scores = self._score_all(items)
+        outage = [i for i, s in enumerate(scores) if s.fallback and s.status in OUTAGE_STATUSES]
+        if outage and self.config.on_outage == "stop":
+            raise JudgeOutage(f"{self.name}: the judge at {self.config.base_url} is unreachable "
+                              f"({scores[outage[0]].error[:120]}); rewards.on_outage is stop")
+        if outage and self.config.on_outage == "pause":
+            print(f"{self.name}: the judge at {self.config.base_url} is unreachable; pausing until it answers",
+                  file=sys.stderr, flush=True)
+            while outage:  # wait out the breaker, then ask again for the samples it could not judge
+                self._sleep(self.config.breaker_reset_s)
+                again = self._score_all([items[i] for i in outage])
+                for i, s in zip(outage, again):
+                    scores[i] = s
+                outage = [i for i in outage if scores[i].fallback and scores[i].status in OUTAGE_STATUSES]
+            print(f"{self.name}: the judge answers again; resuming", file=sys.stderr, flush=True)
+        return scores
+
+    def _score_all(self, items) -> list[Score]:
         with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="judge") as pool:
             refs = {}
             if self.config.use_reference:
@@ -249,6 +310,7 @@ class HttpJudge:
                 return code
             try:
                 code = extract_code(self._chat(SOLVE_SYSTEM, SOLVE_TEMPLATE.format(prompt=task.prompt.rstrip("\n"))))
+                check_reference(code, task)  # never pin a failure: the namespace is never evicted
             except _Failure as f:
                 return f
             with self._lock:
@@ -300,15 +362,38 @@ class HttpJudge:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         conn = self._conn_cls(self._host, self._port, timeout=self.config.timeout_s)
+        # timeout_s bounds each socket operation only, so a reply that trickles a byte at a time
+        # never trips it; at the deadline a timer shuts the socket down, which ends any blocked read
+        cut = threading.Event()
+
+        def at_deadline():
+            cut.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.config.deadline_s, at_deadline)
+        timer.daemon = True
+        timer.start()
         try:
             conn.request("POST", self._path, body, headers)
             resp = conn.getresponse()
             data = resp.read()
+            if cut.is_set():  # a shut-down socket may read as a short, clean end
+                raise TimeoutError("deadline")
         except TimeoutError as e:  # socket.timeout is TimeoutError
+            if cut.is_set():
+                raise _Failure("timeout", f"no complete reply within the {self.config.deadline_s} s deadline") from None
             raise _Failure("timeout", f"timed out after {self.config.timeout_s} s: {e}") from None
         except (OSError, http.client.HTTPException) as e:
+            if cut.is_set():
+                raise _Failure("timeout", f"no complete reply within the {self.config.deadline_s} s deadline") from None
             raise _Failure("transport_error", f"{type(e).__name__}: {e}") from None
         finally:
+            timer.cancel()
             conn.close()
         if resp.status != 200:
             # 429 and 5xx may pass; other 4xx (bad key, unknown model or path) will not
@@ -336,6 +421,10 @@ class HttpJudge:
             out["teacher/latency_s"] = sum(lat) / len(lat) if lat else 0.0
         out["teacher/circuit_open"] = int(self.breaker.is_open)
         return out
+
+    def drain_events(self) -> list:
+        """Breaker transitions since the last call: ("open" | "closed", consecutive failures)."""
+        return self.breaker.drain()
 
 
 # ---------------------------------------------------------------------------------------------
