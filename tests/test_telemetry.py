@@ -103,6 +103,8 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
     assert charts["tok/s vs MLX cache share"] == ["^gen/tokens_per_sec$", "^memory/cache_share$"]
     assert charts["reward: fresh vs cached"] == ["^reward/fresh_mean$", "^reward/cached_mean$", "^reward/mean$"]
     assert charts["loss"] == ["^loss/policy$", "^loss/kl$", "^loss/policy_ema$"]
+    assert charts["memory (GB): process footprint vs MLX active and cache"] == [
+        "^memory/footprint_gb$", "^memory/active_gb$", "^memory/cache_gb$"]
 
     metrics = raw_rows(tmp_path / "metrics.jsonl")
     assert metrics[0] == {"step": 0, "gen/tokens_per_sec": 40.0, "cache/hit_rate": 0.0, "reward/mean": 0.5,
