@@ -191,8 +191,14 @@ def test_resuming_with_another_world_size_is_refused_in_one_line(tmp_path):
     state_file = tmp_path / "run/checkpoints/step-1/state.json"
     state = json.loads(state_file.read_text())
     assert state["world_size"] == 1
-    state["world_size"] = 2  # as a 2-rank run writes it
+    state["world_size"] = 2  # as a 2-rank run writes it, manifest included (an intact checkpoint)
     state_file.write_text(json.dumps(state))
+    from mlx_coach.checkpoint import MANIFEST, _digest
+
+    manifest_file = state_file.parent / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest["state.json"] = _digest(state_file)
+    manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(UserError) as e:
         train(cfg, tmp_path / "run", resume=True, steps=2)
     assert "2-rank run" in str(e.value) and "\n" not in str(e.value)

