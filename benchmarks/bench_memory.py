@@ -16,7 +16,8 @@ Policies:
 
 Reported per policy (medians over the steps after the first two, which warm up): generation tok/s,
 step seconds, peak footprint (the OS's resident size), MLX cache at the end, shapes no earlier step
-had asked for (summed after the warm-up), clears and their total milliseconds. JSON (--json) and a PNG of cache and footprint per step (--png).
+had asked for (summed after the warm-up), the share of computed positions that were padding in
+generation and in the update (bucketing's extra FLOPs), clears and their total milliseconds. JSON (--json) and a PNG of cache and footprint per step (--png).
 `--pressure-limit-gb` (default 2) sets the limit the pressure policy clears against (memory.memory_limit):
 a small budget, so that on the tiny model the rule has something to act on.
 """
@@ -70,6 +71,8 @@ def summarize(rows, warmup=2):
         "peak_footprint_gb": max(r.get("memory/footprint_gb", float("nan")) for r in rows),
         "final_cache_gb": rows[-1]["memory/cache_gb"],
         "new_shapes": sum(r["memory/new_shapes"] for r in steady),
+        "gen_padding": med("gen/padding_frac"),
+        "update_padding": med("update/padding_frac"),
         "clears": rows[-1]["memory/clear_events"],
         "clear_ms_total": rows[-1]["memory/clear_ms"],
         "cache_gb": [r["memory/cache_gb"] for r in rows],
@@ -128,11 +131,12 @@ def main(argv=None):
     print(f"\n{args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, up to "
           f"{args.max_new_tokens} new tokens; medians after 2 warm-up steps; ratios against '{args.policies[0]}'")
     print(f"{'policy':<17} {'tok/s':>8} {'x':>5} {'step s':>7} {'x':>5} {'peak GB':>8} {'cache GB':>9} "
-          f"{'new shapes':>10} {'clears':>7} {'clear ms':>9}")
+          f"{'new shapes':>10} {'pad gen':>8} {'pad upd':>8} {'clears':>7} {'clear ms':>9}")
     for name, r in results.items():
         print(f"{name:<17} {r['tokens_per_sec']:8.0f} {r['tokens_per_sec'] / base['tokens_per_sec']:5.2f} "
               f"{r['step_s']:7.2f} {r['step_s'] / base['step_s']:5.2f} {r['peak_footprint_gb']:8.3f} "
-              f"{r['final_cache_gb']:9.3f} {r['new_shapes']:10d} {r['clears']:7d} {r['clear_ms_total']:9.1f}")
+              f"{r['final_cache_gb']:9.3f} {r['new_shapes']:10d} {r['gen_padding']:8.1%} {r['update_padding']:8.1%} "
+              f"{r['clears']:7d} {r['clear_ms_total']:9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if args.png:

@@ -87,6 +87,9 @@ class RolloutBatch:
     peak_batch: int = 0  # most sequences decoding together
     num_batches: int = 0
     shapes: set = field(default_factory=set)  # (rows, tokens) of the forwards: prefill chunks, decode steps
+    # positions computed for no sequence: prompt padding (left padding to the longest prompt, and to the
+    # bucket) and finished rows kept in the batch; compare with prefill_tokens + decode_tokens
+    padding_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------- text helpers
@@ -343,6 +346,7 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
     mx.eval(y, lp, ent)
     stats["prefill_s"] += time.perf_counter() - tic
     stats["prefill_tokens"] += sum(len(p) for p in prompt_ids)
+    stats["padding_tokens"] += len(prompt_ids) * round_up(max(map(len, prompt_ids)), cfg.bucket) - sum(map(len, prompt_ids))
 
     tic = time.perf_counter()
     seqs = [_Seq(prompt_indices[i], g) for i in range(len(prompt_ids)) for g in range(G)]
@@ -355,6 +359,7 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
         more = n_generated < cfg.max_new_tokens and any(s.reason is None for s in active)
         if more:  # queue step t + 1 before reading step t's tokens
             stats["shapes"].add((len(active), 1))
+            stats["padding_tokens"] += sum(s.reason is not None for s in active)  # finished rows kept as padding
             logits = model(y[:, None], cache=caches)[:, -1, :]
             nxt = sample(logits, cfg.temperature, cfg.top_p)
             mx.async_eval(*nxt)
@@ -397,7 +402,8 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     eos = getattr(tokenizer, "eos_token_ids", None)
     eos = set(eos) if eos is not None else {tokenizer.eos_token_id} - {None}
     stops = [s.encode() for s in cfg.stops()]
-    stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0, shapes=set())
+    stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0, shapes=set(),
+                 padding_tokens=0)
 
     was_training = model.training
     model.eval()
@@ -438,4 +444,5 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
         peak_batch=stats["peak_batch"],
         num_batches=len(batches),
         shapes=stats["shapes"],
+        padding_tokens=stats["padding_tokens"],
     )

@@ -506,9 +506,11 @@ class Trainer:
             batch["rank_weight"] = self._rank_weight(mask_np)
 
         # --- update ---
-        self.memory.note_shapes("update", [
-            (len(idx), padded_length([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx], cfg.rollout.bucket))
-            for idx in micro_batches(len(comp_ids), cfg.optim.grad_accum)])
+        update_shapes = [(len(idx), padded_length([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
+                                                  cfg.rollout.bucket))
+                         for idx in micro_batches(len(comp_ids), cfg.optim.grad_accum)]
+        self.memory.note_shapes("update", update_shapes)
+        real_tokens = sum(len(p) + len(c) for p, c in zip(prompt_ids, comp_ids))
         t0 = time.perf_counter()
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
@@ -558,6 +560,10 @@ class Trainer:
             **gen,  # tokens and tok/s summed over ranks, times the slowest rank's
             "gen/completion_len_mean": float(np.mean(comp_lens)),
             "gen/truncated_frac": float(np.mean(truncated)),
+            # positions computed for no sequence (prompt padding, finished rows kept for the bucket; the
+            # update's right padding): the cost of shape bucketing, next to memory/new_shapes, its gain
+            "gen/padding_frac": rb.padding_tokens / max(rb.padding_tokens + rb.prefill_tokens + rb.decode_tokens, 1),
+            "update/padding_frac": 1.0 - real_tokens / max(sum(rows * cols for rows, cols in update_shapes), 1),
         })
         # the mean of no samples is undefined: NaN, never a made-up 0
         # a sandbox deadline hit on a loaded machine scores 0 like a failing program: count it apart

@@ -359,6 +359,9 @@ def test_bucketing_changes_shapes_not_results(policy):
     shrunk = {rows for rows, tokens in bucketed.shapes if tokens == 1} - {start_rows}
     assert shrunk and all(rows & (rows - 1) == 0 for rows in shrunk), shrunk  # shrinks to powers of two
     assert len(bucketed.shapes) <= len(exact.shapes)
+    assert bucketed.padding_tokens > exact.padding_tokens > 0  # the cost: more padded positions computed
+    one = generate_rollouts(model, tok, PROMPTS[:1], greedy(group_size=2, max_new_tokens=4, bucket=0))
+    assert one.padding_tokens == 0  # one prompt, nothing finished early: no padding at all
 
 
 def test_sequence_logprobs_padding_is_masked_exactly(policy):
