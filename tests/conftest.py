@@ -1,6 +1,12 @@
+import os
 import sys
 
 from mlx_coach._blas import needs_reexec, reexec_with_openblas
+
+# One BLAS thread per process: OpenBLAS's threads spin while they wait, so two of them on a 2-core
+# machine that also runs another CPU-bound process (or the sandbox's workers) slow each other down
+# several-fold. The tests' matrices are small; one thread costs them little when the machine is idle.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
