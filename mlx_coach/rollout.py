@@ -49,7 +49,7 @@ class RolloutConfig:
     extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
     system_prompt: Optional[str] = setting(None)
     prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
-    bucket: int = setting(32, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
+    bucket: int = setting(0, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
                                           "shrink a decode batch only to powers of two, so freed buffers fit later requests; 0 = exact shapes")
 
     def __post_init__(self):

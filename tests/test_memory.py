@@ -72,13 +72,13 @@ def test_wired_limit_is_bounded_by_the_recommended_working_set():
 
 def test_config_validation_names_the_field():
     with pytest.raises(UserError, match="memory.clear_cache_share"):
-        MemoryConfig(clear_cache_share=1.5)
+        MemoryConfig(clear_every=0, clear_cache_share=1.5)
     with pytest.raises(UserError, match="memory.clear_fraction"):
-        MemoryConfig(clear_fraction=-0.1)
+        MemoryConfig(clear_every=0, clear_fraction=-0.1)
     with pytest.raises(UserError, match="memory.oom_min_batch"):
-        MemoryConfig(oom_min_batch=0)
+        MemoryConfig(clear_every=0, oom_min_batch=0)
     with pytest.raises(UserError, match="memory.cache_limit"):
-        MemoryConfig(cache_limit=2.5)
+        MemoryConfig(clear_every=0, cache_limit=2.5)
     with pytest.raises(UserError, match="memory.clear_every"):
         MemoryConfig(clear_every=-1)
 
@@ -102,32 +102,32 @@ def replay(cfg, cache_gb=CACHE_GB, active_gb=1.0):
 
 def test_cache_share_rule_fires_when_cache_exceeds_active():
     # cache share > 0.5 <=> cache > active
-    assert replay(MemoryConfig(clear_cache_share=0.5)) == [
+    assert replay(MemoryConfig(clear_every=0, clear_cache_share=0.5)) == [
         (5, "cache_share"), (6, "cache_share"), (9, "cache_share")]
-    assert replay(MemoryConfig(clear_cache_share=0.5, clear_min_interval=3)) == [
+    assert replay(MemoryConfig(clear_every=0, clear_cache_share=0.5, clear_min_interval=3)) == [
         (5, "cache_share"), (9, "cache_share")]
     # 0.4 <=> cache > 2/3 of active
-    assert [s for s, _ in replay(MemoryConfig(clear_cache_share=0.4))] == [3, 4, 5, 6, 9]
+    assert [s for s, _ in replay(MemoryConfig(clear_every=0, clear_cache_share=0.4))] == [3, 4, 5, 6, 9]
 
 
 def test_tiny_caches_are_not_cleared_for_cache_share():
-    cfg = MemoryConfig(clear_cache_share=0.5)
+    cfg = MemoryConfig(clear_every=0, clear_cache_share=0.5)
     s = MemorySample(active=0, cache=4, peak=4, phase="rollout", t=0.0)
     assert clear_decision(s, cfg, 1, None) == (False, None)
-    cfg = MemoryConfig(clear_cache_share=0.5, clear_min_cache_gb=0)
+    cfg = MemoryConfig(clear_every=0, clear_cache_share=0.5, clear_min_cache_gb=0)
     assert clear_decision(s, cfg, 1, None) == (True, "cache_share")
 
 
 def test_cache_size_and_periodic_rules():
-    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=1.1)
+    cfg = MemoryConfig(clear_every=0, clear_cache_share=None, clear_cache_gb=1.1)
     assert replay(cfg) == [(5, "cache_size"), (6, "cache_size"), (9, "cache_size")]
     cfg = MemoryConfig(clear_cache_share=None, clear_every=4)
     assert replay(cfg) == [(4, "periodic"), (8, "periodic")]
     # both due: the cache share is reported first
     cfg = MemoryConfig(clear_cache_share=0.5, clear_every=3)
     assert replay(cfg) == [(3, "periodic"), (5, "cache_share"), (6, "cache_share"), (9, "cache_share")]
-    assert replay(MemoryConfig(clear_cache_share=None)) == []
-    assert replay(MemoryConfig(clear_cache_share=0)) == []  # 0 is off too
+    assert replay(MemoryConfig(clear_every=0, clear_cache_share=None)) == []
+    assert replay(MemoryConfig(clear_every=0, clear_cache_share=0)) == []  # 0 is off too
 
 
 def test_trim_target():
@@ -179,7 +179,7 @@ def fill_cache(n=10, shape=(256, 1024)):
 
 
 def test_oom_backoff_halves_until_it_fits(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0), device_info=CPU_INFO)
     calls = []
 
     def step(batch):
@@ -197,7 +197,7 @@ def test_oom_backoff_halves_until_it_fits(mlx_limits):
 
 
 def test_oom_backoff_reraises_at_the_minimum_batch(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(oom_min_batch=2), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0, oom_min_batch=2), device_info=CPU_INFO)
 
     def step(batch):
         raise RuntimeError(OOM)
@@ -208,7 +208,7 @@ def test_oom_backoff_reraises_at_the_minimum_batch(mlx_limits):
 
 
 def test_oom_backoff_leaves_other_errors_alone(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0), device_info=CPU_INFO)
     calls = []
 
     def step(batch):
@@ -221,7 +221,7 @@ def test_oom_backoff_leaves_other_errors_alone(mlx_limits):
 
 
 def test_apply_limits_sets_mlx_limits(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(cache_limit=123_456_789, memory_limit=6_000_000_000), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0, cache_limit=123_456_789, memory_limit=6_000_000_000), device_info=CPU_INFO)
     applied = mgr.apply_limits()
     assert applied == {"memory_limit": 6_000_000_000, "cache_limit": 123_456_789}
     assert mx.set_cache_limit(mlx_limits) == 123_456_789  # set_* returns the limit in force
@@ -230,7 +230,7 @@ def test_apply_limits_sets_mlx_limits(mlx_limits):
 
 
 def test_apply_limits_resolves_fractions_against_device_info(mlx_limits):
-    cfg = MemoryConfig(cache_limit=0.25, wired_limit=0.5)
+    cfg = MemoryConfig(clear_every=0, cache_limit=0.25, wired_limit=0.5)
     mgr = MemoryManager(cfg, device_info=METAL_INFO)
     applied = mgr.apply_limits()
     assert applied["cache_limit"] == int(0.25 * 11453251584)
@@ -240,18 +240,18 @@ def test_apply_limits_resolves_fractions_against_device_info(mlx_limits):
     else:  # only set on Metal; resolve_wired_limit is tested above
         assert "wired_limit" not in applied
         # a fraction of an unknown working set is no error where the wired limit is not used
-        assert MemoryManager(MemoryConfig(wired_limit=0.5), device_info=CPU_INFO).apply_limits() == {}
+        assert MemoryManager(MemoryConfig(clear_every=0, wired_limit=0.5), device_info=CPU_INFO).apply_limits() == {}
 
 
 def test_fraction_limits_fall_back_to_physical_memory_on_cpu(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(cache_limit=0.5), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0, cache_limit=0.5), device_info=CPU_INFO)
     assert mgr.device_bytes and mgr.device_bytes > 2**28
     assert mgr.apply_limits() == {"cache_limit": int(0.5 * mgr.device_bytes)}
 
 
 def test_sample_reads_mlx_memory(mlx_limits):
     ticks = iter(range(100))
-    mgr = MemoryManager(MemoryConfig(), device_info=CPU_INFO, clock=lambda: float(next(ticks)))
+    mgr = MemoryManager(MemoryConfig(clear_every=0), device_info=CPU_INFO, clock=lambda: float(next(ticks)))
     a = mx.ones((1024, 1024))  # 4 MiB
     mx.eval(a)
     s = mgr.sample("rollout")
@@ -276,7 +276,7 @@ def test_sample_reads_mlx_memory(mlx_limits):
 
 def test_maybe_clear_frees_the_cache(mlx_limits):
     # a cache-size trigger: the cache share depends on what else this process holds (other tests' models)
-    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=None)
+    cfg = MemoryConfig(clear_every=0, clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=None)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache()
     assert cached >= 10 * 2**20
@@ -299,7 +299,7 @@ def test_maybe_clear_frees_the_cache(mlx_limits):
 
 
 def test_maybe_clear_trims_by_fraction_and_restores_the_limit(mlx_limits):
-    cfg = MemoryConfig(clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=0.5)
+    cfg = MemoryConfig(clear_every=0, clear_cache_share=None, clear_cache_gb=0.008, clear_min_cache_gb=0.001, clear_fraction=0.5)
     mgr = MemoryManager(cfg, device_info=CPU_INFO)
     cached = fill_cache(n=10)
     mgr.sample("rollout")
@@ -343,13 +343,13 @@ def test_footprint_is_the_resident_size_the_os_reports():
 
 
 def test_pressure_rule_compares_the_footprint_with_the_limit():
-    cfg = MemoryConfig(clear_pressure=0.8)
+    cfg = MemoryConfig(clear_every=0, clear_pressure=0.8)
     gb = int(GB)
     calm = MemorySample(active=1 * gb, cache=1 * gb, peak=0, phase="p", t=0.0, footprint=7 * gb)
     tight = MemorySample(active=1 * gb, cache=1 * gb, peak=0, phase="p", t=0.0, footprint=9 * gb)
     assert clear_decision(calm, cfg, 1, None, limit=10 * gb) == (False, None)
     assert clear_decision(tight, cfg, 1, None, limit=10 * gb) == (True, "pressure")
-    assert clear_decision(tight, MemoryConfig(clear_pressure=None), 1, None, limit=10 * gb) == (False, None)
+    assert clear_decision(tight, MemoryConfig(clear_every=0, clear_pressure=None), 1, None, limit=10 * gb) == (False, None)
     # without an OS number, MLX's own active + cache stand in for the footprint
     no_os = MemorySample(active=5 * gb, cache=4 * gb, peak=0, phase="p", t=0.0)
     assert clear_decision(no_os, cfg, 1, None, limit=10 * gb) == (True, "pressure")
@@ -358,7 +358,7 @@ def test_pressure_rule_compares_the_footprint_with_the_limit():
 
 
 def test_growth_rule_fires_on_a_cache_that_grew_every_step():
-    cfg = MemoryConfig(clear_growth_steps=3, clear_pressure=None, clear_min_cache_gb=0.0)
+    cfg = MemoryConfig(clear_every=0, clear_growth_steps=3, clear_pressure=None, clear_min_cache_gb=0.0)
     s = MemorySample(active=1, cache=40, peak=0, phase="p", t=0.0)
     assert clear_decision(s, cfg, 5, None, cache_history=[10, 20, 30, 40]) == (True, "growth")
     assert clear_decision(s, cfg, 5, None, cache_history=[10, 20, 20, 40]) == (False, None)  # one flat step
@@ -366,7 +366,7 @@ def test_growth_rule_fires_on_a_cache_that_grew_every_step():
 
 
 def test_step_metrics_carry_footprint_and_distinct_shapes(mlx_limits):
-    mgr = MemoryManager(MemoryConfig(clear_pressure=None), device_info=CPU_INFO)
+    mgr = MemoryManager(MemoryConfig(clear_every=0, clear_pressure=None), device_info=CPU_INFO)
     mgr.note_shapes("generate", [(8, 1), (8, 1), (4, 1)])
     mgr.note_shapes("update", [(8, 64)])
     mgr.sample("update")
