@@ -3,7 +3,7 @@ and as the adversarial corpus's proof that its probes are real (they pass here).
 
 Runs one sample in a fresh interpreter: `python -I -B [-S] single_process_harness.py IN_FD OUT_FD`.
 Started by sandbox.py's parent code (benchmarks/bench_sandbox.py: single_process_design), never
-imported by the package, standard library only. Its working
+imported by the package, standard library and the package's stdlib-only scoring helpers. Its working
 directory is the sample's private temporary directory.
 
 Protocol. The parent writes one marshalled dict to IN_FD and closes its end: nonce, program,
@@ -17,17 +17,21 @@ the parent ignores lines without the nonce, and without a verdict line the sampl
 """
 
 import builtins
-import io
 import marshal
 import os
 import sys
 
+# The limits, guards, partial-credit instrumentation and error classes are the same code the
+# judge/worker design uses: import them from the package's scoring folder (-I leaves it off the path).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlx_coach", "scoring"))
+from _confine import apply_limits  # noqa: E402
+from _errors import classify  # noqa: E402
+from _guards import install_guards  # noqa: E402
+from _judge import instrument  # noqa: E402
+
+del sys.path[0]
+
 ERROR_CHARS = 500
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-class SandboxViolation(PermissionError):
-    """A disabled or out-of-sandbox call made by the sample."""
 
 
 def read_request(fd):
@@ -55,176 +59,6 @@ def hide_channel(fd, max_open_files):
     new = os.dup2(fd, target, inheritable=False)
     os.close(fd)
     return new
-
-
-def apply_limits(limits):
-    """setrlimit each (soft, hard); a string value is a reason it was not set. Returns what was not set."""
-    import resource
-
-    unset = []
-    for name, value in limits.items():
-        if isinstance(value, str):
-            unset.append(f"{name}: {value}")
-            continue
-        res = getattr(resource, name, None)
-        if res is None:
-            unset.append(f"{name}: not available on {sys.platform}")
-            continue
-        soft, hard = value
-        try:
-            cur_hard = resource.getrlimit(res)[1]
-            if cur_hard != resource.RLIM_INFINITY:
-                soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-            resource.setrlimit(res, (soft, hard))
-        except (ValueError, OSError) as e:
-            unset.append(f"{name}: {e}")
-    if "RLIMIT_NPROC" in limits and sys.platform.startswith("linux") and os.geteuid() == 0:
-        unset.append("RLIMIT_NPROC: set, but Linux does not enforce it for root")
-    return unset
-
-
-# ---------------------------------------------------------------------------------------------
-# Partial credit: each top-level statement of check() that contains an assert is run on its own.
-
-
-def instrument(tree, rec_name):
-    """Wrap the asserting top-level statements of the last `def check`; returns how many."""
-    import ast
-
-    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
-    if not checks:
-        return 0
-    fn, body, count = checks[-1], [], 0
-    for stmt in fn.body:
-        if not any(isinstance(n, ast.Assert) for n in ast.walk(stmt)):
-            body.append(stmt)
-            continue
-        wrapper = ast.parse(
-            f"try:\n    pass\nexcept BaseException as _e:\n    {rec_name}({count}, _e)\n"
-            f"else:\n    {rec_name}({count}, None)\n").body[0]
-        wrapper.body = [stmt]
-        body.append(ast.copy_location(wrapper, stmt))
-        count += 1
-    fn.body = body
-    ast.fix_missing_locations(tree)
-    return count
-
-
-# ---------------------------------------------------------------------------------------------
-# Guards: the second line of defence, after the process, session, rlimits and private cwd.
-
-
-def _refuse(name):
-    def refused(*args, **kwargs):
-        raise SandboxViolation(f"{name} is disabled in the sandbox")
-
-    refused.__name__ = name.rsplit(".", 1)[-1]
-    return refused
-
-
-# Patched where they live: subprocess, shutil, pty and multiprocessing call these through their
-# modules, so they are covered without being imported here.
-_DISABLED = {
-    "os": ["kill", "killpg", "fork", "forkpty", "system", "popen", "execv", "execve", "spawnv", "spawnve",
-           "posix_spawn", "posix_spawnp", "chdir", "fchdir", "chroot", "putenv", "unsetenv", "setsid",
-           "setpgid", "setpgrp", "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid",
-           "setresgid", "_exit", "abort", "pidfd_open", "plock", "lchflags", "chflags"],
-    "_posixsubprocess": ["fork_exec"],
-    "_signal": ["pthread_kill", "pidfd_send_signal"],
-    "builtins": ["exit", "quit", "help"],
-}
-# Path arguments that must lie inside the sandbox directory. Deleting is allowed there only:
-# tempfile, for one, cannot work without unlink in its own directory.
-_GUARDED_PATHS = {"remove": (0,), "unlink": (0,), "rmdir": (0,), "removedirs": (0,), "mkdir": (0,),
-                  "rename": (0, 1), "renames": (0, 1), "replace": (0, 1), "link": (0, 1), "symlink": (1,),
-                  "truncate": (0,), "chmod": (0,), "chown": (0,), "lchown": (0,), "lchmod": (0,),
-                  "utime": (0,), "mkfifo": (0,), "mknod": (0,)}
-# Modules a sample should not reach for; a deliberate attacker can undo this, an accident will not.
-_BLOCKED_MODULES = ("ctypes", "_ctypes", "resource", "psutil", "multiprocessing")
-
-
-def install_guards(root):
-    import posix
-
-    # Bound once: a sample that patches builtins or os.path does not switch the checks off.
-    realpath, fspath, fsdecode = os.path.realpath, os.fspath, os.fsdecode
-    isinstance_, any_, len_ = isinstance, any, len
-    prefix = root.rstrip(os.sep) + os.sep
-
-    def inside(path):
-        if isinstance_(path, int):
-            return True
-        p = realpath(fsdecode(fspath(path)))
-        return p == root or p.startswith(prefix) or p == os.devnull
-
-    def check(path, what):
-        if not inside(path):
-            raise SandboxViolation(f"{what} outside the sandbox directory: {path}")
-
-    def guard_args(name, real, positions):
-        def guarded(*args, **kwargs):
-            for i in positions:
-                if i < len_(args):
-                    check(args[i], f"os.{name}")
-            if kwargs.get("dir_fd") is not None or kwargs.get("src_dir_fd") is not None:
-                raise SandboxViolation(f"os.{name} with dir_fd is disabled in the sandbox")
-            return real(*args, **kwargs)
-
-        return guarded
-
-    real_open, real_os_open, real_fileio = builtins.open, os.open, io.FileIO
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if any_(c in mode for c in "wax+"):
-            check(file, "open for writing")
-        return real_open(file, mode, *args, **kwargs)
-
-    def guarded_os_open(path, flags, *args, **kwargs):
-        if flags & _WRITE_FLAGS:
-            if kwargs.get("dir_fd") is not None:
-                raise SandboxViolation("os.open with dir_fd is disabled in the sandbox")
-            check(path, "os.open for writing")
-        return real_os_open(path, flags, *args, **kwargs)
-
-    class GuardedFileIO(real_fileio):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if any_(c in mode for c in "wax+"):
-                check(file, "FileIO for writing")
-            super().__init__(file, mode, *args, **kwargs)
-
-    for mod in (os, posix):
-        mod.open = guarded_os_open
-        for name, positions in _GUARDED_PATHS.items():
-            if hasattr(mod, name):
-                setattr(mod, name, guard_args(name, getattr(mod, name), positions))
-    builtins.open = io.open = sys.modules["_io"].open = guarded_open
-    io.FileIO = GuardedFileIO
-    for module_name, names in _DISABLED.items():
-        mods = [os, posix] if module_name == "os" else [sys.modules.get(module_name) or __import__(module_name)]
-        for mod in mods:
-            for name in names:
-                if hasattr(mod, name) or mod is builtins:
-                    setattr(mod, name, _refuse(f"{module_name.lstrip('_')}.{name}"))
-    for name in _BLOCKED_MODULES:
-        sys.modules[name] = None
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def classify(exc):
-    """Status for an exception that ended the program."""
-    import errno
-
-    if isinstance(exc, AssertionError):
-        return "failed"
-    if isinstance(exc, MemoryError):
-        return "killed"
-    if isinstance(exc, OSError) and exc.errno in (errno.EFBIG, errno.EMFILE, errno.ENFILE, errno.EAGAIN):
-        return "killed"  # file size, open files, processes: rlimits hit
-    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
-        return "killed"
-    return "error"
 
 
 def describe(exc, program_lines):
