@@ -48,6 +48,8 @@ class RolloutConfig:
     chat_template: bool = setting(False, help="wrap the prompt in the tokenizer's chat template")
     extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
     system_prompt: Optional[str] = setting(None)
+    user_template: str = setting("{prompt}", help="the chat user message (or the plain prompt): {prompt} is replaced by the "
+                                                  "task's prompt; what the sandbox runs is still the task's prompt + the completion")
     prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
     bucket: int = setting(0, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
                                           "shrink a decode batch only to powers of two, so freed buffers fit later requests; 0 = exact shapes")
@@ -56,6 +58,8 @@ class RolloutConfig:
         check_fields(self, "rollout")
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
             raise UserError("config key 'rollout.stop' must be a list of non-empty strings")
+        if not isinstance(self.user_template, str) or "{prompt}" not in self.user_template:
+            raise UserError("config key 'rollout.user_template' must be a string containing {prompt}")
 
     def stops(self):
         if self.stop is None:
@@ -164,7 +168,9 @@ def token_bytes(tokenizer) -> List[bytes]:
 
 def encode_prompt(tokenizer, prompt: str, cfg: RolloutConfig) -> List[int]:
     """Prompt token ids: chat template with a generation prompt, or plain encoding (the
-    system prompt, if any, is then prepended to the text)."""
+    system prompt, if any, is then prepended to the text). `user_template` wraps the task's prompt
+    (a literal replacement of {prompt}, so braces in the code need no escaping)."""
+    prompt = cfg.user_template.replace("{prompt}", prompt)
     if cfg.chat_template:
         messages = [{"role": "user", "content": prompt}]
         if cfg.system_prompt:

@@ -255,6 +255,18 @@ def test_chat_template_and_extract_code(policy):
     assert all(r.completion == extract_code(r.text) for r in batch.rollouts)
 
 
+def test_user_template_wraps_the_prompt_literally(policy):
+    _, tok = policy
+    stub = "def f(d):\n    return {1: '{prompt}'}\n"
+    cfg = RolloutConfig(chat_template=True, user_template="Complete this Python function:\n```python\n{prompt}```")
+    text = tok.decode(encode_prompt(tok, stub, cfg))
+    assert "<|user|>\nComplete this Python function:\n```python\n" + stub + "```<|eos|>" in text
+    plain = RolloutConfig(user_template="# task\n{prompt}")
+    assert tok.decode(encode_prompt(tok, stub, plain)).endswith("# task\n" + stub)
+    with pytest.raises(UserError, match="rollout.user_template"):
+        RolloutConfig(user_template="no placeholder")
+
+
 def test_extract_code():
     text = "Sure!\n```python\ndef f(x):\n    return x\n```\nMore:\n```\nprint(1)\n```"
     assert extract_code(text) == "def f(x):\n    return x\n"
