@@ -211,8 +211,14 @@ def load_config(path=None, overrides=None):
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file not found: {path}")
+        raw = p.read_bytes()
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            lineno = raw[: e.start].count(b"\n") + 1
+            raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

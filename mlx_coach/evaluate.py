@@ -83,10 +83,16 @@ def run_from_args(args):
     if args.adapter:
         from mlx_lm.tuner.utils import load_adapters
 
+        from . import base_identity
+
         adapter = Path(args.adapter)
         if not (adapter / "adapters.safetensors").is_file():
             raise UserError(f"--adapter: no adapters.safetensors in {adapter}")
-        model = load_adapters(model, str(adapter))
+        base_identity.check(adapter, info, "--adapter")
+        try:
+            model = load_adapters(model, str(adapter))
+        except (ValueError, KeyError, TypeError) as e:  # adapters from mlx-lm (no identity) that do not fit
+            raise UserError(f"--adapter: {adapter} does not fit {args.model} ({' '.join(str(e).split())[:200]})") from None
     model.eval()
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=temperature,

@@ -15,6 +15,7 @@ import json
 import time
 from collections import Counter, defaultdict
 
+from .argtypes import count, int_at_least, positive_number
 from .errors import UserError
 from .metrics import summarize
 from .scoring.base import TEST_STATUSES
@@ -25,9 +26,9 @@ def add_arguments(p):
     p.add_argument("--tasks", required=True, help="humaneval | builtin | TASKS.jsonl")
     p.add_argument("--completions", required=True, metavar="SAMPLES.jsonl", help="rows of task_id, completion")
     p.add_argument("--out", metavar="OUT.jsonl", help="one result row per sample, in input order")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per sample (default 5)")
-    p.add_argument("--workers", type=int, default=0, help="samples run at once (default: CPU count)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per sample (default 1024)")
+    p.add_argument("--timeout", type=positive_number, default=5.0, help="seconds per sample (default 5)")
+    p.add_argument("--workers", type=count, default=0, help="samples run at once (default: CPU count)")
+    p.add_argument("--memory-mb", type=int_at_least(16), default=1024, help="address-space limit per sample (default 1024)")
     p.add_argument("--partial-credit", action="store_true", help="score = fraction of check()'s asserts passed")
     p.add_argument("--cache", metavar="PATH", help="SQLite score cache shared with training (cache.sqlite_path)")
 

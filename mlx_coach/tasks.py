@@ -250,11 +250,11 @@ def builtin_tasks() -> list[Task]:
 
 def _looks_like_mbpp(path: Path) -> bool:
     """True when the first non-blank row has MBPP's keys; a bad row is left for the loader to report."""
-    with open(path, encoding="utf-8") as f:
-        line = next((ln for ln in f if ln.strip()), "")
     try:
+        with open(path, encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.strip()), "")
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(row, dict) and all(k in row for k in _MBPP_KEYS)
 

@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import losses
+from . import base_identity, losses
 from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
 from .checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
@@ -137,6 +137,7 @@ class Trainer:
             self.ref_model = frozen_copy(self.model)
             unfreeze_all(self.model)
         self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
+        self.adapter_cfg[base_identity.KEY] = base_identity.identity(self.model_info)
         total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
@@ -230,6 +231,9 @@ class Trainer:
                                self.adapter_cfg, self.cache.snapshot())
 
     def _resume(self):
+        newest = latest_checkpoint(self.run_dir)
+        if newest is not None:  # before any weights are read: another base must not load into this one
+            base_identity.check(newest, self.model_info, "--resume")
         try:
             ckpt, state, cache_snapshot = load_latest_intact(
                 self.run_dir, self.model, self.optimizer, warn=lambda line: print(line, file=sys.stderr, flush=True))
@@ -786,6 +790,11 @@ def run_from_args(args):
         if not saved.is_file():
             raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
         cfg = load_run_config(saved, args.set)  # the run's resolved config, plus any overrides
+        newest = latest_checkpoint(run_dir)
+        at = int(newest.name.split("-")[-1]) if newest is not None else 0
+        if args.steps and args.steps < at:
+            raise UserError(f"--steps: the run in {run_dir} is already at step {at}; "
+                            f"give --steps {at} or more")
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.output or cfg.train.output)
