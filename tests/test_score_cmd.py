@@ -1,6 +1,5 @@
 """`mlx-coach score`: samples file in, one result row per sample out, pass@k printed."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -24,7 +23,11 @@ def write_jsonl(path, rows):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser()
+    from mlx_coach.cli import (
+        _Parser,  # the CLI's parser: a bad flag is a UserError, as in `mlx-coach score`
+    )
+
+    p = _Parser()
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -85,8 +88,9 @@ def test_bad_sample_rows_name_file_and_line(tmp_path, tasks, line, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--timeout", "0"], "--timeout must be > 0"), (["--workers", "-1"], "--workers must be >= 0"),
-    (["--memory-mb", "1"], "--memory-mb must be >= 16"),
+    (["--timeout", "0"], "--timeout: must be a finite number > 0"),
+    (["--workers", "-1"], "--workers: must be an integer >= 0"),
+    (["--memory-mb", "1"], "--memory-mb: must be an integer >= 16"),
 ])
 def test_bad_arguments(tmp_path, tasks, argv, message):
     samples = write_jsonl(tmp_path / "s.jsonl", [{"task_id": "x/inc", "completion": "    return n\n"}])
