@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_coach.cache import ScoreCache, make_key  # noqa: E402
+from mlx_coach.progress import bar  # noqa: E402
 from mlx_coach.scoring.base import Score  # noqa: E402
 from mlx_coach.scoring.cached import CachedScorer  # noqa: E402
 
@@ -76,8 +77,10 @@ def _per_op_us(fn, items):
 
 def micro(entries: int, ops: int, tmp: Path) -> list[dict]:
     rows, score, rng = [], Score(1.0, "passed", duration_s=0.05), random.Random(0)
-    for policy in ("lru", "ttl", "lru+ttl"):
-        for persist in (False, True):
+    configs = [(policy, persist) for policy in ("lru", "ttl", "lru+ttl") for persist in (False, True)]
+    with bar(len(configs), "cache micro", unit="config") as progress:
+        for policy, persist in configs:
+            progress.set_postfix_str(f"{policy}{' + sqlite' if persist else ''}")
             db = str(tmp / f"{policy}.sqlite") if persist else None
             c = ScoreCache(policy, maxsize=entries, ttl_s=3600.0, sqlite_path=db)
             full = _keys(entries, "a")
@@ -97,6 +100,7 @@ def micro(entries: int, ops: int, tmp: Path) -> list[dict]:
                 c2.close()
             c.close()
             rows.append(row)
+            progress.update(1)
     return rows
 
 
@@ -150,7 +154,9 @@ def replay(trace, a) -> list[dict]:
     policies = [("none", {}), ("epoch-clear", {}), ("lru", {}), ("lru", {"maxsize": a.small}),
                 ("ttl", {}), ("lru+ttl", {"maxsize": a.small})]
     rows = []
+    progress = bar(len(policies) * len(trace), "cache replay", unit="step")
     for policy, kw in policies:
+        progress.set_postfix_str(policy)
         now = [0.0]
         cache = ScoreCache(policy, **{"maxsize": 100_000, "ttl_s": a.ttl_s, **kw}, timer=lambda: now[0])
         scorer = _CountingScorer()
@@ -161,6 +167,7 @@ def replay(trace, a) -> list[dict]:
             if step % steps_per_epoch == 0:
                 cache.on_epoch_start(step // steps_per_epoch)
             cs.score_batch([(tasks[t], program(t, p, v)) for t, p, v in batch])
+            progress.update(1)
         overhead = time.perf_counter() - t0
         st, s = cs.stats(), cache.stats()["student"]
         avoided = n_samples - scorer.items
@@ -170,6 +177,7 @@ def replay(trace, a) -> list[dict]:
                          saved_s=avoided * a.cost_ms / 1e3, evictions=s["evictions"],
                          expirations=s["expirations"], cleared=s["cleared"], final_size=s["size"],
                          overhead_us_per_sample=1e6 * overhead / n_samples))
+    progress.close()
     return rows, dict(samples=n_samples, distinct_texts=raw_unique, distinct_programs=norm_unique,
                       steps_per_epoch=steps_per_epoch)
 

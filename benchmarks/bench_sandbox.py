@@ -33,6 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_coach.scoring import sandbox  # noqa: E402
 from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer, run_sample  # noqa: E402
 from mlx_coach.tasks import Task  # noqa: E402
+from mlx_coach.progress import bar  # noqa: E402
+
+
+def tqdm_range(n, desc, unit):
+    """range(n) with a progress bar on a terminal (silent otherwise)."""
+    with bar(n, desc, unit=unit) as progress:
+        for i in range(n):
+            yield i
+            progress.update(1)
 
 SINGLE_PROCESS_HARNESS = str(Path(__file__).with_name("single_process_harness.py"))
 
@@ -81,7 +90,7 @@ DESIGNS = {"judge+worker": contextlib.nullcontext, "single process": single_proc
 
 def latency(n: int, cfg) -> dict:
     times = {"python -c pass": [], "python -I -B -S -c pass": []} | {f"sandbox, {d}": [] for d in DESIGNS}
-    for _ in range(n):
+    for _ in tqdm_range(n, "sandbox latency", "round"):
         times["python -c pass"].append(spawn(BARE))
         times["python -I -B -S -c pass"].append(spawn(BARE_FLAGS))
         for design, ctx in DESIGNS.items():
@@ -96,7 +105,7 @@ def throughput(samples: int, workers: int, cfg, rounds: int = 5) -> dict:
     spent = {"bare": 0.0} | {d: 0.0 for d in DESIGNS}
     statuses = {d: {} for d in DESIGNS}
     with SandboxScorer(cfg) as scorer, ThreadPoolExecutor(workers) as pool:
-        for r in range(rounds):
+        for r in tqdm_range(rounds, "sandbox throughput", "round"):
             n = per_round if r < rounds - 1 else samples - per_round * (rounds - 1)
             t0 = time.perf_counter()
             list(pool.map(lambda _: spawn(BARE), range(n)))

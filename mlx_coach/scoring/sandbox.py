@@ -414,9 +414,9 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
         guards["macos_profile"] = macos_guard
     unset = [item for item in ready or () if not item.startswith("guard ")]
     for item in unset:
-        if item not in _unset_seen:
-            _unset_seen.add(item)
-            log.warning("sandbox limit not enforced: %s", item)
+        if item not in _unset_seen:  # facts about this OS, the same for every sample: `mlx-coach doctor`
+            _unset_seen.add(item)   # lists them; at info level they stay off every command's stderr
+            log.info("sandbox limit not enforced: %s", item)
     _log_guards_once(guards)
     status, value, error = _judge(verdict, ready, timed_out, returncode, err, cfg)
     score = Score(value, status, duration, error[:ERROR_CHARS], cacheable=status not in ("timeout", "infra_error"))
