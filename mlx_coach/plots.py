@@ -2,7 +2,7 @@
 
 Every chart is drawn by `line_chart`: series that share a unit go on the left axis; series in another
 unit (tok/s against a 0-1 hit rate, say) go on a second, right-hand axis, so neither is pinned flat.
-Each series gets its own colour and marker. A series may hold `None` or NaN where it has no value; the
+Each series gets its own colour and marker; right-axis series are dashed. A series may hold `None` or NaN where it has no value; the
 line breaks there instead of drawing across the gap. `vlines` marks x positions (epoch boundaries).
 matplotlib draws off-screen (Agg), so this works without a display.
 """
@@ -29,13 +29,14 @@ def _as_array(values):
     return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
 
 
-def _draw(ax, series, start, marker_every):
+def _draw(ax, series, start, marker_every, linestyle="-"):
     handles = []
     for i, (label, (xs, ys)) in enumerate(series.items()):
         k = start + i
         (line,) = ax.plot(
             _as_array(xs), _as_array(ys), label=label, color=COLOURS[k % len(COLOURS)],
             marker=MARKERS[k % len(MARKERS)], markersize=4, markevery=marker_every, linewidth=1.5,
+            linestyle=linestyle,
         )
         handles.append(line)
     return handles
@@ -60,7 +61,7 @@ def line_chart(path, title, left, *, right=None, xlabel="step", left_label="", r
             ax.set_ylim(*left_limits)
         if right:
             twin = ax.twinx()
-            handles += _draw(twin, right, len(left), marker_every)
+            handles += _draw(twin, right, len(left), marker_every, linestyle="--")  # dashed: read on the right
             twin.set_ylabel(right_label)
             if right_limits:
                 twin.set_ylim(*right_limits)

@@ -44,6 +44,8 @@ class TelemetryConfig:
 
     tensorboard: bool = setting(True, help="write TensorBoard event files beside metrics.jsonl")
     progress: bool = setting(True, help="a line per step on stderr")
+    report: bool = setting(True, help="write RUN/report/ (report.md + PNG charts) at each epoch end and log "
+                                      "the charts to TensorBoard's Images tab")
     phase_bounds: tuple = setting((1 / 3, 2 / 3), help="epoch fractions where the mid and late phases start")
 
     def __post_init__(self):
@@ -148,24 +150,35 @@ def _cell(value):
     return str(value)
 
 
+def unit_of(tag):
+    """The unit a tag's values are in, read from its name: what may share one y-axis."""
+    if tag.startswith("gen/tokens_per_sec_rel"):
+        return "x the first steps' tok/s"
+    if "tokens_per_sec" in tag:
+        return "tok/s"
+    if tag.endswith("_gb"):
+        return "GB"
+    if "hit_rate" in tag or "cache_share" in tag or tag.endswith("_frac") or "pass@" in tag:
+        return "fraction"
+    if tag.startswith("reward/") and tag.endswith(("_mean", "/mean", "/ema")):
+        return "reward"
+    if tag.startswith("loss/"):
+        return "loss"
+    return "other"
+
+
 def custom_scalar_layout():
-    """Charts that put throughput next to cache and memory state. Tags are anchored regexes."""
+    """TensorBoard's custom-scalar charts have one y-axis, so each chart holds series of one unit
+    (`unit_of`; a test checks every chart against the tags a real run logs). Two units side by side
+    (tok/s against hit rate or memory) are the run report's two-axis PNGs (report.py), which the
+    trainer also logs to the Images tab. Tags are anchored regexes."""
     exact = lambda *tags: [f"^{t}$" for t in tags]  # noqa: E731
     return {
         "mlx-coach": {
-            # relative tok/s (1.0 = the run's first steps) shares the 0..1 scale of the hit rate
-            "relative tok/s vs cache hit rate and MLX cache share": [
-                "Multiline", exact(TOKS + "_rel", "cache/hit_rate", FRAG)],
-            "tok/s vs cache hit rate": ["Multiline", exact(TOKS, "cache/hit_rate")],
-            "tok/s vs cache hit rate by epoch phase": [
-                "Multiline",
-                ["^gen/tokens_per_sec_by_phase/", "^cache/hit_rate_by_phase/"],
-            ],
-            "tok/s vs MLX cache share": ["Multiline", exact(TOKS, FRAG)],
-            "tok/s vs MLX cache share by epoch phase": [
-                "Multiline",
-                ["^gen/tokens_per_sec_by_phase/", "^memory/cache_share_by_phase/"],
-            ],
+            "tok/s: per step and by epoch phase": ["Multiline", exact(TOKS) + ["^gen/tokens_per_sec_by_phase/"]],
+            "cache hit rate: per step and by epoch phase": [
+                "Multiline", exact("cache/hit_rate") + ["^cache/hit_rate_by_phase/"]],
+            "MLX cache share: per step and by epoch phase": ["Multiline", exact(FRAG) + ["^memory/cache_share_by_phase/"]],
             "reward: fresh vs cached": [
                 "Multiline",
                 exact("reward/fresh_mean", "reward/cached_mean", "reward/mean"),

@@ -41,6 +41,7 @@ from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatm
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
 from .progress import StepClock, format_eta
+from .report import log_images, write_report
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
                      sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
@@ -684,6 +685,8 @@ class Trainer:
             self.telemetry.text("adapters/top_layers", top_layers_text(deltas), self.step)
             blocks = block_deltas(deltas)
             self.telemetry.log(self.step, {f"adapters/delta/{name}": v for name, v in blocks.items()})
+        if self.cfg.telemetry.report and self.world.is_main:  # RUN/report/, its PNGs also on the Images tab
+            log_images(self.telemetry, write_report(self.run_dir), self.step)
         self.epoch += 1
         self.pos = 0
         self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, self.epoch)

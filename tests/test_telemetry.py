@@ -97,10 +97,8 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
     (config,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["tok/s vs cache hit rate"] == ["^gen/tokens_per_sec$", "^cache/hit_rate$"]
-    assert charts["tok/s vs cache hit rate by epoch phase"] == [
-        "^gen/tokens_per_sec_by_phase/", "^cache/hit_rate_by_phase/"]
-    assert charts["tok/s vs MLX cache share"] == ["^gen/tokens_per_sec$", "^memory/cache_share$"]
+    assert charts["tok/s: per step and by epoch phase"] == ["^gen/tokens_per_sec$", "^gen/tokens_per_sec_by_phase/"]
+    assert charts["cache hit rate: per step and by epoch phase"] == ["^cache/hit_rate$", "^cache/hit_rate_by_phase/"]
     assert charts["reward: fresh vs cached"] == ["^reward/fresh_mean$", "^reward/cached_mean$", "^reward/mean$"]
     assert charts["loss"] == ["^loss/policy$", "^loss/kl$", "^loss/policy_ema$"]
     assert charts["memory (GB): process footprint vs MLX active and cache"] == [
@@ -133,9 +131,9 @@ def test_custom_scalar_tags_match_only_their_series(tmp_path):
     # TensorBoard's custom-scalars plugin selects series with re.match(pattern, tag)
     chart = {c.title: c.multiline.tag for cat in layout.category for c in cat.chart}
     picked = lambda title: [t for t in tags if any(re.match(p, t) for p in chart[title])]  # noqa: E731
-    assert picked("tok/s vs cache hit rate") == ["gen/tokens_per_sec", "cache/hit_rate"]
-    assert picked("tok/s vs MLX cache share by epoch phase") == [
-        "gen/tokens_per_sec_by_phase/early", "memory/cache_share_by_phase/late"]
+    assert picked("tok/s: per step and by epoch phase") == ["gen/tokens_per_sec", "gen/tokens_per_sec_by_phase/early"]
+    assert picked("MLX cache share: per step and by epoch phase") == [
+        "memory/cache_share", "memory/cache_share_by_phase/late"]
 
 
 def test_non_finite_values(tmp_path):

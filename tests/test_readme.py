@@ -1,0 +1,84 @@
+"""The README's examples, run: the dataset row, the Mac config, the quick start's config and test command."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def section(title):
+    start = README.index(f"## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start: end if end != -1 else None]
+
+
+def blocks(text, lang):
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
+    from mlx_coach.config import DataConfig
+    from mlx_coach.scoring.sandbox import SandboxConfig, run_sample
+    from mlx_coach.tasks import load_tasks
+    from mlx_coach.trainer import select_tasks
+
+    (row,) = blocks(section("Your own dataset"), "jsonl")
+    path = tmp_path / "tasks.jsonl"
+    other = {**json.loads(row), "task_id": "mine/other", "tags": ["category:strings"]}
+    path.write_text(row + json.dumps(other) + "\n")
+    task, second = load_tasks(str(path))
+    assert (task.task_id, task.entry_point, task.tags) == ("mine/clamp", "clamp", {"category": "math", "difficulty": "easy"})
+    assert second.tags == {"category": "strings"}
+    cfg = SandboxConfig(workers=1)
+    # the completion is joined to the prompt: the body passes, a wrong body fails
+    assert run_sample(task, task.canonical_solution, cfg).status == "passed"
+    assert run_sample(task, "    return x\n", cfg).status == "failed"
+    # data.categories keeps the listed categories only
+    train, val = select_tasks(DataConfig(tasks=str(path), val_fraction=0.0, categories=["math"]))
+    assert [t.task_id for t in train + val] == ["mine/clamp"]
+
+
+def test_the_mac_config_is_the_shipped_file_and_loads():
+    from mlx_coach.config import load_config
+
+    (yaml_text,) = blocks(section("Your own model on a Mac"), "yaml")
+    shipped = (ROOT / "configs" / "mac.yaml").read_text()
+    assert yaml_text.strip() == shipped.strip()
+    cfg = load_config(ROOT / "configs" / "mac.yaml")
+    assert cfg.model.path.startswith("mlx-community/")
+    assert cfg.memory.memory_limit == 0.75 and cfg.memory.clear_every == 1
+    assert cfg.rollout.chat_template and cfg.rollout.extract_code
+
+
+def test_the_quick_start_config_ends_an_epoch():
+    """So validation pass@1, the phase table, top layers and the heatmap appear in the quick start."""
+    from mlx_coach.config import load_config
+    from mlx_coach.trainer import select_tasks
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    train, _ = select_tasks(cfg.data)
+    steps_per_epoch = -(-len(train) // cfg.rollout.prompts_per_step)
+    assert cfg.train.steps >= steps_per_epoch and cfg.train.epochs_val
+    assert f"checkpoints/step-{cfg.train.steps}" in section("Quick start")
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    quick = section("Quick start")
+    commands = [b.strip() for b in blocks(quick, "bash")]
+    test_cmd = next(c for c in commands if "pytest" in c)
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert ci[-1] == test_cmd
+    # and CI installs what the quick start installs
+    for line in next(c for c in commands if "pip install" in c).splitlines():
+        assert any(line.replace("pip install", "") .strip() in c for c in ci if "pip install" in c), line
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "mac.yaml"])
+def test_shipped_configs_load(name):
+    from mlx_coach.config import load_config
+
+    load_config(ROOT / "configs" / name)
