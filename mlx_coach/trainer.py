@@ -792,6 +792,10 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None):
 
 def run_from_args(args):
     if args.resume:
+        for flag, value in (("-c/--config", args.config), ("--output", args.output)):
+            if value:  # a resumed run keeps its own config and directory: say so rather than ignore it
+                raise UserError(f"{flag}: not used with --resume (the run continues with {args.resume}/config.yaml "
+                                f"in {args.resume}); change keys with --set")
         run_dir = Path(args.resume)
         saved = run_dir / "config.yaml"
         if not saved.is_file():

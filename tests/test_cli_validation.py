@@ -110,3 +110,9 @@ def test_resume_on_another_base_is_refused_and_leaves_the_checkpoint(trained_run
 
 def test_resume_to_a_step_the_run_has_passed_is_refused(trained_run, capsys):
     _refused(capsys, ["train", "--resume", str(trained_run), "--steps", "1"], "--steps")
+
+
+def test_resume_refuses_flags_it_would_ignore(trained_run, capsys, tmp_path):
+    _refused(capsys, ["train", "--resume", str(trained_run), "-c", "configs/tiny.yaml"], "-c/--config")
+    _refused(capsys, ["train", "--resume", str(trained_run), "--output", str(tmp_path / "x")], "--output")
+    assert not (tmp_path / "x").exists()
