@@ -25,6 +25,7 @@ from .rewards import RewardConfig
 from .rollout import RolloutConfig
 from .scoring.sandbox import SandboxConfig
 from .settings import check_range, coerce, setting as _f
+from .teacher_server import TeacherServerConfig
 from .telemetry import TelemetryConfig
 
 
@@ -108,6 +109,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
 
 
 # list fields whose items are dataclasses
@@ -244,8 +246,9 @@ def validate(cfg):
         # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
         raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; use k2 "
                         "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
+    served = cfg.teacher_server.model is not None
     for i, r in enumerate(cfg.rewards):
-        r.validate(f"rewards[{i}]")
+        r.validate(f"rewards[{i}]", served)
     if cfg.model.lora_layers == 0:
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
