@@ -176,13 +176,16 @@ def write_plots(out, arms_runs, stats):
     marks = _boundaries(first)
     reward, hits = {}, {}
     for arm, runs in arms_runs.items():
-        reward[f"{arm}: fresh"] = _mean_curve(runs, "fresh")
-        reward[f"{arm}: cached"] = _mean_curve(runs, "cached")
+        for key, what in (("reward", "logged"), ("fresh", "fresh"), ("cached", "cached")):
+            xs, ys = _mean_curve(runs, key)
+            if any(math.isfinite(y) for y in ys):  # a policy that never serves from the cache has no cached curve
+                reward[f"{arm}: {what}"] = (xs, ys)
         hits[arm] = _mean_curve(runs, "hit_rate")
     n = len(next(iter(arms_runs.values())))
     files = {
-        "reward.png": plots.line_chart(out / "reward.png", f"reward per step, fresh vs cached (mean of {n} seeds)",
-                                       reward, left_label="reward", vlines=marks, vline_label="epoch boundary"),
+        "reward.png": plots.line_chart(out / "reward.png", f"reward per step: logged, fresh, cached (mean of {n} seeds "
+                                       "with a value at that step)", reward, left_label="reward", vlines=marks,
+                                       vline_label="epoch boundary"),
         "hit_rate.png": plots.line_chart(out / "hit_rate.png", f"cache hit rate per step (mean of {n} seeds)", hits,
                                          left_label="hit rate", left_limits=(0, 1), vlines=marks,
                                          vline_label="epoch boundary"),

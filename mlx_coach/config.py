@@ -2,7 +2,8 @@
 
 Each section is the dataclass of the module that uses it (rollout: rollout.RolloutConfig, cache:
 cache.CacheConfig, memory: memory.MemoryConfig, telemetry: telemetry.TelemetryConfig, alerts:
-alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig); the
+alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig,
+teacher_server: teacher_server.TeacherServerConfig); the
 trainer's own sections (model, data, algo, optim, train) are defined here. A field's type comes from
 its annotation, its range or choices from `settings.setting(...)`. Unknown keys, wrong types and
 out-of-range values raise `UserError` naming the dotted key, so the CLI prints one line and exits 2.
