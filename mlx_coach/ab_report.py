@@ -224,17 +224,17 @@ def write_report(out, runs, manifest) -> dict:
     vary = " ".join(f"--vary {k}={','.join(vs)}" for k, vs in manifest["vary"])
     md = [
         "# A/B report", "",
-        f"{len(arms_runs)} arms ({vary}), {seeds} seeds each (train.seed {manifest['config']['train']['seed']}.."
+        (f"{len(arms_runs)} arms ({vary}), {seeds} seeds each (train.seed {manifest['config']['train']['seed']}.."
         f"{manifest['config']['train']['seed'] + seeds - 1}, paired across arms), {manifest['steps']} steps per run, "
         f"epochs of {epoch_len} steps. Intervals are 95% t-intervals over seeds (none with one seed); differences "
-        f"are paired over seeds, against the first arm, with a two-sided paired t-test.", "",
+        f"are paired over seeds, against the first arm, with a two-sided paired t-test."), "",
         "## Arms", "", table, "",
         "## Differences", "", diff_table(diffs, stats, base) if diffs else "(one arm: nothing to compare)", "",
         "## Epoch-periodic pattern in the logged reward", "",
-        "Per run, the logged reward (`reward/mean` per step) with its linear trend taken out: its autocorrelation "
+        ("Per run, the logged reward (`reward/mean` per step) with its linear trend taken out: its autocorrelation "
         f"at lag = one epoch ({epoch_len} steps), near 0 when nothing repeats each epoch; and its correlation with "
         "the step's position in its epoch (0 at the start, toward 1 at the end), away from 0 when the reward rises or "
-        "falls within every epoch. Both rows are in the tables above, per arm and as differences.", "",
+        "falls within every epoch. Both rows are in the tables above, per arm and as differences."), "",
         "## Plots", "",
         "![reward per step](reward.png)", "", "![hit rate per step](hit_rate.png)", "",
         "![tok/s by epoch phase](toks_phase.png)", "", "![calls](calls.png)", "",

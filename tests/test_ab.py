@@ -14,7 +14,6 @@ import yaml
 
 from mlx_coach import ab
 from mlx_coach.cli import main
-from mlx_coach.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
