@@ -1,127 +1,287 @@
-"""`mlx-coach ab`: one config, two cache policies, side by side.
+"""`mlx-coach ab`: one config, any settings varied, each combination over several seeds, compared.
 
-Both runs use the same seed, so they sample the same tasks in the same order; what differs is
-what the cache serves. The report compares scorer work (misses = scorer calls), scoring time,
-hit rate, throughput and the rewards, and the two run directories sit under one folder so
-`tensorboard --logdir OUT` overlays them.
+`--vary KEY=V1,V2` (repeatable) names a config key and its values, read like `--set` values; the
+arms are the full product of the values, in the order given. Each arm runs `--seeds N` times with
+train.seed = the config's seed + i, so arm A's seed i and arm B's seed i sample from the same seed
+and can be compared pair by pair. Every run is a `mlx-coach train` process (its own MLX state, its
+own teacher_server if the config has one) writing `OUT/ARM/seedS/`; up to `--parallel P` at once.
+
+Resumable: `OUT/ab.json` records what the A/B is (the resolved config, the varied keys, seeds,
+steps). Re-running the same command does only what is missing: a run whose last checkpoint is at
+the final step is kept, one with an earlier checkpoint continues with `train --resume`, one without
+starts again (the trainer moves its partial files aside). Another config or grammar into the same
+OUT is refused in one line. The report (ab_report.py) is written when every run is done.
 """
 
+import fcntl
+import itertools
 import json
-import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
-from .config import load_config
+from .checkpoint import list_checkpoints
+from .config import _parse_scalar, load_config, to_dict
 from .errors import UserError
-from .telemetry import read_jsonl
 
-POLICIES = ("none", "lru", "ttl", "lru+ttl", "epoch-clear")
+MANIFEST = "ab.json"
 
 
 def add_arguments(p):
     p.add_argument("-c", "--config", help="YAML config; defaults when omitted")
-    p.add_argument("--policies", nargs=2, default=["lru+ttl", "epoch-clear"], metavar=("A", "B"),
-                   help=f"two cache policies ({', '.join(POLICIES)})")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2[,...]",
+                   help="a config key and the values to try (read like --set values); repeat for more keys: "
+                        "the arms are the product of all values (default: cache.policy=lru+ttl,epoch-clear)")
+    p.add_argument("--policies", nargs=2, metavar=("A", "B"), help="shorthand for --vary cache.policy=A,B")
+    p.add_argument("--seeds", type=int, default=1, help="runs per arm, train.seed = the config's seed + 0..N-1")
     p.add_argument("--steps", type=int, help="steps per run (overrides train.steps)")
-    p.add_argument("--output", default="runs/ab", help="folder for both runs and report.json")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--output", default="runs/ab", help="folder for the runs, summary.json, report.md and plots")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (each a train process)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every arm")
 
 
-def summarize_run(run_dir):
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    steps = [r for r in rows if "reward/mean" in r]
-    if not steps:
-        raise UserError(f"{run_dir}: no training steps in metrics.jsonl")
-    last = steps[-1]
-    hits, misses = last["cache/hits"], last["cache/misses"]
-
-    def mean(key, rs=steps):
-        vals = [r[key] for r in rs if key in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    final_epoch = [r for r in steps if r.get("epoch") == last.get("epoch")]
-    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
-    return {
-        "steps": len(steps),
-        "samples": int(sum(r["reward/count"] for r in steps)),
-        "cached_samples": int(sum(r["reward/cached_count"] for r in steps)),
-        "scorer_calls": int(misses), "cache_hits": int(hits),
-        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "score_s_total": float(sum(r["time/score_s"] for r in steps)),
-        "rewards_s_total": float(sum(r.get("time/rewards_s", 0.0) for r in steps)),
-        "step_s_total": float(sum(r["time/step_s"] for r in steps)),
-        "tokens_per_sec_mean": mean("gen/tokens_per_sec"),
-        "reward_mean": mean("reward/mean"),
-        "fresh_reward_mean": mean("reward/fresh_mean"),
-        "cached_reward_mean": mean("reward/cached_mean"),
-        "final_epoch_fresh_reward": mean("reward/fresh_mean", final_epoch),
-        "eval_pass@1": evals,
-        "cache_clears": sum(1 for e in _events(run_dir) if e.get("kind") == "cache/clear" and e.get("removed")),
-    }
+# ---------------------------------------------------------------------------------------------
+# The grammar
 
 
-def _events(run_dir):
-    path = Path(run_dir) / "events.jsonl"
-    return read_jsonl(path) if path.is_file() else []
-
-
-def compare(a, b):
-    """B relative to A for the numbers where a ratio means something."""
-    out = {}
-    for key in ("scorer_calls", "rewards_s_total", "score_s_total", "step_s_total", "tokens_per_sec_mean", "hit_rate"):
-        x, y = a[key], b[key]
-        out[key] = y / x if x else float("nan")
+def split_values(text):
+    """`V1,V2,...` split at the commas outside brackets and quotes, so [a, b] is one value."""
+    out, depth, quote, cur = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
     return out
 
 
-def format_report(policies, summaries):
-    keys = ["steps", "samples", "cached_samples", "scorer_calls", "hit_rate", "rewards_s_total", "score_s_total",
-            "step_s_total",
-            "tokens_per_sec_mean", "reward_mean", "fresh_reward_mean", "cached_reward_mean",
-            "final_epoch_fresh_reward", "cache_clears"]
-    a, b = policies
-    lines = [f"{'':28s}{a:>16s}{b:>16s}"]
-    for k in keys:
-        lines.append(f"{k:28s}{_fmt(summaries[a][k]):>16s}{_fmt(summaries[b][k]):>16s}")
-    lines.append(f"{'eval_pass@1 by epoch':28s}{_fmt(summaries[a]['eval_pass@1']):>16s}"
-                 f"{_fmt(summaries[b]['eval_pass@1']):>16s}")
-    return "\n".join(lines)
+def parse_vary(items):
+    """[(key, [value text, ...]), ...] from `--vary KEY=V1,V2` strings; UserError on bad grammar."""
+    out, seen = [], set()
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--vary expects KEY=V1,V2,...; got {item!r}")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or not all(key.split(".")):
+            raise UserError(f"--vary has an empty key in {item!r}")
+        values = split_values(text)
+        if not text.strip() or any(v == "" for v in values):
+            raise UserError(f"--vary {key}: empty value in {item!r}")
+        if len({json.dumps(_parse_scalar(v)) for v in values}) != len(values):
+            raise UserError(f"--vary {key}: a value is given twice in {item!r}")
+        if key in seen:
+            raise UserError(f"--vary {key} is given twice; list all its values in one --vary")
+        if key == "train.seed":
+            raise UserError("--vary train.seed: use --seeds N (every arm runs seeds base..base+N-1)")
+        seen.add(key)
+        out.append((key, values))
+    return out
 
 
-def _fmt(v):
-    if isinstance(v, list):
-        return ",".join(f"{x:.2f}" for x in v) or "-"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+def grammar(args):
+    """(vary pairs, seeds, parallel) checked; --policies folded into --vary."""
+    vary = parse_vary(args.vary)
+    if args.policies:
+        if any(k == "cache.policy" for k, _ in vary):
+            raise UserError("--policies and --vary cache.policy both given; use one")
+        vary = [("cache.policy", list(args.policies)), *vary]
+    if not vary:
+        vary = [("cache.policy", ["lru+ttl", "epoch-clear"])]
+    set_keys = {s.partition("=")[0].strip() for s in args.set}
+    for key, _ in vary:
+        if key in set_keys:
+            raise UserError(f"--vary {key} is also given with --set; give it in one place")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1; got {args.seeds}")
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1; got {args.parallel}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1; got {args.steps}")
+    return vary, args.seeds, args.parallel
+
+
+def arms(vary):
+    """Every combination of the values: [[(key, value text), ...], ...], first key slowest."""
+    return [list(zip([k for k, _ in vary], combo)) for combo in itertools.product(*[vs for _, vs in vary])]
+
+
+def arm_label(arm):
+    return ", ".join(f"{k}={v}" for k, v in arm)
+
+
+def arm_dir(index, arm):
+    slug = "_".join(f"{k.rpartition('.')[2]}-{v}" for k, v in arm)
+    return f"a{index}-" + re.sub(r"[^A-Za-z0-9.+-]+", "_", slug)[:60]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+class Run:
+    def __init__(self, out, index, arm, seed_index, seed):
+        self.arm_index, self.arm, self.seed_index, self.seed = index, arm, seed_index, seed
+        self.dir = Path(out) / arm_dir(index, arm) / f"seed{seed}"
+        self.log = Path(out) / "logs" / f"{arm_dir(index, arm)}-seed{seed}.log"
+        self.name = f"{arm_label(arm)} seed {seed}"
+
+    def checkpoint_step(self):
+        found = list_checkpoints(self.dir)
+        return int(found[-1].name.rpartition("-")[2]) if found else 0
+
+    def command(self, config, sets, steps):
+        """The train command for what is there: resume from a checkpoint, or start (again)."""
+        base = [sys.executable, "-m", "mlx_coach", "train"]
+        if self.checkpoint_step():
+            return [*base, "--resume", str(self.dir), "--steps", str(steps)]
+        overrides = [*sets, *(f"{k}={v}" for k, v in self.arm), f"train.seed={self.seed}"]
+        return [*base, *(["-c", config] if config else []), *[a for s in overrides for a in ("--set", s)],
+                "--steps", str(steps), "--output", str(self.dir)]
+
+
+def plan(args, vary, seeds):
+    """(runs, steps, manifest); every arm's config is loaded once here, so a bad value is one line
+    before any run starts."""
+    base = load_config(args.config, args.set)
+    steps = args.steps or base.train.steps
+    for arm in arms(vary):
+        try:
+            load_config(args.config, [*args.set, *(f"{k}={v}" for k, v in arm)])
+        except UserError as e:
+            raise UserError(f"--vary {arm_label(arm)}: {e}") from None
+    manifest = {"format": 1, "config": json.loads(json.dumps(to_dict(base))), "vary": [[k, vs] for k, vs in vary],
+                "seeds": seeds, "steps": steps}
+    runs = [Run(args.output, i, arm, s, base.train.seed + s) for i, arm in enumerate(arms(vary)) for s in range(seeds)]
+    return runs, steps, manifest
+
+
+def claim_output(out, manifest):
+    """Lock OUT (one ab at a time) and check it holds this A/B or nothing; write the manifest."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".ab.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--output: cannot write {out} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--output: {out} is in use by another mlx-coach ab") from None
+    path = out / MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old != manifest:
+            os.close(fd)
+            raise UserError(f"--output: {out} holds an A/B of another config, --vary, --seeds or --steps; "
+                            f"choose a new --output (or repeat that A/B's command to finish it)")
+    elif any(p.name != ".ab.lock" for p in out.iterdir()):
+        os.close(fd)
+        raise UserError(f"--output: {out} is not empty and holds no mlx-coach A/B; choose an empty or new folder")
+    else:
+        tmp = out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+    return fd
+
+
+def _last_line(path):
+    try:
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def execute(runs, config, sets, steps, parallel, say=print):
+    """Run what is missing, up to `parallel` at once. Returns the runs that failed. Ctrl-C (or
+    SIGINT/SIGTERM to this process) is passed on to the runs, which checkpoint and stop."""
+    todo = [r for r in runs if r.checkpoint_step() < steps]
+    for r in runs:
+        if r not in todo:
+            say(f"kept  {r.name}: finished ({r.dir})")
+    running, failed = {}, []
+    try:
+        while todo or running:
+            while todo and len(running) < parallel and not failed:
+                r = todo.pop(0)
+                r.log.parent.mkdir(parents=True, exist_ok=True)
+                at = r.checkpoint_step()
+                cmd = r.command(config, sets, steps)
+                say(f"start {r.name}: " + (f"resumes from step {at}" if at else "from step 0") + f" (log {r.log})")
+                with open(r.log, "a") as log:
+                    log.write(f"\n$ {' '.join(cmd)}\n")
+                    log.flush()
+                    # own session: a Ctrl-C at the terminal reaches this process alone, which passes
+                    # exactly one SIGINT on (a second one would stop a run before its checkpoint)
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+                    running[r] = (proc, time.monotonic())
+            if failed and not running:
+                break
+            time.sleep(0.2)
+            for r, (proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[r]
+                if proc.returncode == 0:
+                    say(f"done  {r.name} in {time.monotonic() - t0:.0f} s")
+                else:
+                    failed.append((r, proc.returncode))
+                    say(f"FAILED {r.name} (exit {proc.returncode}): {_last_line(r.log)}")
+    except KeyboardInterrupt:
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            proc.wait()
+        raise
+    return failed
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args):
-    from .trainer import train
+    from .ab_report import write_report
 
-    a, b = args.policies
-    for p in (a, b):
-        if p not in POLICIES:
-            raise UserError(f"--policies: unknown cache policy {p!r} ({', '.join(POLICIES)})")
-    if a == b:
-        raise UserError("--policies: give two different policies")
-    out = Path(args.output)
-    summaries = {}
-    for label, policy in (("a", a), ("b", b)):
-        cfg = load_config(args.config, [*args.set, f"cache.policy={policy}"])
-        if args.steps:
-            cfg.train.steps = args.steps
-        run_dir = out / f"{label}-{policy.replace('+', '-')}"
-        if (run_dir / "checkpoints").exists():
-            raise UserError(f"--output: {run_dir} already holds a run; choose a new --output")
-        cfg.train.output = str(run_dir)
-        print(f"[{label}] cache.policy={policy} -> {run_dir}")
-        train(cfg, run_dir)
-        summaries[policy] = summarize_run(run_dir)
-    report = {"policies": [a, b], "runs": summaries, "b_over_a": compare(summaries[a], summaries[b])}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(format_report((a, b), summaries))
-    print(f"report: {out / 'report.json'}; dashboards: tensorboard --logdir {out}")
+    vary, seeds, parallel = grammar(args)
+    runs, steps, manifest = plan(args, vary, seeds)
+    lock = claim_output(args.output, manifest)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"A/B: {len(arms(vary))} arms x {seeds} seeds, {steps} steps each, {parallel} at a time -> {args.output}")
+        failed = execute(runs, args.config, args.set, steps, parallel)
+        if failed:
+            r, code = failed[0]
+            msg = f"{r.name} failed (exit {code}): {_last_line(r.log)}; see {r.log}"
+            if code == 2:
+                raise UserError(msg)
+            print(f"mlx-coach: error: {msg}", file=sys.stderr)
+            return 1
+        summary = write_report(args.output, runs, manifest)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(lock)
+    print(summary["table"])
+    print(f"report: {Path(args.output) / 'report.md'}; dashboards: tensorboard --logdir {args.output}")
     return 0

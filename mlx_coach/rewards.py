@@ -39,12 +39,13 @@ class RewardConfig(JudgeConfig):
     high: float = setting(0.0, help="local-teacher: mean log-prob mapped to reward 1")
     batch_size: int = setting(8, lo=1, help="local-teacher: sequences per forward pass")
 
-    def validate(self, prefix="rewards[]"):
+    def validate(self, prefix="rewards[]", served=False):
+        """served: the config starts a teacher_server, which fills an http-judge's null base_url."""
         check_fields(self, prefix)
         if self.type == "function" and (not self.function or ":" not in self.function):
             raise UserError(f"config key '{prefix}.function' must be module:function")
         if self.type == "http-judge":
-            JudgeConfig.validate(self, prefix)
+            JudgeConfig.validate(self, prefix, served)
         if self.type == "local-teacher" and not self.model:
             raise UserError(f"config key '{prefix}.model' is required for local-teacher")
         if self.type == "local-teacher" and not self.low < self.high:
@@ -205,8 +206,9 @@ def _make_scorer(r, cfg, cache, key):
         return SandboxScorer(cfg.sandbox)
     if r.type == "http-judge":
         from .scoring.teacher import HttpJudge
+        from .teacher_server import point_at_served
 
-        return HttpJudge(r, cache=cache, config_key=key)
+        return HttpJudge(point_at_served(r, cfg, key), cache=cache, config_key=key)
     if r.type == "local-teacher":
         from .scoring.teacher import LocalTeacher
 

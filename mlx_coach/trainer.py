@@ -48,6 +48,7 @@ from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
 from .scoring.teacher import JudgeOutage
+from .teacher_server import serve as serve_teacher
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
@@ -756,7 +757,13 @@ class _DeferredInterrupt:
 
 def train(cfg: Config, run_dir, *, resume=False, steps=None):
     """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics.
-    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt."""
+    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt. A `teacher_server`
+    (the judge's own mlx_lm.server) runs for exactly as long as this call."""
+    with serve_teacher(cfg):
+        return _train(cfg, run_dir, resume=resume, steps=steps)
+
+
+def _train(cfg, run_dir, *, resume, steps):
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every

@@ -36,6 +36,7 @@ from mlx_coach.settings import check_fields, setting
 from mlx_coach.scoring.base import Score
 
 PROMPT_VERSION = "grade-v1"
+DIGIT_PROMPT_VERSION = "grade-digit-v1"
 SOLVE_VERSION = "solve-v1"
 
 GRADE_SYSTEM = "You are a strict reviewer of Python code. You judge whether code solves a task correctly."
@@ -52,6 +53,21 @@ Candidate completion (the code that follows the task above):
 How likely is it that the candidate is correct, from 0 (certainly wrong) to 10 (certainly correct)?
 Reply with exactly one line and nothing else, in this format:
 SCORE: <an integer from 0 to 10>/10"""
+# grade: digit -- for judges too small to follow a format (a tiny local model): the reply's first
+# character is the grade; with logit_bias on the ten digit tokens and max_tokens 1 the judge can say
+# nothing else, and at a temperature > 0 its grade of one program is a draw from a distribution
+GRADE_DIGIT_TEMPLATE = """Task: complete this Python function.
+```python
+{prompt}
+```
+
+Candidate completion (the code that follows the task above):
+```python
+{completion}
+```
+{reference}
+How likely is it that the candidate is correct, from 0 (certainly wrong) to 9 (certainly correct)?
+Reply with one digit and nothing else."""
 REFERENCE_BLOCK = """
 A reference solution, for comparison (it may itself be imperfect):
 ```python
@@ -87,6 +103,17 @@ def parse_grade(text: str) -> float:
     if grade > 10:
         raise ValueError(f"grade {grade} is out of 0..10")
     return grade / 10
+
+
+def parse_digit_grade(text: str) -> float:
+    """The grade of a `grade: digit` reply, in [0, 1]: its first non-blank character must be a
+    digit d (0..9), read as d / 9; what follows is ignored. Anything else raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("reply content is not a string")
+    head = text.lstrip()[:1]
+    if not head or head not in "0123456789":
+        raise ValueError(f"reply does not start with a digit: {text[:40]!r}")
+    return int(head) / 9
 
 
 def check_reference(code: str, task) -> None:
@@ -134,10 +161,26 @@ class JudgeConfig:
     temperature: float = setting(0.0, lo=0.0, help="the judge's sampling temperature")
     on_outage: str = setting("fallback", choices=("fallback", "pause", "stop"),
                              help="judge unreachable: score with `fallback`, pause until it answers, or stop the run")
+    grade: str = setting("line", choices=("line", "digit"),
+                         help="line: the reply's last line is `SCORE: N/10`; digit: its first character is a "
+                              "digit d, grade d/9 (for small judges; see parse_digit_grade)")
+    logit_bias: Optional[dict] = setting(None, help="OpenAI logit_bias sent with each request: token id -> bias "
+                                                    "(-100..100); a served teacher with grade: digit fills it")
+    price_per_call: float = setting(0.0, lo=0.0, help="cost of one judge request (any currency); "
+                                                      "teacher/cost = requests x price")
 
-    def validate(self, prefix: str = "judge") -> "JudgeConfig":
-        """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}"."""
+    def validate(self, prefix: str = "judge", served: bool = False) -> "JudgeConfig":
+        """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}".
+        served: a `teacher_server` will provide base_url and model when they are null."""
         check_fields(self, prefix)
+        if self.logit_bias is not None:
+            ok = isinstance(self.logit_bias, dict) and all(
+                str(k).isdigit() and _num(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())
+            if not ok:
+                raise UserError(f"config key '{prefix}.logit_bias' must map token ids to biases in -100..100; "
+                                f"got {self.logit_bias!r}")
+        if served and self.base_url is None:
+            return self
         u = urlsplit(self.base_url or "")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise UserError(f"config key '{prefix}.base_url' must be an http:// or https:// URL; got {self.base_url!r}")
@@ -228,7 +271,8 @@ class HttpJudge:
         from mlx_coach.cache import ScoreCache
 
         self.config = c = config.validate(config_key)
-        self.version = f"{PROMPT_VERSION}:{c.model}:ref={int(c.use_reference)}"
+        prompt_version = DIGIT_PROMPT_VERSION if c.grade == "digit" else PROMPT_VERSION
+        self.version = f"{prompt_version}:{c.model}:ref={int(c.use_reference)}"
         self.cache = cache if cache is not None else ScoreCache("none")
         self._sleep, self._rng = sleep, rng or random.Random()
         self.breaker = CircuitBreaker(c.breaker_threshold, c.breaker_reset_s, timer)
@@ -241,6 +285,7 @@ class HttpJudge:
         self._lock = threading.Lock()
         self._ref_locks: dict = {}
         self._counts = {"requests": 0, "retries": 0, "errors": 0, "references": 0}
+        self._request_s = 0.0  # all requests' latencies, summed (they overlap when concurrency > 1)
         self._errors_by_status = {s: 0 for s in ("parse_error", "transport_error", "timeout", "circuit_open")}
         self._latencies: list = []  # of the HTTP requests of the last score_batch call
 
@@ -282,11 +327,12 @@ class HttpJudge:
         try:
             if isinstance(ref, _Failure):
                 raise _Failure(ref.status, f"reference solution: {ref.message}")
-            reply = self._chat(GRADE_SYSTEM, GRADE_TEMPLATE.format(
+            digit = self.config.grade == "digit"
+            reply = self._chat(GRADE_SYSTEM, (GRADE_DIGIT_TEMPLATE if digit else GRADE_TEMPLATE).format(
                 prompt=task.prompt.rstrip("\n"), completion=completion.rstrip("\n"),
                 reference=REFERENCE_BLOCK.format(code=ref) if ref is not None else ""))
             try:
-                value = parse_grade(reply)
+                value = parse_digit_grade(reply) if digit else parse_grade(reply)
             except ValueError as e:
                 raise _Failure("parse_error", str(e), retryable=False) from None
             return Score(value, "ok", time.perf_counter() - t0)
@@ -323,10 +369,13 @@ class HttpJudge:
     def _chat(self, system: str, user: str) -> str:
         """The reply content of one chat completion, retried; raises _Failure."""
         c = self.config
-        body = json.dumps({
+        request = {
             "model": c.model, "max_tokens": c.max_tokens, "temperature": c.temperature, "stream": False,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-        }).encode()
+        }
+        if c.logit_bias:
+            request["logit_bias"] = {str(k): float(v) for k, v in c.logit_bias.items()}
+        body = json.dumps(request).encode()
         for attempt in range(c.max_retries + 1):
             if not self.breaker.allow():
                 raise _Failure("circuit_open", "circuit breaker open", retryable=False)
@@ -342,6 +391,7 @@ class HttpJudge:
                     with self._lock:
                         self._counts["requests"] += 1
                         self._latencies.append(time.perf_counter() - t0)
+                        self._request_s += self._latencies[-1]
             self.breaker.record(failure is None)
             if failure is None:
                 return content
@@ -413,9 +463,13 @@ class HttpJudge:
         """teacher/requests (HTTP requests sent, retries included), teacher/retries,
         teacher/errors (samples that got the fallback) and teacher/errors/<status>,
         teacher/references (reference solutions fetched), teacher/latency_s (mean request
-        latency of the last score_batch call), teacher/circuit_open (0/1)."""
+        latency of the last score_batch call), teacher/request_s (all requests' latencies summed),
+        teacher/cost (requests x price_per_call, when a price is set), teacher/circuit_open (0/1)."""
         with self._lock:
             out = {f"teacher/{k}": v for k, v in self._counts.items()}
+            out["teacher/request_s"] = self._request_s
+            if self.config.price_per_call:
+                out["teacher/cost"] = self._counts["requests"] * self.config.price_per_call
             out.update({f"teacher/errors/{k}": v for k, v in self._errors_by_status.items()})
             lat = self._latencies
             out["teacher/latency_s"] = sum(lat) / len(lat) if lat else 0.0
