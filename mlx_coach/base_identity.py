@@ -61,8 +61,8 @@ def recorded(adapter_dir):
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError(f"{path}: not a readable adapter config (JSON)") from None
+    except (OSError, ValueError):  # a damaged checkpoint: its manifest check reports it (and resume
+        return None                # falls back to an intact one); mlx-lm's loader refuses it in eval
     value = config.get(KEY) if isinstance(config, dict) else None
     return value if isinstance(value, dict) and "fingerprint" in value else None
 
