@@ -267,7 +267,9 @@ def run(args):
     vary, seeds, parallel = grammar(args)
     runs, steps, manifest = plan(args, vary, seeds)
     lock = claim_output(args.output, manifest)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT and SIGTERM stop the A/B at the runs' checkpoints; SIGINT explicitly, since a process
+    # started in the background by a shell inherits it ignored
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"A/B: {len(arms(vary))} arms x {seeds} seeds, {steps} steps each, {parallel} at a time -> {args.output}")
         failed = execute(runs, args.config, args.set, steps, parallel)
@@ -280,7 +282,8 @@ def run(args):
             return 1
         summary = write_report(args.output, runs, manifest)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         os.close(lock)
     print(summary["table"])
     print(f"report: {Path(args.output) / 'report.md'}; dashboards: tensorboard --logdir {args.output}")
