@@ -51,6 +51,18 @@ def test_all_equal_groups_are_dropped_and_the_batch_refilled(tmp_path):
         assert row["reward/frac_zero_std"] == 0.0  # ... and the trained batch holds only those
         assert row["reward/count"] == 16
     assert sum(r["sampling/dropped_groups"] for r in rows) > 0  # the order did hold even tasks
+    # the difficulty distribution: counts in metrics.jsonl, a histogram in the TensorBoard files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    hists = acc.Histograms("difficulty/pass_rate")
+    assert [h.step for h in hists] == [1, 2, 3]
+    # every drawn prompt was scored fresh (a function reward: fresh, never passed), so all sit at 0
+    seen = np.cumsum([r["sampling/draws"] for r in rows])
+    assert [h.histogram_value.num for h in hists] == [r["difficulty/tasks_seen"] for r in rows] == list(seen)
+    assert [r["difficulty/at_0"] for r in rows] == list(seen)
+    assert len(acc.Scalars("sampling/informative_frac")) == 3
     # consecutive steps continue the walk where the last one stopped
     positions = [round(r["epoch/position"] * len(train_tasks)) for r in rows]
     assert positions == list(np.cumsum([0] + [r["sampling/draws"] for r in rows[:-1]]))
