@@ -22,7 +22,7 @@ model sometimes solves is taken and one it always fails or always passes is most
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -113,7 +113,6 @@ class Filled:
     draws: int  # prompts drawn in the step
     informative: int  # groups with unequal rewards among those drawn
     rounds: int
-    metrics: dict = field(default_factory=dict)
 
 
 def is_informative(rewards) -> bool:

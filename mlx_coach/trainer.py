@@ -40,13 +40,13 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
+from .procedural import procedural_split
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
                      sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
 from .scoring.teacher import JudgeOutage
-from .procedural import procedural_split
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
@@ -310,6 +310,21 @@ class Trainer:
                                [t.prompt for t in group_tasks], [r.completion for r in rb.rollouts])
         return sampling.Round(tasks, rb, fut, gen_s)
 
+    def track_difficulty(self, rounds, G):
+        """Count the fresh verdicts of the step's rounds; on several ranks every rank counts all of them
+        (gathered), so each holds the tracker a single process would."""
+        ids = [t.task_id for rnd, _ in rounds for t in rnd.tasks for _ in range(G)]
+        passed = [s.passed for _, scores in rounds for s in scores]
+        provenance = [s.provenance for _, scores in rounds for s in scores]
+        if self.world.size > 1:
+            index = {t.task_id: i for i, t in enumerate(self.train_tasks)}
+            cols = self.world.gather_columns({"task": [index[i] for i in ids], "passed": passed,
+                                              "fresh": [p == "fresh" for p in provenance]})
+            ids = [self.train_tasks[int(i)].task_id for i in cols["task"]]
+            passed = [bool(p) for p in cols["passed"]]
+            provenance = ["fresh" if f else "cached" for f in cols["fresh"]]
+        self.difficulty.observe(ids, passed, provenance)
+
     def reference_logprobs(self, prompt_ids, comp_ids):
         """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
         (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward."""
@@ -510,9 +525,7 @@ class Trainer:
             raise
         t_score = time.perf_counter() - t0 - (t_gen - first.gen_s)  # extra rounds' generation apart
         self.memory.sample("score")
-        for rnd, scores in seen:
-            self.difficulty.observe([t.task_id for t in rnd.tasks for _ in range(G)], [s.passed for s in scores],
-                                    [s.provenance for s in scores])
+        self.track_difficulty(seen, G)
 
         # --- rewards and advantages ---
         rewards_np = np.array([s.total for s in scored], dtype=np.float32)
