@@ -28,7 +28,8 @@ def _train_args(p):
 def _eval_args(p):
     p.add_argument("--model", required=True, help="builtin:tiny, a local HF folder, a hub id or a .gguf")
     p.add_argument("--adapter", help="folder with adapters.safetensors (e.g. RUN/checkpoints/step-N)")
-    p.add_argument("--tasks", default="builtin:val", help="builtin:val | builtin | humaneval | PATH.jsonl")
+    p.add_argument("--tasks", default="builtin:val",
+                   help="builtin:val | builtin | humaneval | PATH.jsonl | procedural | procedural:heldout")
     p.add_argument("--limit", type=count, default=0, help="first N tasks only (0 = all)")
     p.add_argument("--samples", type=positive_int, default=1, help="samples per task (n for pass@k)")
     p.add_argument("--temperature", type=number_at_least(0), default=None,

@@ -22,6 +22,7 @@ from .alerts import AlertConfig
 from .cache import CacheConfig
 from .errors import UserError
 from .memory import MemoryConfig
+from .procedural import DEFAULT_COUNT, DEFAULT_HELDOUT, check_families
 from .rewards import RewardConfig
 from .rollout import RolloutConfig
 from .scoring.sandbox import SandboxConfig
@@ -43,11 +44,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl")
-    val_fraction: float = _f(0.2, lo=0.0, hi=0.9)
+    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl | procedural")
+    val_fraction: float = _f(0.2, lo=0.0, hi=0.9, help="ignored by procedural (its held-out split is generated)")
     split_seed: int = _f(0)
-    limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all)")
+    limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all; procedural: N training tasks)")
     categories: Optional[list] = _f(None, help="keep only tasks whose category tag is listed")
+    # procedural tasks (procedural.py): generated functions in five families, difficulty levels 1-5
+    procedural_count: int = _f(DEFAULT_COUNT, lo=1, help="procedural: training tasks generated")
+    procedural_heldout: int = _f(DEFAULT_HELDOUT, lo=0, help="procedural: held-out tasks (the validation split), "
+                                                             "none with a training prompt")
+    procedural_seed: int = _f(0, help="procedural: instance i of a split is a function of (seed, split, i)")
+    difficulty_min: int = _f(1, lo=1, hi=5, help="procedural: easiest template level used")
+    difficulty_max: int = _f(5, lo=1, hi=5, help="procedural: hardest template level used")
+    families: Optional[list] = _f(None, help="procedural: strings, lists, arithmetic, dicts, parsing (null = all)")
 
 
 @dataclass
@@ -66,6 +75,15 @@ class AlgoConfig:
     kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
     entropy_coef: float = _f(0.0)
     mask_truncated: bool = _f(False)
+    # signal in every batch (sampling.py)
+    dynamic_sampling: bool = _f(False, help="drop prompt groups whose rewards are all equal and draw more prompts "
+                                            "until the step holds rollout.prompts_per_step groups with signal (DAPO)")
+    max_draw_factor: float = _f(3.0, lo=1.0, help="dynamic sampling: a step draws at most prompts_per_step x this "
+                                                  "many prompts; then it trains on what it has")
+    difficulty_weighting: bool = _f(False, help="take each task of the epoch order with a probability favouring "
+                                                "running pass rates away from 0 and 1 (unseen tasks always)")
+    difficulty_floor: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True,
+                                 help="difficulty weighting: the lowest probability of taking a task")
 
 
 @dataclass
@@ -253,9 +271,21 @@ def validate(cfg):
         # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
         raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; use k2 "
                         "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
+    if a.dynamic_sampling and a.advantage == "reinforce":
+        raise UserError("config key 'algo.dynamic_sampling' needs group-relative advantages (algo.advantage: grpo "
+                        "or dr_grpo): under reinforce an all-equal group still has non-zero advantages")
+    if a.difficulty_weighting and not any(r.type == "tests" for r in cfg.rewards):
+        raise UserError("config key 'algo.difficulty_weighting' weighs tasks by their test pass rate; add a "
+                        "rewards item of type: tests")
     served = cfg.teacher_server.model is not None
     for i, r in enumerate(cfg.rewards):
         r.validate(f"rewards[{i}]", served)
+    d = cfg.data
+    if d.difficulty_min > d.difficulty_max:
+        raise UserError(f"config key 'data.difficulty_min' ({d.difficulty_min}) must be <= data.difficulty_max "
+                        f"({d.difficulty_max})")
+    if d.families is not None:
+        check_families(d.families)
     if cfg.model.lora_layers == 0:
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
