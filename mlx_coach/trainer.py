@@ -40,14 +40,15 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
-from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
-                     sequence_logprobs, unfreeze_all)
+from .models import (adapter_config, adapters_disabled, apply_lora, can_share_prompts, frozen_copy, load_policy,
+                     logprob_inputs, logprobs_from_inputs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
 from .scoring.teacher import JudgeOutage
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
+from .update import Updater
 
 LENGTH_EDGES = (200, 400)  # prompt length buckets (characters) for the category x length heatmap
 DRIFT_TOLERANCE = 1e-6  # relative spread of the ranks' parameter checksums that counts as drift
@@ -95,8 +96,9 @@ def micro_batches(n, grad_accum):
     return np.array_split(np.arange(n), min(grad_accum, n))
 
 
-def _finite(x):
-    return bool(mx.all(mx.isfinite(x)).item())
+def _fit(x, width):
+    """[B, T] cut or right-padded with zeros to [B, width]."""
+    return x[:, :width] if x.shape[1] >= width else mx.pad(x, [(0, 0), (0, width - x.shape[1])])
 
 
 class Trainer:
@@ -140,10 +142,19 @@ class Trainer:
         total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
-        self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
-        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.lr_scale)
+        # health adjustments (alerts.lr_adjust) multiply the learning rate; held as an array the
+        # compiled update reads as state (a Python float would be frozen into its graph)
+        self._lr_box = {"scale": mx.array(1.0)}
+        self.lr_scale = 1.0
+        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self._lr_box["scale"])
         self.optimizer.init(self.model.trainable_parameters())
-        self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        # compiled on one process; data-parallel runs average gradients between ranks eagerly
+        self.compiled = cfg.optim.compile and self.world.size == 1
+        self.updater = Updater(self.model, self.optimizer, self._loss, grad_clip=cfg.optim.grad_clip,
+                               compiled=self.compiled, extra_state=[self._lr_box])
+        # compiled graphs are traced per shape: lengths padded to buckets make shapes repeat
+        self.update_bucket = cfg.rollout.bucket or (32 if self.compiled else 0)
+        self.share_prompts = cfg.optim.share_prompts and can_share_prompts(self.model)
         self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
         # the adapters' starting point, kept on disk so per-layer deltas survive a resume
         initial = self.run_dir / "initial_trainable.safetensors"
@@ -185,6 +196,15 @@ class Trainer:
         self.cache_counts = self._cache_counts()  # per-step hit rates are differences of these
         if not resume:
             self._log_cache_clear(self.cache.on_epoch_start(0), step=0)
+
+    @property
+    def lr_scale(self):
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value):
+        self._lr_scale = float(value)
+        self._lr_box["scale"] = mx.array(self._lr_scale)
 
     def _base_model_folder(self):
         """The base model that adapter_config.json names. A builtin model is created in code, so
@@ -267,40 +287,68 @@ class Trainer:
 
     def reference_logprobs(self, prompt_ids, comp_ids):
         """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
-        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward."""
+        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward. With
+        optim.share_prompts each group's prompt is computed once for its G samples."""
         T = max(1, max(len(c) for c in comp_ids))
         parts = []
         for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
-            p_ids, c_ids = [prompt_ids[i] for i in idx], [comp_ids[i] for i in idx]
+            x = logprob_inputs([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
+                               bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
             if self.ref_model is not None:
-                logp, _, _ = sequence_logprobs(self.ref_model, p_ids, c_ids, temperature=self.temperature,
-                                               bucket=self.cfg.rollout.bucket)
+                logp, _, _ = logprobs_from_inputs(self.ref_model, x, temperature=self.temperature)
             else:
                 with adapters_disabled(self.model):
-                    logp, _, _ = sequence_logprobs(self.model, p_ids, c_ids, temperature=self.temperature,
-                                                   bucket=self.cfg.rollout.bucket)
-            logp = mx.pad(logp, [(0, 0), (0, T - logp.shape[1])])
+                    logp, _, _ = logprobs_from_inputs(self.model, x, temperature=self.temperature)
+            logp = _fit(logp, T)
             mx.eval(logp)
             parts.append(logp)
         return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
-    def _loss(self, model, batch, beta):
+    def _loss(self, model, x, beta, inject_nan=False):
+        """The objective on one micro-batch's arrays (`_micro_inputs`): a pure function of arrays, so
+        the update can be compiled."""
         a = self.cfg.algo
-        logp, mask, entropy = sequence_logprobs(model, batch["prompt_ids"], batch["comp_ids"],
-                                                with_entropy=a.entropy_coef > 0, temperature=self.temperature,
-                                                bucket=self.cfg.rollout.bucket)
-        mask = mask * batch["loss_mask"][:, : mask.shape[1]]
-        old = batch["old_logp"][:, : logp.shape[1]]
-        old = mx.where(mask > 0, old, mx.stop_gradient(logp))
-        ref = batch["ref_logp"][:, : logp.shape[1]] if a.kl_in == "loss" else None
+        logp, mask, entropy = logprobs_from_inputs(model, x, with_entropy=a.entropy_coef > 0,
+                                                   temperature=self.temperature)
+        mask = mask * x["loss_mask"]
+        old = mx.where(mask > 0, x["old_logp"], mx.stop_gradient(logp))
+        ref = x["ref_logp"] if a.kl_in == "loss" else None
         loss, stats = losses.policy_loss(
-            logp, old, batch["adv"], mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+            logp, old, x["adv"], mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
             aggregation=a.aggregation, max_len=self.cfg.rollout.max_new_tokens, ref_logp=ref,
             beta=beta if a.kl_in == "loss" else 0.0, kl_kind=a.kl_estimator, entropy=entropy,
             entropy_coef=a.entropy_coef)
-        if batch.get("inject_nan"):
+        if inject_nan:
             loss = loss * mx.array(float("nan"))
         return loss, stats
+
+    def _micro_inputs(self, batch, idx):
+        """One micro-batch's arrays: log-prob inputs padded to the update's bucket, and the batch's
+        per-token columns cut or padded to the same width (the extra columns are masked)."""
+        x = logprob_inputs([batch["prompt_ids"][i] for i in idx], [batch["comp_ids"][i] for i in idx],
+                           bucket=self.update_bucket, share_prompts=self.share_prompts)
+        width, rows = x["targets"].shape[1], mx.array(idx)
+        for k in ("old_logp", "ref_logp", "loss_mask"):
+            x[k] = _fit(batch[k][rows], width)
+        x["adv"] = batch["adv"][rows]
+        return x
+
+    def update_shapes(self, prompt_ids, comp_ids):
+        """(rows, columns) of the update's forwards, and the real token positions among them."""
+        shapes = []
+        for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
+            x = logprob_inputs([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
+                               bucket=self.update_bucket, share_prompts=self.share_prompts)
+            if "prompt" in x:
+                shapes += [tuple(x["prompt"].shape), (x["targets"].shape[0], x["targets"].shape[1] - 1)]
+            else:
+                shapes.append(tuple(x["inputs"].shape))
+        if self.share_prompts:  # each distinct prompt of a micro-batch computed once
+            real = sum(sum(len(p) for p in {tuple(prompt_ids[i]) for i in idx}) + sum(len(comp_ids[i]) for i in idx)
+                       for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum))
+        else:
+            real = sum(len(p) + len(c) for p, c in zip(prompt_ids, comp_ids))
+        return shapes, real
 
     def update(self, batch, beta):
         """num_iterations optimizer updates on one rollout batch, each with gradient accumulation.
@@ -319,59 +367,52 @@ class Trainer:
             self.model.eval()
         return out
 
+    def _parts(self, batch, chunks):
+        """[(arrays, weight)] per micro-batch, weighted so that their sum is the full batch's loss.
+        Distributed: each rank's weights are scaled by size x (its share of the global batch's
+        normaliser, batch["rank_weight"]), so averaging over ranks yields the global batch's."""
+        rank_weight = batch.get("rank_weight", 1.0) if self.world.size > 1 else 1.0
+        return [(self._micro_inputs(batch, idx), self._chunk_weight(batch["mask_np"][idx], batch["mask_np"]) * rank_weight)
+                for idx in chunks]
+
+    def _beta_arg(self, beta):
+        # an adaptive beta changes every step: an array, so the compiled update is not retraced for it
+        return mx.array(beta, dtype=mx.float32) if isinstance(self.kl_ctl, losses.AdaptiveKLController) else beta
+
     def accumulate_gradients(self, batch, beta, chunks):
         """(grads, loss, stats) of the whole batch, summed over micro-batches weighted so that they
         equal the full batch's; each micro-batch is evaluated before the next builds its graph.
 
-        Distributed: each rank's sum is scaled by size x (its share of the global batch's normaliser,
-        batch["rank_weight"]), so `nn.average_gradients` yields the global batch's gradient; loss and
-        stats are averaged the same way. Every rank then clips and applies the same gradient."""
-        grads_sum, loss_sum, stats_sum = None, 0.0, {}
-        rank_weight = batch.get("rank_weight", 1.0)
-        for idx in chunks:
-            sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
-                   for k, v in batch.items() if k not in ("mask_np", "inject_nan", "rank_weight")}
-            sub["inject_nan"] = batch.get("inject_nan", False)
-            w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
-            if self.world.size > 1:
-                w *= rank_weight
-            (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
-            grads = tree_map(lambda g: g * w, grads)
-            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            loss_sum += loss * w
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v * w
-            mx.eval(grads_sum, loss_sum, stats_sum)
+        Distributed: gradients are averaged with `nn.average_gradients` (loss and stats likewise),
+        so every rank then clips and applies the same gradient."""
+        grads, loss, stats = self.updater.accumulate(self._parts(batch, chunks), self._beta_arg(beta),
+                                                     batch.get("inject_nan", False))
         if self.world.size > 1:
-            grads_sum = nn.average_gradients(grads_sum)
+            grads = nn.average_gradients(grads)
             size = self.world.size
-            loss_sum = mx.distributed.all_sum(loss_sum) / size
-            stats_sum = {k: mx.distributed.all_sum(v) / size for k, v in stats_sum.items()}
-            mx.eval(grads_sum, loss_sum, stats_sum)
-        return grads_sum, loss_sum, stats_sum
+            loss = mx.distributed.all_sum(loss) / size
+            stats = {k: mx.distributed.all_sum(v) / size for k, v in stats.items()}
+            mx.eval(grads, loss, stats)
+        return grads, loss, stats
 
     def _update_iterations(self, batch, beta, chunks, out):
-        o = self.cfg.optim
         for _ in range(self.cfg.algo.num_iterations):
-            grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
-            if o.grad_clip > 0:  # one norm serves the clip, the finite check and the log
-                clipped, norm = losses.clip_grad_norm(grads_sum, o.grad_clip)
+            before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
+            if self.world.size == 1:  # the last micro-batch's call also clips, checks and steps
+                clipped, loss_sum, stats_sum, norm, finite = self.updater.run(
+                    self._parts(batch, chunks), self._beta_arg(beta), batch.get("inject_nan", False))
             else:
-                clipped, norm = grads_sum, losses.grad_global_norm(grads_sum)
-            finite = _finite(loss_sum) and math.isfinite(norm.item())
+                grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
+                clipped, norm, finite = self.updater.apply(grads_sum, loss_sum)
             out["grad_norm"].append(norm.item())
             out["loss"].append(loss_sum.item())
             for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
                 if k in stats_sum:
                     out[k].append(stats_sum[k].item())
-            if not finite:
+            if not finite.item():
                 out["skipped"] += 1
                 continue
-            grads_sum = clipped
-            out["group_norms"] = grad_norms_by_group(grads_sum)
-            before = dict(tree_flatten(self.model.trainable_parameters()))
-            self.optimizer.update(self.model, grads_sum)
-            mx.eval(self.model.parameters(), self.optimizer.state)
+            out["group_norms"] = grad_norms_by_group(clipped)
             out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
 
     def _chunk_weight(self, chunk_mask, batch_mask):
@@ -506,11 +547,8 @@ class Trainer:
             batch["rank_weight"] = self._rank_weight(mask_np)
 
         # --- update ---
-        update_shapes = [(len(idx), padded_length([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
-                                                  cfg.rollout.bucket))
-                         for idx in micro_batches(len(comp_ids), cfg.optim.grad_accum)]
+        update_shapes, real_tokens = self.update_shapes(prompt_ids, comp_ids)
         self.memory.note_shapes("update", update_shapes)
-        real_tokens = sum(len(p) + len(c) for p, c in zip(prompt_ids, comp_ids))
         t0 = time.perf_counter()
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
