@@ -495,8 +495,10 @@ class Trainer:
         prompt_ids = [r.prompt_ids for r in rollouts]
         comp_ids = [r.token_ids for r in rollouts]
         T = max(1, max(len(c) for c in comp_ids))
+        t_ref = time.perf_counter()
         ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
         mx.eval(ref_logp)
+        t_ref = time.perf_counter() - t_ref
         try:
             scored, t_rewards = fut.result()
         except BaseException:
@@ -575,7 +577,7 @@ class Trainer:
         ent = [e for r in rollouts for e in r.entropies]
         if self.world.size > 1:
             ent = self.world.gather(np.array(ent, dtype=np.float32)[:, None]).ravel().tolist()
-        gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards)
+        gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards, t_ref)
         metrics.update({
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
             # count = graded samples (fresh + cached); samples with a judge's fallback are apart
@@ -658,13 +660,14 @@ class Trainer:
             self.end_epoch()
         return metrics
 
-    def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards):
+    def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards, t_ref):
         """Generation throughput and phase times of the step: tokens and tok/s summed over ranks,
         times the slowest rank's (the step waits for it)."""
         sums = {"gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,
                 "gen/decode_tokens": rb.decode_tokens}
         times = {"time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
-                 "time/rewards_s": t_rewards}  # rewards_s: the reward sources alone (cache, sandbox, judges, functions)
+                 "time/rewards_s": t_rewards,  # rewards_s: the reward sources alone (cache, sandbox, judges, functions)
+                 "time/reference_s": t_ref}  # the reference forward pass, which scoring overlaps
         if self.world.size > 1:
             sums = dict(zip(sums, self.world.all_sum(list(sums.values()))))
             times = dict(zip(times, self.world.all_max(list(times.values()))))
