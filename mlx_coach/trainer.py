@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from . import losses
 from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
@@ -142,18 +142,10 @@ class Trainer:
         total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
-        # health adjustments (alerts.lr_adjust) multiply the learning rate; held as an array the
-        # compiled update reads as state (a Python float would be frozen into its graph)
-        self._lr_box = {"scale": mx.array(1.0)}
-        self.lr_scale = 1.0
-        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self._lr_box["scale"])
+        self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
+        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.lr_scale)
         self.optimizer.init(self.model.trainable_parameters())
-        # compiled on one process; data-parallel runs average gradients between ranks eagerly
-        self.compiled = cfg.optim.compile and self.world.size == 1
-        self.updater = Updater(self.model, self.optimizer, self._loss, grad_clip=cfg.optim.grad_clip,
-                               compiled=self.compiled, extra_state=[self._lr_box])
-        # compiled graphs are traced per shape: lengths padded to buckets make shapes repeat
-        self.update_bucket = cfg.rollout.bucket or (32 if self.compiled else 0)
+        self.updater = Updater(self.model, self.optimizer, self._loss, grad_clip=cfg.optim.grad_clip)
         self.share_prompts = cfg.optim.share_prompts and can_share_prompts(self.model)
         self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
         # the adapters' starting point, kept on disk so per-layer deltas survive a resume
@@ -196,15 +188,6 @@ class Trainer:
         self.cache_counts = self._cache_counts()  # per-step hit rates are differences of these
         if not resume:
             self._log_cache_clear(self.cache.on_epoch_start(0), step=0)
-
-    @property
-    def lr_scale(self):
-        return self._lr_scale
-
-    @lr_scale.setter
-    def lr_scale(self, value):
-        self._lr_scale = float(value)
-        self._lr_box["scale"] = mx.array(self._lr_scale)
 
     def _base_model_folder(self):
         """The base model that adapter_config.json names. A builtin model is created in code, so
@@ -305,8 +288,7 @@ class Trainer:
         return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
     def _loss(self, model, x, beta, inject_nan=False):
-        """The objective on one micro-batch's arrays (`_micro_inputs`): a pure function of arrays, so
-        the update can be compiled."""
+        """The objective on one micro-batch's arrays (`_micro_inputs`)."""
         a = self.cfg.algo
         logp, mask, entropy = logprobs_from_inputs(model, x, with_entropy=a.entropy_coef > 0,
                                                    temperature=self.temperature)
@@ -323,10 +305,10 @@ class Trainer:
         return loss, stats
 
     def _micro_inputs(self, batch, idx):
-        """One micro-batch's arrays: log-prob inputs padded to the update's bucket, and the batch's
-        per-token columns cut or padded to the same width (the extra columns are masked)."""
+        """One micro-batch's arrays: its log-prob inputs, and the batch's per-token columns cut or
+        padded to their width (rollout.bucket may round it up; the extra columns are masked)."""
         x = logprob_inputs([batch["prompt_ids"][i] for i in idx], [batch["comp_ids"][i] for i in idx],
-                           bucket=self.update_bucket, share_prompts=self.share_prompts)
+                           bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
         width, rows = x["targets"].shape[1], mx.array(idx)
         for k in ("old_logp", "ref_logp", "loss_mask"):
             x[k] = _fit(batch[k][rows], width)
@@ -338,7 +320,7 @@ class Trainer:
         shapes = []
         for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
             x = logprob_inputs([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
-                               bucket=self.update_bucket, share_prompts=self.share_prompts)
+                               bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
             if "prompt" in x:
                 shapes += [tuple(x["prompt"].shape), (x["targets"].shape[0], x["targets"].shape[1] - 1)]
             else:
@@ -375,18 +357,13 @@ class Trainer:
         return [(self._micro_inputs(batch, idx), self._chunk_weight(batch["mask_np"][idx], batch["mask_np"]) * rank_weight)
                 for idx in chunks]
 
-    def _beta_arg(self, beta):
-        # an adaptive beta changes every step: an array, so the compiled update is not retraced for it
-        return mx.array(beta, dtype=mx.float32) if isinstance(self.kl_ctl, losses.AdaptiveKLController) else beta
-
     def accumulate_gradients(self, batch, beta, chunks):
         """(grads, loss, stats) of the whole batch, summed over micro-batches weighted so that they
         equal the full batch's; each micro-batch is evaluated before the next builds its graph.
 
         Distributed: gradients are averaged with `nn.average_gradients` (loss and stats likewise),
         so every rank then clips and applies the same gradient."""
-        grads, loss, stats = self.updater.accumulate(self._parts(batch, chunks), self._beta_arg(beta),
-                                                     batch.get("inject_nan", False))
+        grads, loss, stats = self.updater.accumulate(self._parts(batch, chunks), beta, batch.get("inject_nan", False))
         if self.world.size > 1:
             grads = nn.average_gradients(grads)
             size = self.world.size
@@ -398,18 +375,14 @@ class Trainer:
     def _update_iterations(self, batch, beta, chunks, out):
         for _ in range(self.cfg.algo.num_iterations):
             before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
-            if self.world.size == 1:  # the last micro-batch's call also clips, checks and steps
-                clipped, loss_sum, stats_sum, norm, finite = self.updater.run(
-                    self._parts(batch, chunks), self._beta_arg(beta), batch.get("inject_nan", False))
-            else:
-                grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
-                clipped, norm, finite = self.updater.apply(grads_sum, loss_sum)
+            grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
+            clipped, norm, finite = self.updater.apply(grads_sum, loss_sum)
             out["grad_norm"].append(norm.item())
             out["loss"].append(loss_sum.item())
             for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
                 if k in stats_sum:
                     out[k].append(stats_sum[k].item())
-            if not finite.item():
+            if not finite:
                 out["skipped"] += 1
                 continue
             out["group_norms"] = grad_norms_by_group(clipped)
@@ -562,7 +535,38 @@ class Trainer:
         if self.world.size > 1 and cfg.train.checksum_every and self.step % cfg.train.checksum_every == 0:
             self.check_parameters_agree(metrics)
 
-        # --- metrics (per sample, gathered from every rank in rank order; one rank: its own lists) ---
+        # --- metrics ---
+        metrics.update(self._step_metrics(
+            rb, rollouts, scored, truncated, upd, phase, kl_obs=kl_obs, beta=beta,
+            times=(t_gen, t_score, t_update, t_rewards, t_ref), update_cost=(update_shapes, real_tokens)))
+        metrics["time/step_s"] = time.perf_counter() - t_step
+
+        # --- alerts and health adjustments ---
+        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
+            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
+        if self.cfg.alerts.enabled:
+            step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
+            for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
+                self.telemetry.alert(self.step, alert)
+            factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
+            if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere
+                factor = self.world.from_main(factor or 0.0) or None
+            if factor is not None:
+                self.lr_scale *= factor
+                self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
+        self.telemetry.log(self.step, metrics)
+        if self.pos >= len(self.order):
+            self.end_epoch()
+        return metrics
+
+    def _step_metrics(self, rb, rollouts, scored, truncated, upd, phase, *, kl_obs, beta, times, update_cost):
+        """The step's metrics in one place (as CleanRL logs in one block): per-sample columns gathered
+        from every rank in rank order (one rank: its own lists), rewards by provenance, loss, KL,
+        policy, gradients, generation, padding, cache and memory; updates the EMAs, the first tok/s,
+        the first epoch's fresh rewards, memory clears and the epoch-phase accumulator."""
+        G = self.cfg.rollout.group_size
+        comp_ids = [r.token_ids for r in rollouts]
+        update_shapes, real_tokens = update_cost
         cols = self.world.gather_columns({
             "total": [s.total for s in scored], "fresh": [s.provenance == "fresh" for s in scored],
             "cached": [s.provenance == "cached" for s in scored], "fallback": [s.provenance == "fallback" for s in scored],
@@ -577,8 +581,8 @@ class Trainer:
         ent = [e for r in rollouts for e in r.entropies]
         if self.world.size > 1:
             ent = self.world.gather(np.array(ent, dtype=np.float32)[:, None]).ravel().tolist()
-        gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards, t_ref)
-        metrics.update({
+        gen = self._gen_totals(rb, *times)
+        metrics = {
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
             # count = graded samples (fresh + cached); samples with a judge's fallback are apart
             "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
@@ -604,7 +608,7 @@ class Trainer:
             # update's right padding): the cost of shape bucketing, next to memory/new_shapes, its gain
             "gen/padding_frac": rb.padding_tokens / max(rb.padding_tokens + rb.prefill_tokens + rb.decode_tokens, 1),
             "update/padding_frac": 1.0 - real_tokens / max(sum(rows * cols for rows, cols in update_shapes), 1),
-        })
+        }
         # the mean of no samples is undefined: NaN, never a made-up 0
         # a sandbox deadline hit on a loaded machine scores 0 like a failing program: count it apart
         for status in ("timeout", "infra_error"):
@@ -640,24 +644,6 @@ class Trainer:
                                 "cache_share": mem.get("memory/cache_share", 0.0),
                                 "fresh_reward_mean": metrics["reward/fresh_mean"] if fresh else None, "fresh_count": len(fresh)})
         metrics.update(self.phases.by_phase_metrics(phase))
-        metrics["time/step_s"] = time.perf_counter() - t_step
-
-        # --- alerts and health adjustments ---
-        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
-            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
-        if self.cfg.alerts.enabled:
-            step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
-            for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
-                self.telemetry.alert(self.step, alert)
-            factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
-            if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere
-                factor = self.world.from_main(factor or 0.0) or None
-            if factor is not None:
-                self.lr_scale *= factor
-                self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
-        self.telemetry.log(self.step, metrics)
-        if self.pos >= len(self.order):
-            self.end_epoch()
         return metrics
 
     def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards, t_ref):
