@@ -5,6 +5,14 @@ size), sample at temperature 1 with no stop strings and EOS disabled, so every s
 decodes exactly --max-tokens tokens. Ours prefills each prompt once and shares its cache
 across the group; mlx_lm.batch_generate gets every sequence as its own prompt.
 
+The machine's limit for the model, measured in the same run: a decode step of B sequences must at
+least multiply B token vectors by every weight matrix (the layers' projections and the output head),
+and read every weight once. So decode tok/s is bounded by B / (time of those matrix products alone,
+measured at the decode shape: the matmul bound) and by B x (copy bandwidth) / (bytes of weights:
+the bandwidth bound; copy bandwidth = bytes read + written per second by an element-wise copy of
+256 MB). Each engine's tok/s is also given as a fraction of the lower bound. Attention, sampling and
+the KV cache are left out of both bounds, so they are ceilings no engine reaches.
+
     python benchmarks/bench_rollout.py                         # builtin tiny (+ SmolLM2 if found)
     python benchmarks/bench_rollout.py --model path/to/model.gguf --json out.json
 """
@@ -110,6 +118,50 @@ def run_mlx_lm(model, tokenizer, prompts, args):
     }
 
 
+def _median_time(fn, repeats=5):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def weight_matrices(model):
+    """The 2-D weights a decode step multiplies by: every Linear layer, and the head (the embedding
+    when tied). The input embedding is a lookup, not a product."""
+    import mlx.nn as nn
+
+    mats = [m.weight for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(isinstance(m, nn.Linear) and name.endswith("lm_head") for name, m in model.named_modules()):
+        mats.append(model.model.embed_tokens.weight)  # tied head
+    return mats
+
+
+def hardware_limits(model, rows):
+    """Decode tok/s bounds at `rows` sequences: (matmul bound, bandwidth bound, details)."""
+    mats = weight_matrices(model)
+    xs = {}
+    for w in mats:
+        xs.setdefault(w.shape[1], mx.random.normal((rows, w.shape[1])))
+    mx.eval(list(xs.values()))
+
+    def products():
+        mx.eval([xs[w.shape[1]] @ w.T for w in mats])
+
+    t_mm = _median_time(products)
+    flops = 2 * rows * sum(w.size for w in mats)
+    big = mx.random.uniform(shape=(64 * 2**20,))  # 256 MB of float32
+    mx.eval(big)
+    t_copy = _median_time(lambda: mx.eval(big * 1.0))
+    bandwidth = 2 * big.nbytes / t_copy  # read + write
+    weight_bytes = sum(w.nbytes for w in mats)
+    return rows / t_mm, rows * bandwidth / weight_bytes, {
+        "gemm_gflops": flops / t_mm / 1e9, "copy_gb_per_s": bandwidth / 1e9, "weight_gb": weight_bytes / 1e9,
+        "matmul_params": sum(w.size for w in mats), "rows": rows}
+
+
 def bench_model(spec, args):
     model, tokenizer, info = load_policy(spec)
     tokenizer.eos_token_ids = set()  # both engines: every sequence runs to max tokens
@@ -133,7 +185,12 @@ def bench_model(spec, args):
         return {**best, "decode_tps_median": statistics.median(r["decode_tps"] for r in runs)}
 
     ours, theirs = summary(ours), summary(theirs)
+    mm_bound, bw_bound, limits = hardware_limits(model, args.prompts * args.group_size)
+    bound = min(mm_bound, bw_bound)
     return {
+        "limits": {**limits, "matmul_bound_tps": mm_bound, "bandwidth_bound_tps": bw_bound},
+        "ours_frac_of_bound": ours["decode_tps"] / bound,
+        "mlx_lm_frac_of_bound": theirs["decode_tps"] / bound,
         "model": spec,
         "num_params": info["num_params"],
         "sequences": args.prompts * args.group_size,
@@ -181,6 +238,11 @@ def main(argv=None):
               f"{t['decode_tps']:>8.1f} ({t['decode_tps_median']:>7.1f}) "
               f"{r['decode_ratio']:>5.2f} ({r['decode_ratio_median_of_pairs']:.2f}) "
               f"{o['wall_s']:>9.2f}s {t['wall_s']:>11.2f}s")
+        lim = r["limits"]
+        print(f"{'':<36} limit at {lim['rows']} rows: matmul {lim['matmul_bound_tps']:.0f} tok/s "
+              f"({lim['gemm_gflops']:.0f} GFLOP/s on {lim['matmul_params'] / 1e6:.1f}M weights), bandwidth "
+              f"{lim['bandwidth_bound_tps']:.0f} tok/s ({lim['copy_gb_per_s']:.1f} GB/s copy, {lim['weight_gb']:.2f} GB "
+              f"of weights); ours {r['ours_frac_of_bound']:.0%} of the lower, mlx-lm {r['mlx_lm_frac_of_bound']:.0%}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -98,6 +98,8 @@ class OptimConfig:
                              "--steps), so --steps and --resume only say where to stop")
     grad_clip: float = _f(1.0, lo=0.0, help="max global grad norm; 0 = off")
     grad_accum: int = _f(1, lo=1)
+    share_prompts: bool = _f(True, help="compute each group's prompt once for its G samples in the reference pass "
+                             "and the update (models whose head splits off: llama, mistral, qwen2, qwen3)")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from . import base_identity, losses, sampling
 from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
@@ -43,8 +43,8 @@ from .memory import MemoryManager
 from .progress import StepClock, format_eta
 from .report import log_images, write_report
 from .procedural import procedural_split
-from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
-                     sequence_logprobs, unfreeze_all)
+from .models import (adapter_config, adapters_disabled, apply_lora, can_share_prompts, frozen_copy, load_policy,
+                     logprob_inputs, logprobs_from_inputs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
@@ -52,6 +52,7 @@ from .scoring.teacher import JudgeOutage
 from .teacher_server import serve as serve_teacher
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
+from .update import Updater
 
 LENGTH_EDGES = (200, 400)  # prompt length buckets (characters) for the category x length heatmap
 DRIFT_TOLERANCE = 1e-6  # relative spread of the ranks' parameter checksums that counts as drift
@@ -106,8 +107,9 @@ def micro_batches(n, grad_accum):
     return np.array_split(np.arange(n), min(grad_accum, n))
 
 
-def _finite(x):
-    return bool(mx.all(mx.isfinite(x)).item())
+def _fit(x, width):
+    """[B, T] cut or right-padded with zeros to [B, width]."""
+    return x[:, :width] if x.shape[1] >= width else mx.pad(x, [(0, 0), (0, width - x.shape[1])])
 
 
 class Trainer:
@@ -155,7 +157,8 @@ class Trainer:
         self.lr_scale = 1.0  # health adjustments (alerts.lr_adjust) multiply the learning rate
         self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.lr_scale)
         self.optimizer.init(self.model.trainable_parameters())
-        self.loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        self.updater = Updater(self.model, self.optimizer, self._loss, grad_clip=cfg.optim.grad_clip)
+        self.share_prompts = cfg.optim.share_prompts and can_share_prompts(self.model)
         self.kl_ctl = losses.make_kl_controller(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
         # the adapters' starting point, kept on disk so per-layer deltas survive a resume
         initial = self.run_dir / "initial_trainable.safetensors"
@@ -334,40 +337,67 @@ class Trainer:
 
     def reference_logprobs(self, prompt_ids, comp_ids):
         """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
-        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward."""
+        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward. With
+        optim.share_prompts each group's prompt is computed once for its G samples."""
         T = max(1, max(len(c) for c in comp_ids))
         parts = []
         for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
-            p_ids, c_ids = [prompt_ids[i] for i in idx], [comp_ids[i] for i in idx]
+            x = logprob_inputs([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
+                               bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
             if self.ref_model is not None:
-                logp, _, _ = sequence_logprobs(self.ref_model, p_ids, c_ids, temperature=self.temperature,
-                                               bucket=self.cfg.rollout.bucket)
+                logp, _, _ = logprobs_from_inputs(self.ref_model, x, temperature=self.temperature)
             else:
                 with adapters_disabled(self.model):
-                    logp, _, _ = sequence_logprobs(self.model, p_ids, c_ids, temperature=self.temperature,
-                                                   bucket=self.cfg.rollout.bucket)
-            logp = mx.pad(logp, [(0, 0), (0, T - logp.shape[1])])
+                    logp, _, _ = logprobs_from_inputs(self.model, x, temperature=self.temperature)
+            logp = _fit(logp, T)
             mx.eval(logp)
             parts.append(logp)
         return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
-    def _loss(self, model, batch, beta):
+    def _loss(self, model, x, beta, inject_nan=False):
+        """The objective on one micro-batch's arrays (`_micro_inputs`)."""
         a = self.cfg.algo
-        logp, mask, entropy = sequence_logprobs(model, batch["prompt_ids"], batch["comp_ids"],
-                                                with_entropy=a.entropy_coef > 0, temperature=self.temperature,
-                                                bucket=self.cfg.rollout.bucket)
-        mask = mask * batch["loss_mask"][:, : mask.shape[1]]
-        old = batch["old_logp"][:, : logp.shape[1]]
-        old = mx.where(mask > 0, old, mx.stop_gradient(logp))
-        ref = batch["ref_logp"][:, : logp.shape[1]] if a.kl_in == "loss" else None
+        logp, mask, entropy = logprobs_from_inputs(model, x, with_entropy=a.entropy_coef > 0,
+                                                   temperature=self.temperature)
+        mask = mask * x["loss_mask"]
+        old = mx.where(mask > 0, x["old_logp"], mx.stop_gradient(logp))
+        ref = x["ref_logp"] if a.kl_in == "loss" else None
         loss, stats = losses.policy_loss(
-            logp, old, batch["adv"], mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+            logp, old, x["adv"], mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
             aggregation=a.aggregation, max_len=self.cfg.rollout.max_new_tokens, ref_logp=ref,
             beta=beta if a.kl_in == "loss" else 0.0, kl_kind=a.kl_estimator, entropy=entropy,
             entropy_coef=a.entropy_coef)
-        if batch.get("inject_nan"):
+        if inject_nan:
             loss = loss * mx.array(float("nan"))
         return loss, stats
+
+    def _micro_inputs(self, batch, idx):
+        """One micro-batch's arrays: its log-prob inputs, and the batch's per-token columns cut or
+        padded to their width (rollout.bucket may round it up; the extra columns are masked)."""
+        x = logprob_inputs([batch["prompt_ids"][i] for i in idx], [batch["comp_ids"][i] for i in idx],
+                           bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
+        width, rows = x["targets"].shape[1], mx.array(idx)
+        for k in ("old_logp", "ref_logp", "loss_mask"):
+            x[k] = _fit(batch[k][rows], width)
+        x["adv"] = batch["adv"][rows]
+        return x
+
+    def update_shapes(self, prompt_ids, comp_ids):
+        """(rows, columns) of the update's forwards, and the real token positions among them."""
+        shapes = []
+        for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum):
+            x = logprob_inputs([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
+                               bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
+            if "prompt" in x:
+                shapes += [tuple(x["prompt"].shape), (x["targets"].shape[0], x["targets"].shape[1] - 1)]
+            else:
+                shapes.append(tuple(x["inputs"].shape))
+        if self.share_prompts:  # each distinct prompt of a micro-batch computed once
+            real = sum(sum(len(p) for p in {tuple(prompt_ids[i]) for i in idx}) + sum(len(comp_ids[i]) for i in idx)
+                       for idx in micro_batches(len(comp_ids), self.cfg.optim.grad_accum))
+        else:
+            real = sum(len(p) + len(c) for p, c in zip(prompt_ids, comp_ids))
+        return shapes, real
 
     def update(self, batch, beta):
         """num_iterations optimizer updates on one rollout batch, each with gradient accumulation.
@@ -386,46 +416,34 @@ class Trainer:
             self.model.eval()
         return out
 
+    def _parts(self, batch, chunks):
+        """[(arrays, weight)] per micro-batch, weighted so that their sum is the full batch's loss.
+        Distributed: each rank's weights are scaled by size x (its share of the global batch's
+        normaliser, batch["rank_weight"]), so averaging over ranks yields the global batch's."""
+        rank_weight = batch.get("rank_weight", 1.0) if self.world.size > 1 else 1.0
+        return [(self._micro_inputs(batch, idx), self._chunk_weight(batch["mask_np"][idx], batch["mask_np"]) * rank_weight)
+                for idx in chunks]
+
     def accumulate_gradients(self, batch, beta, chunks):
         """(grads, loss, stats) of the whole batch, summed over micro-batches weighted so that they
         equal the full batch's; each micro-batch is evaluated before the next builds its graph.
 
-        Distributed: each rank's sum is scaled by size x (its share of the global batch's normaliser,
-        batch["rank_weight"]), so `nn.average_gradients` yields the global batch's gradient; loss and
-        stats are averaged the same way. Every rank then clips and applies the same gradient."""
-        grads_sum, loss_sum, stats_sum = None, 0.0, {}
-        rank_weight = batch.get("rank_weight", 1.0)
-        for idx in chunks:
-            sub = {k: (v[mx.array(idx)] if isinstance(v, mx.array) else [v[i] for i in idx])
-                   for k, v in batch.items() if k not in ("mask_np", "inject_nan", "rank_weight")}
-            sub["inject_nan"] = batch.get("inject_nan", False)
-            w = self._chunk_weight(batch["mask_np"][idx], batch["mask_np"])
-            if self.world.size > 1:
-                w *= rank_weight
-            (loss, stats), grads = self.loss_and_grad(self.model, sub, beta)
-            grads = tree_map(lambda g: g * w, grads)
-            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            loss_sum += loss * w
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v * w
-            mx.eval(grads_sum, loss_sum, stats_sum)
+        Distributed: gradients are averaged with `nn.average_gradients` (loss and stats likewise),
+        so every rank then clips and applies the same gradient."""
+        grads, loss, stats = self.updater.accumulate(self._parts(batch, chunks), beta, batch.get("inject_nan", False))
         if self.world.size > 1:
-            grads_sum = nn.average_gradients(grads_sum)
+            grads = nn.average_gradients(grads)
             size = self.world.size
-            loss_sum = mx.distributed.all_sum(loss_sum) / size
-            stats_sum = {k: mx.distributed.all_sum(v) / size for k, v in stats_sum.items()}
-            mx.eval(grads_sum, loss_sum, stats_sum)
-        return grads_sum, loss_sum, stats_sum
+            loss = mx.distributed.all_sum(loss) / size
+            stats = {k: mx.distributed.all_sum(v) / size for k, v in stats.items()}
+            mx.eval(grads, loss, stats)
+        return grads, loss, stats
 
     def _update_iterations(self, batch, beta, chunks, out):
-        o = self.cfg.optim
         for _ in range(self.cfg.algo.num_iterations):
+            before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
             grads_sum, loss_sum, stats_sum = self.accumulate_gradients(batch, beta, chunks)
-            if o.grad_clip > 0:  # one norm serves the clip, the finite check and the log
-                clipped, norm = losses.clip_grad_norm(grads_sum, o.grad_clip)
-            else:
-                clipped, norm = grads_sum, losses.grad_global_norm(grads_sum)
-            finite = _finite(loss_sum) and math.isfinite(norm.item())
+            clipped, norm, finite = self.updater.apply(grads_sum, loss_sum)
             out["grad_norm"].append(norm.item())
             out["loss"].append(loss_sum.item())
             for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
@@ -434,11 +452,7 @@ class Trainer:
             if not finite:
                 out["skipped"] += 1
                 continue
-            grads_sum = clipped
-            out["group_norms"] = grad_norms_by_group(grads_sum)
-            before = dict(tree_flatten(self.model.trainable_parameters()))
-            self.optimizer.update(self.model, grads_sum)
-            mx.eval(self.model.parameters(), self.optimizer.state)
+            out["group_norms"] = grad_norms_by_group(clipped)
             out["update_ratio"].append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
 
     def _chunk_weight(self, chunk_mask, batch_mask):
@@ -522,8 +536,10 @@ class Trainer:
             prompt_ids = [r.prompt_ids for r in rollouts]
             comp_ids = [r.token_ids for r in rollouts]
             T = max(1, max(len(c) for c in comp_ids))
+            t_ref = time.perf_counter()
             ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
             mx.eval(ref_logp)
+            t_ref = time.perf_counter() - t_ref
             if not a.dynamic_sampling:
                 scored, t_rewards = first.result()
                 seen.append((first, scored))
@@ -576,11 +592,8 @@ class Trainer:
             batch["rank_weight"] = self._rank_weight(mask_np)
 
         # --- update ---
-        update_shapes = [(len(idx), padded_length([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx],
-                                                  cfg.rollout.bucket))
-                         for idx in micro_batches(len(comp_ids), cfg.optim.grad_accum)]
+        update_shapes, real_tokens = self.update_shapes(prompt_ids, comp_ids)
         self.memory.note_shapes("update", update_shapes)
-        real_tokens = sum(len(p) + len(c) for p, c in zip(prompt_ids, comp_ids))
         t0 = time.perf_counter()
         upd = self.update(batch, beta)
         t_update = time.perf_counter() - t0
@@ -592,7 +605,39 @@ class Trainer:
         if self.world.size > 1 and cfg.train.checksum_every and self.step % cfg.train.checksum_every == 0:
             self.check_parameters_agree(metrics)
 
-        # --- metrics (per sample, gathered from every rank in rank order; one rank: its own lists) ---
+        # --- metrics ---
+        metrics.update(self._step_metrics(
+            rb, rollouts, scored, truncated, upd, phase, kl_obs=kl_obs, beta=beta,
+            times=(t_gen, t_score, t_update, t_rewards, t_ref), update_cost=(update_shapes, real_tokens)))
+        metrics["time/step_s"] = time.perf_counter() - t_step
+
+        # --- alerts and health adjustments ---
+        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
+            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
+        if self.cfg.alerts.enabled:
+            step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
+            for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
+                self.telemetry.alert(self.step, alert)
+            factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
+            if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere
+                factor = self.world.from_main(factor or 0.0) or None
+            if factor is not None:
+                self.lr_scale *= factor
+                self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
+        self.telemetry.log(self.step, metrics)
+        self.telemetry.histogram("difficulty/pass_rate", self.difficulty.rates(), self.step)
+        if self.pos >= len(self.order):
+            self.end_epoch()
+        return metrics
+
+    def _step_metrics(self, rb, rollouts, scored, truncated, upd, phase, *, kl_obs, beta, times, update_cost):
+        """The step's metrics in one place (as CleanRL logs in one block): per-sample columns gathered
+        from every rank in rank order (one rank: its own lists), rewards by provenance, loss, KL,
+        policy, gradients, generation, padding, cache and memory; updates the EMAs, the first tok/s,
+        the first epoch's fresh rewards, memory clears and the epoch-phase accumulator."""
+        G = self.cfg.rollout.group_size
+        comp_ids = [r.token_ids for r in rollouts]
+        update_shapes, real_tokens = update_cost
         cols = self.world.gather_columns({
             "total": [s.total for s in scored], "fresh": [s.provenance == "fresh" for s in scored],
             "cached": [s.provenance == "cached" for s in scored], "fallback": [s.provenance == "fallback" for s in scored],
@@ -607,8 +652,8 @@ class Trainer:
         ent = [e for r in rollouts for e in r.entropies]
         if self.world.size > 1:
             ent = self.world.gather(np.array(ent, dtype=np.float32)[:, None]).ravel().tolist()
-        gen = self._gen_totals(rb, t_gen, t_score, t_update, t_rewards)
-        metrics.update({
+        gen = self._gen_totals(rb, *times)
+        metrics = {
             "reward/mean": float(np.mean(rewards_np)), "reward/std": float(np.std(rewards_np)),
             # count = graded samples (fresh + cached); samples with a judge's fallback are apart
             "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
@@ -634,7 +679,7 @@ class Trainer:
             # update's right padding): the cost of shape bucketing, next to memory/new_shapes, its gain
             "gen/padding_frac": rb.padding_tokens / max(rb.padding_tokens + rb.prefill_tokens + rb.decode_tokens, 1),
             "update/padding_frac": 1.0 - real_tokens / max(sum(rows * cols for rows, cols in update_shapes), 1),
-        })
+        }
         # the mean of no samples is undefined: NaN, never a made-up 0
         # a sandbox deadline hit on a loaded machine scores 0 like a failing program: count it apart
         for status in ("timeout", "infra_error"):
@@ -655,7 +700,7 @@ class Trainer:
                 metrics[f"reward/{src.name}_mean"] = float(np.mean(vals))
         metrics.update(self.rewards.stats())
         metrics.update(self.difficulty.metrics())
-        if a.difficulty_weighting:
+        if self.cfg.algo.difficulty_weighting:
             metrics["sampling/passed_over"] = self.passed_over
         metrics.update(upd["group_norms"])
         metrics.update(self.cache_metrics())
@@ -673,34 +718,16 @@ class Trainer:
                                 "cache_share": mem.get("memory/cache_share", 0.0),
                                 "fresh_reward_mean": metrics["reward/fresh_mean"] if fresh else None, "fresh_count": len(fresh)})
         metrics.update(self.phases.by_phase_metrics(phase))
-        metrics["time/step_s"] = time.perf_counter() - t_step
-
-        # --- alerts and health adjustments ---
-        for source, (kind, failures) in self.rewards.drain_events():  # judge outages, always said
-            self.telemetry.alert(self.step, _outage_alert(source, kind, failures))
-        if self.cfg.alerts.enabled:
-            step_metrics = dict(metrics, **{"step": self.step, "loss/nonfinite": float(upd["skipped"] > 0)})
-            for alert in evaluate_alerts(self.alert_state, step_metrics, self.cfg.alerts, phase=phase):
-                self.telemetry.alert(self.step, alert)
-            factor = lr_adjustment(self.alert_state, step_metrics, self.cfg.alerts)
-            if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere
-                factor = self.world.from_main(factor or 0.0) or None
-            if factor is not None:
-                self.lr_scale *= factor
-                self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
-        self.telemetry.log(self.step, metrics)
-        self.telemetry.histogram("difficulty/pass_rate", self.difficulty.rates(), self.step)
-        if self.pos >= len(self.order):
-            self.end_epoch()
         return metrics
 
-    def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards):
+    def _gen_totals(self, rb, t_gen, t_score, t_update, t_rewards, t_ref):
         """Generation throughput and phase times of the step: tokens and tok/s summed over ranks,
         times the slowest rank's (the step waits for it)."""
         sums = {"gen/tokens_per_sec": rb.tokens_per_sec, "gen/prefill_tokens": rb.prefill_tokens,
                 "gen/decode_tokens": rb.decode_tokens}
         times = {"time/generate_s": t_gen, "time/score_s": t_score, "time/update_s": t_update,
-                 "time/rewards_s": t_rewards}  # rewards_s: the reward sources alone (cache, sandbox, judges, functions)
+                 "time/rewards_s": t_rewards,  # rewards_s: the reward sources alone (cache, sandbox, judges, functions)
+                 "time/reference_s": t_ref}  # the reference forward pass, which scoring overlaps
         if self.world.size > 1:
             sums = dict(zip(sums, self.world.all_sum(list(sums.values()))))
             times = dict(zip(times, self.world.all_max(list(times.values()))))

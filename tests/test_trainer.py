@@ -208,6 +208,36 @@ def test_bucketed_update_gives_the_losses_and_gradients_of_exact_shapes(tmp_path
     assert diff <= 1e-4 * norm, (diff, norm)
 
 
+def test_shared_prompts_give_the_per_sample_reference_loss_and_gradients(tmp_path):
+    """optim.share_prompts (each group's prompt computed once) against the per-sample forward, in the
+    trainer's reference pass and update, with two micro-batches that split a group."""
+    rng = np.random.default_rng(0)
+    prompts = [p for p in (rng.integers(0, 256, n).tolist() for n in (9, 30, 17)) for _ in range(4)]
+    comps = [rng.integers(0, 256, int(rng.integers(1, 20))).tolist() for _ in prompts]
+    adv = mx.array(rng.standard_normal(len(prompts)).astype(np.float32))
+    results = {}
+    for share in (True, False):
+        trainer = Trainer(tiny_cfg(tmp_path, optim={"share_prompts": share, "grad_accum": 2}, algo={"beta": 0.1}),
+                          tmp_path / f"share{share}")
+        try:
+            assert trainer.share_prompts is share
+            perturb(trainer)
+            ref = trainer.reference_logprobs(prompts, comps)
+            T = ref.shape[1]
+            mask_np = np.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comps], dtype=np.float32)
+            batch = {"prompt_ids": prompts, "comp_ids": comps, "old_logp": ref, "ref_logp": ref,
+                     "adv": adv, "loss_mask": mx.array(mask_np), "mask_np": mask_np}
+            g, loss, _ = trainer.accumulate_gradients(batch, 0.1, micro_batches(len(prompts), 2))
+            results[share] = (np.array(ref), loss.item(), dict(tree_flatten(g)))
+        finally:
+            trainer.close()
+    (r1, l1, g1), (r0, l0, g0) = results[True], results[False]
+    np.testing.assert_allclose(r1, r0, atol=1e-4)
+    assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-7)
+    diff = np.sqrt(sum(float(mx.sum(mx.square(g1[k] - g0[k])).item()) for k in g0))
+    norm = np.sqrt(sum(float(mx.sum(mx.square(g0[k])).item()) for k in g0))
+    assert norm > 0 and diff <= 1e-4 * norm, (diff, norm)
+
 def test_gradient_accumulation_bounds_peak_memory(tmp_path):
     """Each micro-batch is evaluated before the next one: the reference pass and the update need
     well under half the extra memory with grad_accum 4 as with grad_accum 1, on the same batch."""

