@@ -746,16 +746,17 @@ class _DeferredInterrupt:
         return False
 
 
-def train(cfg: Config, run_dir, *, resume=False, steps=None):
-    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics.
-    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt."""
+def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
+    """Run (or continue) training until `steps` (default cfg.train.steps), or until the first step that
+    ends after `deadline` (a time.monotonic() value; `mlx-coach bench learn --minutes`). Returns the
+    last metrics. Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt."""
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every
     last = {}
     try:
         with _DeferredInterrupt() as interrupt:
-            while trainer.step < total and not interrupt.requested:
+            while trainer.step < total and not interrupt.requested and (deadline is None or time.monotonic() < deadline):
                 try:
                     last = trainer.run_step()
                 except JudgeOutage as e:  # on_outage: stop; keep every finished step
