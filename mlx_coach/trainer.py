@@ -657,6 +657,13 @@ class Trainer:
                 "cache/hits": s["hits"], "cache/misses": s["misses"], "cache/evictions": s["evictions"],
                 "cache/expirations": s["expirations"], "cache/size": s["size"]}
 
+    def validate_midway(self):
+        """train.val_every: the validation split scored between epoch ends, logged as eval/pass@1 (the
+        epoch-trend alerts still see epoch ends only)."""
+        result = self.validate()
+        if result is not None:
+            self.telemetry.log(self.step, {"eval/pass@1": result[0]["pass@1"], "epoch": self.epoch})
+
     def end_epoch(self):
         """Validation (fresh), the per-phase table, then the next epoch's seeded order."""
         if self.baseline_reward is None and self.first_epoch_fresh:
@@ -765,6 +772,9 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
                                      + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
                 if cfg.telemetry.progress and trainer.world.is_main:
                     print(progress_line(trainer.step, total, last), file=sys.stderr, flush=True)
+                val_every = cfg.train.val_every
+                if val_every and trainer.step % val_every == 0 and trainer.pos:  # pos 0: end_epoch validated
+                    trainer.validate_midway()
                 if every and trainer.step % every == 0:
                     trainer.save()
             path = latest_checkpoint(trainer.run_dir)
