@@ -27,7 +27,8 @@ def _train_args(p):
 def _eval_args(p):
     p.add_argument("--model", required=True, help="builtin:tiny, a local HF folder, a hub id or a .gguf")
     p.add_argument("--adapter", help="folder with adapters.safetensors (e.g. RUN/checkpoints/step-N)")
-    p.add_argument("--tasks", default="builtin:val", help="builtin:val | builtin | humaneval | PATH.jsonl")
+    p.add_argument("--tasks", default="builtin:val",
+                   help="builtin:val | builtin | humaneval | PATH.jsonl | procedural | procedural:heldout")
     p.add_argument("--limit", type=int, default=0, help="first N tasks only")
     p.add_argument("--samples", type=int, default=1, help="samples per task (n for pass@k)")
     p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) for 1 sample, else 0.8")

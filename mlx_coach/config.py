@@ -21,6 +21,7 @@ from .alerts import AlertConfig
 from .cache import CacheConfig
 from .errors import UserError
 from .memory import MemoryConfig
+from .procedural import DEFAULT_COUNT, DEFAULT_HELDOUT, check_families
 from .rewards import RewardConfig
 from .rollout import RolloutConfig
 from .scoring.sandbox import SandboxConfig
@@ -41,11 +42,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl")
-    val_fraction: float = _f(0.2, lo=0.0, hi=0.9)
+    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl | procedural")
+    val_fraction: float = _f(0.2, lo=0.0, hi=0.9, help="ignored by procedural (its held-out split is generated)")
     split_seed: int = _f(0)
-    limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all)")
+    limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all; procedural: N training tasks)")
     categories: Optional[list] = _f(None, help="keep only tasks whose category tag is listed")
+    # procedural tasks (procedural.py): generated functions in five families, difficulty levels 1-5
+    procedural_count: int = _f(DEFAULT_COUNT, lo=1, help="procedural: training tasks generated")
+    procedural_heldout: int = _f(DEFAULT_HELDOUT, lo=0, help="procedural: held-out tasks (the validation split), "
+                                                             "none with a training prompt")
+    procedural_seed: int = _f(0, help="procedural: instance i of a split is a function of (seed, split, i)")
+    difficulty_min: int = _f(1, lo=1, hi=5, help="procedural: easiest template level used")
+    difficulty_max: int = _f(5, lo=1, hi=5, help="procedural: hardest template level used")
+    families: Optional[list] = _f(None, help="procedural: strings, lists, arithmetic, dicts, parsing (null = all)")
 
 
 @dataclass
@@ -248,6 +257,12 @@ def validate(cfg):
                         "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
     for i, r in enumerate(cfg.rewards):
         r.validate(f"rewards[{i}]")
+    d = cfg.data
+    if d.difficulty_min > d.difficulty_max:
+        raise UserError(f"config key 'data.difficulty_min' ({d.difficulty_min}) must be <= data.difficulty_max "
+                        f"({d.difficulty_max})")
+    if d.families is not None:
+        check_families(d.families)
     if cfg.model.lora_layers == 0:
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):

@@ -260,10 +260,16 @@ def _looks_like_mbpp(path: Path) -> bool:
 
 
 def load_tasks(spec: str) -> list[Task]:
-    """'builtin', 'humaneval', 'mbpp:PATH', or PATH.jsonl (MBPP rows are detected by text/code/test_list)."""
+    """'builtin', 'humaneval', 'mbpp:PATH', PATH.jsonl (MBPP rows are detected by text/code/test_list),
+    'procedural' or 'procedural:heldout' (the default procedural training or held-out split)."""
     spec = spec.strip()
     if spec == "builtin":
         return builtin_tasks()
+    if spec in ("procedural", "procedural:heldout"):
+        from .procedural import procedural_split
+
+        train, heldout = procedural_split()
+        return heldout if spec.endswith(":heldout") else train
     if spec == "humaneval":
         return load_humaneval()
     if spec.startswith("mbpp:"):
@@ -273,7 +279,8 @@ def load_tasks(spec: str) -> list[Task]:
         if not path.is_file():
             raise UserError(f"{path}: task file not found")
         return load_mbpp(path) if _looks_like_mbpp(path) else load_jsonl(path)
-    raise UserError(f"tasks: unknown source {spec!r}; use 'builtin', 'humaneval', 'mbpp:PATH' or a .jsonl path")
+    raise UserError(f"tasks: unknown source {spec!r}; use 'builtin', 'humaneval', 'mbpp:PATH', a .jsonl path, "
+                    "'procedural' or 'procedural:heldout'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
 from .scoring.teacher import JudgeOutage
+from .procedural import procedural_split
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
@@ -62,14 +63,21 @@ def epoch_order(n, seed, epoch):
 
 
 def select_tasks(data):
-    tasks = load_tasks(data.tasks)
+    """(training tasks, validation tasks). Procedural tasks come with their own held-out split;
+    other sources are split by data.val_fraction."""
+    if data.tasks.strip() == "procedural":
+        tasks, val = procedural_split(data.procedural_count, data.procedural_heldout, data.procedural_seed,
+                                      (data.difficulty_min, data.difficulty_max), data.families)
+    else:
+        tasks, val = load_tasks(data.tasks), None
     if data.categories:
         tasks = [t for t in tasks if t.tags.get("category") in data.categories]
+        val = None if val is None else [t for t in val if t.tags.get("category") in data.categories]
     if data.limit:
         tasks = tasks[: data.limit]
     if not tasks:
         raise UserError(f"config key 'data.tasks': no tasks selected from {data.tasks!r}")
-    return split_tasks(tasks, data.val_fraction, data.split_seed)
+    return split_tasks(tasks, data.val_fraction, data.split_seed) if val is None else (tasks, val)
 
 
 def make_optimizer(o, total_updates, scale=lambda: 1.0):
