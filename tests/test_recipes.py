@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 @pytest.mark.parametrize("name, hub_id, rows_per_micro_batch", [
     ("qwen2.5-coder-0.5b.yaml", "mlx-community/Qwen2.5-Coder-0.5B-Instruct-4bit", 4),
-    ("qwen2.5-coder-1.5b.yaml", "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit", 2),
+    ("qwen2.5-coder-1.5b.yaml", "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit", 4),
 ])
 def test_mac_recipes_load_and_match_their_memory_notes(name, hub_id, rows_per_micro_batch):
     path = CONFIGS / name
