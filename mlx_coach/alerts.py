@@ -10,13 +10,30 @@ Metrics read (all optional; a rule without its inputs stays quiet):
     train/skipped_steps         cumulative count of steps skipped for non-finite values (a rise fires)
     loss/nonfinite              1.0 when this step was skipped (fires too)
     kl/mean, else loss/kl       unweighted KL estimate -> "kl_high"
-    reward/mean                 its EMA falling below (1 - reward_collapse_drop) x its best -> "reward_collapse"
+    reward/mean                 its EMA falling below (1 - reward_collapse_drop) x its best, by more than
+                                noise_k standard errors of the difference -> "reward_collapse"
+    reward/count, reward/std    samples behind reward/mean and their spread (the standard error; without a
+                                count the reward is taken as exact, as before noise_k existed)
     reward/frac_zero_std        fraction of prompt groups whose rewards are all equal (no signal)
     memory/active_gb            averaged per epoch -> "memory_growth" at epoch end
     gen/tokens_per_sec, epoch/position (or the phase argument) -> "toks_drop" within an epoch
     loss/total, else loss/policy  -> `lr_adjustment` volatility
 Epoch metrics read by evaluate_epoch: cfg.val_metric (default eval/pass@1; absent when no validation
-ran), optionally memory/active_gb (else the epoch mean seen by evaluate) and epoch.
+ran), eval/count (the tasks behind it: a regression must exceed val_noise_k standard errors), optionally
+memory/active_gb (else the epoch mean seen by evaluate) and epoch.
+
+Noise (noise_k, val_noise_k): a mean of n rewards in [0, 1] with mean p has a standard error of at
+most sqrt(p (1 - p) / n). The reward EMA is a weighted sum of step means, so its variance is one
+sample's variance times sum_i w_i^2 / n_i (w_i the EMA's weights, n_i the step's reward/count); the
+best EMA keeps that factor from when it was set. reward_collapse fires only when the drop exceeds
+noise_k standard errors of the difference, one sample's variance taken as p (1 - p) at the pooled
+level of the two EMAs (or the observed reward/std^2 when larger). The best EMA is a maximum over the
+run and the rule is tested at every step, so k must be large: in simulated runs of Bernoulli rewards
+at p = 0.12 with 8 samples a step (200 steps, seeds 0-99), k = 3 fired on 55 flat runs, 4 on 2 and
+5 on none, while a fall from 0.5 to 0 at 8 samples a step fired 5-12 steps after it with k = 5.
+val_regression compares the best value before the window with the window's best by a two-proportion
+test (pooled rate, counts eval/count). Samples of one prompt group are correlated, so these errors
+are lower bounds of the true spread.
 """
 
 import math
@@ -44,6 +61,10 @@ class AlertConfig:
     enabled: bool = setting(True, help="evaluate the rules and write alerts (console, alerts.jsonl, TensorBoard)")
     kl_max: float = setting(1.0, lo=0.0, lo_open=True, help="kl/mean above this fires kl_high")
     reward_collapse_drop: float = setting(0.5, lo=0.0, hi=1.0, lo_open=True, help="fraction of the best reward EMA lost")
+    noise_k: float = setting(5.0, lo=0.0, help="reward_collapse needs a drop beyond this many standard errors (from "
+                                               "the sample counts); 0 = judge the reward as exact")
+    val_noise_k: float = setting(3.0, lo=0.0, help="val_regression needs a fall beyond this many standard errors "
+                                                   "(from eval/count); 0 = judge the values as exact")
     plateau_epochs: int = setting(3, lo=1, help="K epochs without a new best validation value")
     zero_std_max: float = setting(0.8, lo=0.0, hi=1.0, lo_open=True, help="recent mean share of zero-std groups")
     memory_growth_frac: float = setting(0.2, lo=0.0, lo_open=True, help="epoch-mean active memory above the lowest epoch by this, still rising")
@@ -71,6 +92,11 @@ class AlertState:
     last_skipped: int = 0
     reward_ema: float | None = None
     best_reward_ema: float | None = None
+    # the reward EMA's variance is (variance of one sample) x reward_ema_inv_n, the EMA's weights squared
+    # over each step's count (0 while no count was logged); the same factor of the best EMA when it was set
+    reward_ema_inv_n: float = 0.0
+    best_reward_ema_inv_n: float = 0.0
+    reward_spread_ema: float = 0.0  # EMA of reward/std^2: the per-sample variance of rewards beyond [0, 1]
     zero_std_recent: list = field(default_factory=list)
     # tok/s within the current epoch
     early_toks_sum: float = 0.0
@@ -168,17 +194,23 @@ def evaluate(state, metrics, cfg, phase=None):
 
     reward = _num(metrics, "reward/mean")
     if reward is not None and math.isfinite(reward):
+        first = state.reward_ema is None
         state.reward_ema = _ema(state.reward_ema, reward, cfg.ema_alpha)
+        _track_reward_noise(state, metrics, cfg.ema_alpha, first)
         if state.steps_seen > cfg.warmup_steps:
             best = state.best_reward_ema
-            state.best_reward_ema = state.reward_ema if best is None else max(best, state.reward_ema)
+            if best is None or state.reward_ema > best:
+                state.best_reward_ema, state.best_reward_ema_inv_n = state.reward_ema, state.reward_ema_inv_n
             best = state.best_reward_ema
+            drop = best - state.reward_ema
+            se = _reward_drop_se(state, best)
             # |best| below 0.01 is noise around zero reward, not a level that can collapse
-            if abs(best) >= 0.01 and best - state.reward_ema > cfg.reward_collapse_drop * abs(best):
+            if abs(best) >= 0.01 and drop > cfg.reward_collapse_drop * abs(best) and drop > cfg.noise_k * se:
                 _fire(state, cfg, step, Alert(
                     "critical", "reward_collapse",
                     f"reward EMA fell to {state.reward_ema:.4g} from its best {best:.4g} "
-                    f"(-{(best - state.reward_ema) / abs(best):.0%})",
+                    f"(-{drop / abs(best):.0%}; {drop / se:.1f} standard errors)" if se > 0 else
+                    f"reward EMA fell to {state.reward_ema:.4g} from its best {best:.4g} (-{drop / abs(best):.0%})",
                     "Stop and resume from the checkpoint with the best reward; lower the learning rate or "
                     "raise the KL coefficient; check the scorer (sandbox errors, teacher outages).",
                 ), out)
@@ -236,6 +268,29 @@ def evaluate(state, metrics, cfg, phase=None):
     return out
 
 
+def _track_reward_noise(state, metrics, alpha, first):
+    """Update the reward EMA's variance factor sum_i w_i^2 / n_i (w_i its weights, n_i = reward/count)
+    and the EMA of reward/std^2. Without a count the step adds no variance (the old, exact reading)."""
+    n = _num(metrics, "reward/count")
+    inv_n = 1.0 / n if n and n > 0 and math.isfinite(n) else 0.0
+    std = _num(metrics, "reward/std")
+    spread = std * std if std is not None and math.isfinite(std) else 0.0
+    if first:
+        state.reward_ema_inv_n, state.reward_spread_ema = inv_n, spread
+    else:
+        state.reward_ema_inv_n = alpha * alpha * inv_n + (1 - alpha) ** 2 * state.reward_ema_inv_n
+        state.reward_spread_ema = _ema(state.reward_spread_ema, spread, alpha)
+
+
+def _reward_drop_se(state, best):
+    """Standard error of best - reward_ema if the reward had not changed: one sample's variance is
+    p (1 - p) at the pooled level p of the two (the most a reward in [0, 1] with that mean can have;
+    a run of all-zero steps does not make it 0), or the observed spread when larger."""
+    p = min(max((best + state.reward_ema) / 2, 0.0), 1.0)
+    per_sample = max(p * (1 - p), state.reward_spread_ema)
+    return math.sqrt(per_sample * (state.best_reward_ema_inv_n + state.reward_ema_inv_n))
+
+
 def toks_drop_cause(state, growth=0.2):
     """(what was measured, what to do) for a tok/s drop: memory growth, a slower scorer, or neither."""
     memory, score_s = _mean(state.recent_memory), _mean(state.recent_score_s)
@@ -268,11 +323,11 @@ def evaluate_epoch(state, epoch_metrics, cfg, step=None):
     out = []
     val_metric = _num(epoch_metrics, cfg.val_metric)
     if val_metric is not None and math.isfinite(val_metric):
-        tracker = TrendTracker(cfg.plateau_epochs, cfg.val_higher_is_better, cfg.trend_min_delta)
+        tracker = TrendTracker(cfg.plateau_epochs, cfg.val_higher_is_better, cfg.trend_min_delta, cfg.val_noise_k)
         if state.val_trend:
             tracker.load(state.val_trend)
         epoch = epoch_metrics.get("epoch", len(tracker.history))
-        trend = tracker.update(val_metric, epoch)
+        trend = tracker.update(val_metric, epoch, count=_num(epoch_metrics, "eval/count"))
         state.val_trend = tracker.state_dict()
         if trend in ("plateau", "regressing"):
             _fire(state, cfg, step, _trend_alert(trend, tracker, cfg), out)

@@ -73,6 +73,15 @@ class AlgoConfig:
     kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
     entropy_coef: float = _f(0.0)
     mask_truncated: bool = _f(False)
+    # signal in every batch (sampling.py)
+    dynamic_sampling: bool = _f(False, help="drop prompt groups whose rewards are all equal and draw more prompts "
+                                            "until the step holds rollout.prompts_per_step groups with signal (DAPO)")
+    max_draw_factor: float = _f(3.0, lo=1.0, help="dynamic sampling: a step draws at most prompts_per_step x this "
+                                                  "many prompts; then it trains on what it has")
+    difficulty_weighting: bool = _f(False, help="take each task of the epoch order with a probability favouring "
+                                                "running pass rates away from 0 and 1 (unseen tasks always)")
+    difficulty_floor: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True,
+                                 help="difficulty weighting: the lowest probability of taking a task")
 
 
 @dataclass
@@ -255,6 +264,12 @@ def validate(cfg):
         # E[grad k1] = E[grad log pi] = 0 under on-policy samples: the term would pull nowhere
         raise UserError("config key 'algo.kl_estimator': k1 in the loss has zero expected gradient; use k2 "
                         "(reverse-KL gradient) or k3 (forward-KL gradient) in the loss, or k1 with algo.kl_in: reward")
+    if a.dynamic_sampling and a.advantage == "reinforce":
+        raise UserError("config key 'algo.dynamic_sampling' needs group-relative advantages (algo.advantage: grpo "
+                        "or dr_grpo): under reinforce an all-equal group still has non-zero advantages")
+    if a.difficulty_weighting and not any(r.type == "tests" for r in cfg.rewards):
+        raise UserError("config key 'algo.difficulty_weighting' weighs tasks by their test pass rate; add a "
+                        "rewards item of type: tests")
     for i, r in enumerate(cfg.rewards):
         r.validate(f"rewards[{i}]")
     d = cfg.data

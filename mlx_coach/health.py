@@ -262,33 +262,50 @@ class TrendTracker:
 
     improving   the best value of the last k epochs beats every earlier value by more than min_delta
     regressing  every value of the last k epochs is worse than the earlier best by more than min_delta
-    plateau     neither
+                and, when both values are rates in [0, 1] with their counts (tasks), by more than
+                noise_k standard errors of the difference (two-proportion test, pooled rate)
+    plateau     neither (a fall within the noise of the counts is a plateau, not a regression)
     insufficient  fewer than k + 1 values so far
     """
 
-    def __init__(self, k=3, higher_is_better=True, min_delta=0.0):
+    def __init__(self, k=3, higher_is_better=True, min_delta=0.0, noise_k=0.0):
         if k < 1:
             raise UserError(f"alerts.plateau_epochs must be >= 1, got {k}")
-        self.k, self.higher_is_better, self.min_delta = k, higher_is_better, min_delta
+        self.k, self.higher_is_better, self.min_delta, self.noise_k = k, higher_is_better, min_delta, noise_k
         self.history = []  # (epoch, value)
+        self.counts = []  # samples (tasks) behind each value, None when unknown
 
-    def update(self, value, epoch=None):
+    def update(self, value, epoch=None, count=None):
         if value is not None and math.isfinite(value):
             self.history.append((len(self.history) if epoch is None else epoch, float(value)))
+            self.counts.append(count)
         return self.trend
 
     def _score(self, value):
         return value if self.higher_is_better else -value
+
+    def standard_error(self, i, j):
+        """Standard error of value[i] - value[j] for two rates with counts (pooled), else 0."""
+        (_, a), (_, b) = self.history[i], self.history[j]
+        na, nb = self.counts[i], self.counts[j]
+        if not na or not nb or not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
+            return 0.0
+        p = (a * na + b * nb) / (na + nb)
+        return math.sqrt(p * (1 - p) * (1 / na + 1 / nb))
 
     @property
     def trend(self):
         if len(self.history) < self.k + 1:
             return "insufficient"
         scores = [self._score(v) for _, v in self.history]
-        best_before, window = max(scores[: -self.k]), scores[-self.k :]
-        if max(window) > best_before + self.min_delta:
+        n_before = len(scores) - self.k
+        i_best = max(range(n_before), key=lambda i: scores[i])
+        j_best = max(range(n_before, len(scores)), key=lambda j: scores[j])
+        best_before, window_best = scores[i_best], scores[j_best]
+        if window_best > best_before + self.min_delta:
             return "improving"
-        if max(window) < best_before - self.min_delta:
+        margin = max(self.min_delta, self.noise_k * self.standard_error(i_best, j_best))
+        if window_best < best_before - margin:
             return "regressing"
         return "plateau"
 
@@ -301,9 +318,11 @@ class TrendTracker:
 
     def state_dict(self):
         return {"k": self.k, "higher_is_better": self.higher_is_better, "min_delta": self.min_delta,
-                "history": [list(h) for h in self.history]}
+                "noise_k": self.noise_k, "history": [list(h) for h in self.history], "counts": list(self.counts)}
 
     def load(self, state):
         self.k, self.higher_is_better = state["k"], state["higher_is_better"]
         self.min_delta = state["min_delta"]
+        self.noise_k = state.get("noise_k", self.noise_k)  # absent from older checkpoints
         self.history = [tuple(h) for h in state["history"]]
+        self.counts = list(state.get("counts", [None] * len(self.history)))

@@ -243,7 +243,7 @@ def _filter(rng):
                     f"return [x for x in xs if x % {k} == 0]", f"return [x for x in xs if x % {k} != 0]",
                     [([],), ([0, 1, k],)], lambda r: (_ints(r, 0, 20),))
     t = rng.randint(-3, 6)
-    return Spec(_name(rng, f"greater_than", "keep_large", "above_threshold"), "xs",
+    return Spec(_name(rng, "greater_than", "keep_large", "above_threshold"), "xs",
                 f"Return the elements of xs that are strictly greater than {t}, in their order.",
                 f"return [x for x in xs if x > {t}]", f"return [x for x in xs if x >= {t}]",
                 [([],), ([t, t + 1, t - 1],)], lambda r: (_ints(r),))

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from tensorboardX.proto.summary_pb2 import Summary
 
 from mlx_coach.errors import UserError
@@ -260,6 +261,11 @@ class Telemetry:
                 f"alerts/{alert.code}", f"**{alert.level}**: {alert.message}\n\n*Action:* {alert.action}", step
             )
 
+    def histogram(self, tag, values, step):
+        """A TensorBoard histogram of `values` (nothing for an empty list)."""
+        if self.writer is not None and len(values):
+            self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), step, bins=np.linspace(0, 1, 11))
+
     def image(self, tag, hwc, step):
         if self.writer is not None:
             self.writer.add_image(tag, hwc, step, dataformats="HWC")
@@ -301,7 +307,7 @@ class SilentTelemetry:
     def _nothing(self, *args, **kwargs):
         return None
 
-    log = text = event = alert = image = epoch_table = custom_layout = flush = close = _nothing
+    log = text = event = alert = image = histogram = epoch_table = custom_layout = flush = close = _nothing
 
 
 class PhaseAccumulator:

@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import losses
+from . import losses, sampling
 from .alerts import Alert, AlertState, evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
 from .cache import ScoreCache
 from .checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
@@ -40,13 +40,13 @@ from .evaluate import generate_and_score, pass_at_k_summary
 from .health import (block_deltas, bucket_pass_rates, grad_norms_by_group, heatmap_image, lora_deltas,
                      top_layers_text, update_ratio)
 from .memory import MemoryManager
+from .procedural import procedural_split
 from .models import (adapter_config, adapters_disabled, apply_lora, frozen_copy, load_policy, padded_length,
                      sequence_logprobs, unfreeze_all)
 from .rewards import RewardSet
 from .rollout import generate_rollouts
 from .rundir import claim
 from .scoring.teacher import JudgeOutage
-from .procedural import procedural_split
 from .tasks import load_tasks, split_tasks
 from .telemetry import Ema, PhaseAccumulator, SilentTelemetry, Telemetry, epoch_phase, progress_line
 
@@ -174,6 +174,8 @@ class Trainer:
         self.events_seen = 0  # memory events already written to events.jsonl
         self.toks_first = []  # tok/s of the run's first steps: the reference for gen/tokens_per_sec_rel
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.difficulty = sampling.DifficultyTracker()  # running pass rate per task, from fresh scores
+        self.passed_over = 0
 
         # --- state (what a checkpoint restores) ---
         self.step, self.epoch, self.pos = 0, 0, 0
@@ -210,6 +212,11 @@ class Trainer:
     def _check_shards(self):
         """Every rank needs at least one prompt in every step, the epoch's last (shorter) step included."""
         n, per_step, size = len(self.train_tasks), self.cfg.rollout.prompts_per_step, self.world.size
+        a = self.cfg.algo
+        if size > 1 and (a.dynamic_sampling or a.difficulty_weighting):
+            # both change how many prompts a step holds, which the ranks' contiguous shards assume fixed
+            key = "dynamic_sampling" if a.dynamic_sampling else "difficulty_weighting"
+            raise UserError(f"config key 'algo.{key}' is not supported with several ranks yet; turn it off")
         smallest = min(per_step, n % per_step or per_step, n)
         if smallest < size:
             raise UserError(f"config key 'rollout.prompts_per_step': {n} training tasks in steps of {per_step} leave "
@@ -227,7 +234,7 @@ class Trainer:
             "reward_ema": self.reward_ema.state_dict(), "loss_ema": self.loss_ema.state_dict(),
             "alerts": self.alert_state.state_dict(), "phases": self.phases.state_dict(),
             "lr_scale": self.lr_scale, "model": self.model_info.get("path"), "toks_first": self.toks_first,
-            "world_size": self.world.size,
+            "world_size": self.world.size, "difficulty": self.difficulty.state_dict(),
         }
 
     def save(self):
@@ -259,19 +266,64 @@ class Trainer:
         self.phases.load(state["phases"])
         self.lr_scale = state["lr_scale"]
         self.toks_first = state["toks_first"]
+        self.difficulty.load(state.get("difficulty", {"counts": {}}))  # absent from older checkpoints
         if cache_snapshot is not None:
             self.cache.restore(cache_snapshot)
         if self.world.is_main:
             print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
 
     # ---------------------------------------------------------------- phases
-    def next_prompts(self):
-        """The next prompts of this epoch's seeded order, and the epoch fraction done before them."""
-        n = self.cfg.rollout.prompts_per_step
-        idx = self.order[self.pos: self.pos + n]
+    def next_prompts(self, n=None):
+        """Up to n (default prompts_per_step) next prompts of this epoch's seeded order, and the epoch
+        fraction done before them. With algo.difficulty_weighting each task is taken with probability
+        sampling.task_weight (from its running pass rate) and otherwise passed over until next epoch;
+        the draws come from a generator seeded by (seed, epoch, position), so a resumed run walks the
+        same way. The last task of the order is always taken when the step has none yet."""
+        a = self.cfg.algo
+        n = n or self.cfg.rollout.prompts_per_step
         position = self.pos / len(self.order)
-        self.pos += len(idx)
-        return [self.train_tasks[i] for i in idx], position
+        rng = np.random.default_rng([self.cfg.train.seed, self.epoch, self.pos, 1]) if a.difficulty_weighting else None
+        picked = []
+        while len(picked) < n and self.pos < len(self.order):
+            task = self.train_tasks[self.order[self.pos]]
+            self.pos += 1
+            last_chance = not picked and self.pos == len(self.order)
+            if rng is None or last_chance or rng.random() < self.difficulty.weight(task.task_id, a.difficulty_floor):
+                picked.append(task)
+            else:
+                self.passed_over += 1
+        return picked, position
+
+    def start_round(self, tasks):
+        """G samples per task (KV-cached, batched), then their scoring started in the worker thread."""
+        rc = self.cfg.rollout
+        self.memory.sample("generate_start")
+        t0 = time.perf_counter()
+        rb = self.memory.run_with_oom_backoff(
+            lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
+                                             _with_budget(rc, budget)), rc.max_batch_tokens, step=self.step + 1)
+        gen_s = time.perf_counter() - t0
+        self.memory.sample("generate")
+        self.memory.note_shapes("generate", rb.shapes)
+        group_tasks = [tasks[r.prompt_index] for r in rb.rollouts]
+        fut = self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=rc.group_size), group_tasks,
+                               [t.prompt for t in group_tasks], [r.completion for r in rb.rollouts])
+        return sampling.Round(tasks, rb, fut, gen_s)
+
+    def track_difficulty(self, rounds, G):
+        """Count the fresh verdicts of the step's rounds; on several ranks every rank counts all of them
+        (gathered), so each holds the tracker a single process would."""
+        ids = [t.task_id for rnd, _ in rounds for t in rnd.tasks for _ in range(G)]
+        passed = [s.passed for _, scores in rounds for s in scores]
+        provenance = [s.provenance for _, scores in rounds for s in scores]
+        if self.world.size > 1:
+            index = {t.task_id: i for i, t in enumerate(self.train_tasks)}
+            cols = self.world.gather_columns({"task": [index[i] for i in ids], "passed": passed,
+                                              "fresh": [p == "fresh" for p in provenance]})
+            ids = [self.train_tasks[int(i)].task_id for i in cols["task"]]
+            passed = [bool(p) for p in cols["passed"]]
+            provenance = ["fresh" if f else "cached" for f in cols["fresh"]]
+        self.difficulty.observe(ids, passed, provenance)
 
     def reference_logprobs(self, prompt_ids, comp_ids):
         """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
@@ -436,41 +488,44 @@ class Trainer:
         # rank 0 draws what a single process draws; other ranks draw from their own streams
         mx.random.seed((step_seed(cfg.train.seed, self.step) + 104_729 * self.world.rank) % 2**31)
         pos_before = self.pos  # a step aborted before its update (judge outage, stop) gives it back
+        self.passed_over = 0  # tasks the difficulty weighting passes over in this step's walk
         all_tasks, position = self.next_prompts()
         tasks = self.world.shard(all_tasks)  # this rank's contiguous share of the step's prompts
         phase = epoch_phase(position, tuple(cfg.telemetry.phase_bounds))
         metrics = {"epoch": self.epoch, "epoch/position": position}
+        G = cfg.rollout.group_size
 
-        # --- rollout: G samples per prompt, KV-cached, batched ---
-        self.memory.sample("generate_start")
-        rc = cfg.rollout
+        # --- rollout: G samples per prompt, KV-cached, batched; scoring starts in a worker thread ---
+        first = self.start_round(tasks)
+        seen = []  # (round, scores) of the step, for the difficulty tracker once the step is sure to happen
         t0 = time.perf_counter()
-        rb = self.memory.run_with_oom_backoff(
-            lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
-                                             _with_budget(rc, budget)), rc.max_batch_tokens, step=self.step + 1)
-        t_gen = time.perf_counter() - t0
-        self.memory.sample("generate")
-        self.memory.note_shapes("generate", rb.shapes)
-        rollouts = rb.rollouts
-        G = rc.group_size
-        group_tasks = [tasks[r.prompt_index] for r in rollouts]
-
-        # --- scoring (in a worker thread) overlaps the reference forward pass ---
-        t0 = time.perf_counter()
-        fut = self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=G), group_tasks,
-                               [t.prompt for t in group_tasks], [r.completion for r in rollouts])
-        prompt_ids = [r.prompt_ids for r in rollouts]
-        comp_ids = [r.token_ids for r in rollouts]
-        T = max(1, max(len(c) for c in comp_ids))
-        ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
-        mx.eval(ref_logp)
         try:
-            scored, t_rewards = fut.result()
+            if a.dynamic_sampling:
+                # --- dynamic sampling: drop groups whose rewards are all equal, draw prompts to refill ---
+                filled = sampling.fill_groups(first, lambda k: self.next_prompts(k)[0], self.start_round,
+                                              len(tasks), math.floor(len(tasks) * a.max_draw_factor), G,
+                                              on_scores=lambda rnd, scores: seen.append((rnd, scores)))
+                metrics.update(sampling.sampling_metrics(filled, len(tasks)))
+                all_tasks = filled.tasks  # one rank: the step's tasks are this rank's
+                rb, rollouts, scored = filled.batch, filled.rollouts, filled.scores
+                t_gen, t_rewards = filled.gen_s, filled.rewards_s
+            else:
+                rb, rollouts, t_gen = first.batch, first.batch.rollouts, first.gen_s
+            # --- reference log-probs (overlapping the scoring without dynamic sampling) ---
+            prompt_ids = [r.prompt_ids for r in rollouts]
+            comp_ids = [r.token_ids for r in rollouts]
+            T = max(1, max(len(c) for c in comp_ids))
+            ref_logp = self.reference_logprobs(prompt_ids, comp_ids)
+            mx.eval(ref_logp)
+            if not a.dynamic_sampling:
+                scored, t_rewards = first.result()
+                seen.append((first, scored))
         except BaseException:
             self.pos = pos_before  # nothing of this step happened: the state is the last step's
             raise
-        t_score = time.perf_counter() - t0
+        t_score = time.perf_counter() - t0 - (t_gen - first.gen_s)  # extra rounds' generation apart
         self.memory.sample("score")
+        self.track_difficulty(seen, G)
 
         # --- rewards and advantages ---
         rewards_np = np.array([s.total for s in scored], dtype=np.float32)
@@ -592,6 +647,9 @@ class Trainer:
             if vals and len(self.rewards.sources) > 1:
                 metrics[f"reward/{src.name}_mean"] = float(np.mean(vals))
         metrics.update(self.rewards.stats())
+        metrics.update(self.difficulty.metrics())
+        if a.difficulty_weighting:
+            metrics["sampling/passed_over"] = self.passed_over
         metrics.update(upd["group_norms"])
         metrics.update(self.cache_metrics())
         mem = self.memory.step_metrics()
@@ -624,6 +682,7 @@ class Trainer:
                 self.lr_scale *= factor
                 self.telemetry.event(self.step, "health/lr_adjust", factor=factor, lr_scale=self.lr_scale)
         self.telemetry.log(self.step, metrics)
+        self.telemetry.histogram("difficulty/pass_rate", self.difficulty.rates(), self.step)
         if self.pos >= len(self.order):
             self.end_epoch()
         return metrics
@@ -682,8 +741,10 @@ class Trainer:
         result = self.validate() if self.cfg.train.epochs_val else None
         if result is not None:
             summary, triples = result
-            epoch_metrics["eval/pass@1"] = summary["pass@1"]
-            self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "epoch": self.epoch})
+            # the count lets the alerts tell a regression from the noise of a small validation split
+            epoch_metrics.update({"eval/pass@1": summary["pass@1"], "eval/count": summary["tasks"]})
+            self.telemetry.log(self.step, {"eval/pass@1": summary["pass@1"], "eval/count": summary["tasks"],
+                                           "epoch": self.epoch})
             cats, buckets, matrix = bucket_pass_rates(triples, LENGTH_EDGES)
             self.telemetry.image("eval/category_length_heatmap", heatmap_image(matrix, cats, buckets), self.step)
         if self.cfg.alerts.enabled:

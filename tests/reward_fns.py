@@ -19,3 +19,17 @@ async def async_length(prompts, completions, **columns):
 
 def nan_reward(prompts, completions, **columns):
     return [float("nan") for _ in completions]
+
+
+def odd_tasks_signal(prompts, completions, **columns):
+    """Tasks "s/<odd>": a reward that differs between different completions (a digest of the text);
+    tasks "s/<even>": 0.0 for every completion, so their groups are all equal (no signal)."""
+    import hashlib
+
+    out = []
+    for c, task_id in zip(completions, columns["task_id"]):
+        if int(task_id.rsplit("/", 1)[1]) % 2:
+            out.append(int(hashlib.sha256(c.encode()).hexdigest()[:6], 16) / 16**6)
+        else:
+            out.append(0.0)
+    return out

@@ -163,6 +163,10 @@ def test_two_ranks_train_the_same_adapters_as_one_rank(two_runs):
     assert moved > 1e-3  # the runs did train
     state = json.loads((two_runs[2][0] / "checkpoints/step-3/state.json").read_text())
     assert (state["world_size"], state["step"], state["epoch"], state["pos"]) == (2, 3, 1, 4)
+    # the difficulty tracker counted both ranks' fresh verdicts (rank 0 logs both ranks' fresh counts)
+    steps = [r for r in read_jsonl(two_runs[2][0] / "metrics.jsonl") if "reward/mean" in r]
+    counted = sum(n for n, _ in state["difficulty"]["counts"].values())
+    assert counted == sum(r["reward/fresh_count"] for r in steps) > 0
 
 
 def test_rank_0_alone_logs_every_sample_of_both_ranks_once(two_runs):

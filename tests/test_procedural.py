@@ -101,7 +101,7 @@ def test_tasks_are_humaneval_shaped(default_split):
     for t in train[:300] + heldout[:100]:
         func = ast.parse(t.prompt + NONE_BODY).body[-1]
         assert isinstance(func, ast.FunctionDef) and func.name == t.entry_point, t.task_id
-        assert ast.get_docstring(func) and f">>> {t.entry_point}(" in t.prompt, t.task_id
+        assert ast.get_docstring(func) and t.prompt.count(f">>> {t.entry_point}(") == P.N_EXAMPLES, t.task_id
         (check,) = ast.parse(t.test).body
         assert check.name == "check" and len(check.body) >= P.MIN_CASES, t.task_id  # edge cases + random inputs
         assert all(isinstance(s, ast.Assert) for s in check.body), t.task_id

@@ -89,6 +89,7 @@ def test_tensorboard_reads_the_run(tiny_run):
         assert t in tags["scalars"], t
     assert len(acc.Scalars("reward/mean")) == 15
     assert "eval/category_length_heatmap" in tags["images"]
+    assert "difficulty/pass_rate" in tags["histograms"] and "eval/count" in tags["scalars"]
     assert any(t.startswith("epoch/phase_table") for t in tags["tensors"])
     layout_tensor = acc.Tensors("custom_scalars__config__")[0].tensor_proto
     layout = layout_pb2.Layout()

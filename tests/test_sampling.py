@@ -1,0 +1,203 @@
+"""Dynamic sampling and difficulty tracking: refilled batches, the draw cap, the logged shares, the
+task weighting, fresh-only counting, and a resume that keeps the tracker."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_coach.errors import UserError
+from mlx_coach.sampling import DifficultyTracker, next_round_size, task_weight
+from mlx_coach.trainer import Trainer, epoch_order, select_tasks, train
+from test_trainer import step_rows, tiny_cfg, write_short_tasks
+
+
+def dyn_cfg(tmp_path, reward, **over):
+    sections = {"algo": {"beta": 0.0, "dynamic_sampling": True, "max_draw_factor": 3.0},
+                "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 8},
+                "rewards": [{"type": "function", "function": f"reward_fns:{reward}"}],
+                "train": {"steps": 3}}
+    for k, v in over.items():
+        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
+    return tiny_cfg(tmp_path, **sections)
+
+
+def drawn_ids(trainer_tasks, seed, rows):
+    """Task ids each step drew: a step draws a contiguous stretch of the epoch order."""
+    order = epoch_order(len(trainer_tasks), seed, 0)
+    n = len(order)
+    out = []
+    for row in rows:
+        start = round(row["epoch/position"] * n)
+        out.append([trainer_tasks[i].task_id for i in order[start: start + row["sampling/draws"]]])
+    return out
+
+
+def test_all_equal_groups_are_dropped_and_the_batch_refilled(tmp_path):
+    """Even tasks give every sample 0.0 (all-equal groups); odd tasks give differing rewards."""
+    cfg = dyn_cfg(tmp_path, "odd_tasks_signal")
+    train(cfg, tmp_path / "run")
+    rows = step_rows(tmp_path / "run")
+    assert len(rows) == 3
+    train_tasks, _ = select_tasks(cfg.data)  # the split the run made
+    for row, ids in zip(rows, drawn_ids(train_tasks, cfg.train.seed, rows)):
+        evens = sum(int(t.rsplit("/", 1)[1]) % 2 == 0 for t in ids)
+        assert row["sampling/draws"] == len(ids) <= 12  # the cap: prompts_per_step x max_draw_factor
+        assert row["sampling/dropped_groups"] == evens  # exactly the all-equal groups drawn
+        assert row["sampling/draws"] - evens >= 4  # enough odd tasks drawn to fill the step ...
+        assert row["sampling/trained_groups"] == 4 and row["sampling/informative_frac"] == 1.0
+        assert row["reward/frac_zero_std"] == 0.0  # ... and the trained batch holds only those
+        assert row["reward/count"] == 16
+    assert sum(r["sampling/dropped_groups"] for r in rows) > 0  # the order did hold even tasks
+    # the difficulty distribution: counts in metrics.jsonl, a histogram in the TensorBoard files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    hists = acc.Histograms("difficulty/pass_rate")
+    assert [h.step for h in hists] == [1, 2, 3]
+    # every drawn prompt was scored fresh (a function reward: fresh, never passed), so all sit at 0
+    seen = np.cumsum([r["sampling/draws"] for r in rows])
+    assert [h.histogram_value.num for h in hists] == [r["difficulty/tasks_seen"] for r in rows] == list(seen)
+    assert [r["difficulty/at_0"] for r in rows] == list(seen)
+    assert len(acc.Scalars("sampling/informative_frac")) == 3
+    # consecutive steps continue the walk where the last one stopped
+    positions = [round(r["epoch/position"] * len(train_tasks)) for r in rows]
+    assert positions == list(np.cumsum([0] + [r["sampling/draws"] for r in rows[:-1]]))
+
+
+def test_the_cap_holds_and_a_barren_step_trains_on_its_first_groups(tmp_path):
+    """A reward that is 0.0 everywhere: no group is informative, every step draws exactly the cap."""
+    cfg = dyn_cfg(tmp_path, "zero", algo={"max_draw_factor": 2.0}, train={"steps": 2})
+    last = train(cfg, tmp_path / "run")
+    rows = step_rows(tmp_path / "run")
+    for row in rows:
+        assert row["sampling/draws"] == 8  # 4 prompts x factor 2, never more
+        assert row["sampling/dropped_groups"] == 8
+        assert row["sampling/informative_frac"] == 0.0
+        assert row["sampling/trained_groups"] == 4 and row["reward/count"] == 16
+        assert math.isfinite(row["loss/policy"]) and row["train/skipped_steps"] == 0
+    assert last["sampling/rounds"] >= 2
+
+
+def test_at_the_cap_the_step_trains_on_the_informative_groups_it_has(tmp_path):
+    """max_draw_factor 1: one round only; the step keeps its odd (informative) tasks' groups."""
+    cfg = dyn_cfg(tmp_path, "odd_tasks_signal", algo={"max_draw_factor": 1.0}, train={"steps": 4})
+    train(cfg, tmp_path / "run")
+    rows = step_rows(tmp_path / "run")
+    train_tasks, _ = select_tasks(cfg.data)
+    seen_partial = False
+    for row, ids in zip(rows, drawn_ids(train_tasks, cfg.train.seed, rows)):
+        odds = sum(int(t.rsplit("/", 1)[1]) % 2 for t in ids)
+        assert row["sampling/draws"] == 4 and row["sampling/rounds"] == 1
+        assert row["sampling/informative_frac"] == odds / 4
+        assert row["sampling/trained_groups"] == (odds or 4)
+        assert row["reward/count"] == 4 * (odds or 4)
+        seen_partial |= 0 < odds < 4
+    assert seen_partial  # the seeded order gave at least one step a partial fill
+
+
+@pytest.mark.parametrize("missing, informative, drawn, cap_left", [
+    (4, 0, 0, 12), (3, 1, 4, 8), (1, 0, 4, 8), (2, 3, 4, 1), (4, 0, 4, 0)])
+def test_round_size_stays_within_the_cap(missing, informative, drawn, cap_left):
+    k = next_round_size(missing, informative, drawn, cap_left)
+    assert k <= cap_left
+    assert k >= min(missing, cap_left)
+    if drawn and informative:  # scaled by the informative share seen so far
+        assert k == min(cap_left, max(missing, math.ceil(missing * drawn / informative)))
+
+
+def test_weight_prefers_tasks_the_model_sometimes_solves():
+    floor = 0.05
+    for n in (1, 2, 5, 8, 16, 40):
+        w = [task_weight(k, n, floor) for k in range(n + 1)]
+        assert all(floor <= x <= 1.0 for x in w)
+        np.testing.assert_allclose(w, w[::-1])  # pass rate p and 1 - p weigh the same
+        mid = n // 2
+        eps = 1e-12  # p and 1 - p give 4 p (1 - p) up to rounding
+        assert all(w[k] <= w[k + 1] + eps for k in range(mid))  # rising toward the middle ...
+        assert all(w[k] + eps >= w[k + 1] for k in range(mid, n))  # ... and falling after it
+        assert w[mid] > w[0] or n == 1 and w[0] == w[1]
+    assert task_weight(0, 0, floor) == 1.0  # unseen: explored first
+    # more evidence that a task is always failed (or passed) lowers its weight, down to the floor
+    ws = [task_weight(0, n, floor) for n in (1, 4, 16, 64, 1000)]
+    assert all(a > b for a, b in zip(ws, ws[1:-1])) and ws[-1] == floor
+    assert task_weight(8, 16, floor) == pytest.approx(1.0)
+
+
+def test_tracker_counts_fresh_scores_only_and_reports_the_distribution():
+    t = DifficultyTracker()
+    t.observe(["a", "a", "a", "a"], [True, False, True, True], ["fresh", "fresh", "cached", "fallback"])
+    t.observe(["b", "b"], [False, False], ["fresh", "fresh"])
+    t.observe(["c", "c"], [True, True], ["fresh", "cached"])
+    assert t.counts == {"a": [2, 1], "b": [2, 0], "c": [1, 1]}
+    assert t.pass_rate("a") == 0.5 and t.pass_rate("zzz") is None
+    m = t.metrics()
+    assert (m["difficulty/tasks_seen"], m["difficulty/at_0"], m["difficulty/mid"], m["difficulty/at_1"]) == (3, 1, 1, 1)
+    assert m["difficulty/pass_rate_p50"] == 0.5
+    u = DifficultyTracker()
+    u.load(json.loads(json.dumps(t.state_dict())))
+    assert u.counts == t.counts
+
+
+def test_weighted_walk_passes_over_tasks_always_failed(tmp_path):
+    """Hand-set pass rates: half the tasks at 0/16, half at 8/16; one epoch's walk takes every mid
+    task and few of the others (their weight is 4 p (1 - p) with p = 1/18, i.e. 0.21)."""
+    cfg = tiny_cfg(tmp_path, data={"tasks": write_short_tasks(tmp_path / "many", 80)},
+                   rewards=[{"type": "tests"}], algo={"difficulty_weighting": True, "difficulty_floor": 0.05})
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        for i, t in enumerate(trainer.train_tasks):
+            trainer.difficulty.counts[t.task_id] = [16, 0] if i % 2 else [16, 8]
+        picked = []
+        while trainer.pos < len(trainer.order):
+            picked += [t.task_id for t in trainer.next_prompts()[0]]
+        ids = [t.task_id for t in trainer.train_tasks]
+        mid = {ids[i] for i in range(0, len(ids), 2)}
+        assert mid <= set(picked)
+        at_zero = [p for p in picked if p not in mid]
+        assert len(at_zero) < len(ids) // 2 * 0.5  # expected 0.21 of them; 0.5 is far in the tail
+        assert len(picked) == len(set(picked))  # a task is taken at most once an epoch
+    finally:
+        trainer.close()
+
+
+def test_resume_keeps_the_tracker_and_is_exact(tmp_path):
+    """Dynamic sampling and difficulty weighting on, two epochs of 10 tasks (so the second epoch's
+    walk reads the first's pass rates): stopping at 4 and resuming to 8 equals a straight 8."""
+    common = dict(data={"tasks": write_short_tasks(tmp_path / "few", 12)},
+                  rollout={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 8},
+                  algo={"beta": 0.0, "dynamic_sampling": True, "max_draw_factor": 2.0, "difficulty_weighting": True},
+                  rewards=[{"type": "tests"}, {"type": "function", "function": "reward_fns:odd_tasks_signal"}],
+                  train={"steps": 8, "checkpoint_every": 4})
+    train(tiny_cfg(tmp_path, **common), tmp_path / "straight")
+    cfg = tiny_cfg(tmp_path, **common)
+    train(cfg, tmp_path / "resumed", steps=4)
+    train(cfg, tmp_path / "resumed", resume=True, steps=8)
+    sa = json.loads((tmp_path / "straight/checkpoints/step-8/state.json").read_text())
+    sb = json.loads((tmp_path / "resumed/checkpoints/step-8/state.json").read_text())
+    assert sa["difficulty"] == sb["difficulty"] and sa["difficulty"]["counts"]
+    assert (sa["epoch"], sa["pos"]) == (sb["epoch"], sb["pos"]) and sa["epoch"] >= 1
+    a = mx.load(str(tmp_path / "straight/checkpoints/step-8/adapters.safetensors"))
+    b = mx.load(str(tmp_path / "resumed/checkpoints/step-8/adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, err_msg=k)
+    ra, rb = step_rows(tmp_path / "straight"), step_rows(tmp_path / "resumed")
+    assert sum(r["sampling/passed_over"] for r in ra) > 0  # the second epoch's walk did weigh tasks
+    for key in ("sampling/draws", "sampling/passed_over", "difficulty/tasks_seen", "reward/mean"):
+        np.testing.assert_allclose([r[key] for r in ra], [r[key] for r in rb], atol=1e-6, err_msg=key)
+    # the tracker counts every fresh sample it scored: G per drawn prompt (tests are never cached here
+    # twice: the cache is on, so a repeated completion would come back cached and not count)
+    total = sum(n for n, _ in sa["difficulty"]["counts"].values())
+    assert 0 < total <= 4 * sum(r["sampling/draws"] for r in ra)
+
+
+def test_config_refuses_what_cannot_work(tmp_path):
+    with pytest.raises(UserError, match="algo.dynamic_sampling"):
+        tiny_cfg(tmp_path, algo={"dynamic_sampling": True, "advantage": "reinforce"})
+    with pytest.raises(UserError, match="algo.difficulty_weighting"):
+        tiny_cfg(tmp_path, algo={"difficulty_weighting": True})  # its rewards have no tests source
+    with pytest.raises(UserError, match="algo.max_draw_factor"):
+        tiny_cfg(tmp_path, algo={"max_draw_factor": 0.5})
