@@ -4,6 +4,7 @@ Benchmarks measure side by side in one run and report ratios; they live outside 
 so they can be read and run as plain scripts too (`python benchmarks/bench_rollout.py`).
 """
 
+import argparse
 import runpy
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ def available():
 
 
 def add_arguments(p):
-    p.add_argument("name", help="rollout | sandbox | cache (benchmarks/bench_NAME.py)")
-    p.add_argument("args", nargs="*", help="arguments for the benchmark (after --)")
+    p.add_argument("name", help="rollout | sandbox | cache | memory | learn ... (benchmarks/bench_NAME.py)")
+    # everything after the name goes to the benchmark, options included (`bench learn -c CONFIG`)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
 
 
 def run(args):

@@ -111,6 +111,8 @@ class TrainConfig:
     epochs_val: bool = _f(True, help="score the validation split fresh at each epoch end")
     val_limit: int = _f(0, lo=0, help="score at most N validation tasks (0 = all)")
     val_max_new_tokens: int = _f(0, lo=0, help="0 = rollout.max_new_tokens")
+    val_every: int = _f(0, lo=0, help="also score the validation split every N steps (logged as eval/pass@1, for "
+                                      "learning curves of runs shorter than an epoch); 0 = at epoch ends only")
     debug_nan_steps: list = _f([], help="fault injection: make the loss NaN at these steps (tests the guard)")
     checksum_every: int = _f(10, lo=0, help="distributed runs: compare the ranks' parameter checksums every N "
                                             "steps and alert on drift (0 = never; ignored on one rank)")

@@ -1,7 +1,8 @@
 """PNG charts for reports (run report, A/B report, learning benchmark): one chart per image.
 
-Every chart is drawn by `line_chart`: series that share a unit go on the left axis; series in another
-unit (tok/s against a 0-1 hit rate, say) go on a second, right-hand axis, so neither is pinned flat.
+Every line chart is drawn by `line_chart` (or `line_panels`: several stacked on one x axis): series
+that share a unit go on the left axis; series in another unit (tok/s against a 0-1 hit rate, say) go
+on a second, right-hand axis, so neither is pinned flat.
 Each series gets its own colour and marker; right-axis series are dashed. A series may hold `None` or NaN where it has no value; the
 line breaks there instead of drawing across the gap. `vlines` marks x positions (epoch boundaries).
 matplotlib draws off-screen (Agg), so this works without a display.
@@ -42,6 +43,41 @@ def _draw(ax, series, start, marker_every, linestyle="-"):
     return handles
 
 
+def _line_axes(ax, left, *, right=None, xlabel="step", left_label="", right_label="", vlines=(),
+               vline_label="", left_limits=None, right_limits=None, title=""):
+    """Draw one line chart (left series, optional right-axis series, x markers) on `ax`."""
+    n_points = max((len(xs) for xs, _ in list(left.values()) + list((right or {}).values())), default=0)
+    marker_every = max(1, n_points // 25)
+    handles = _draw(ax, left, 0, marker_every)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(left_label)
+    if left_limits:
+        ax.set_ylim(*left_limits)
+    if right:
+        twin = ax.twinx()
+        handles += _draw(twin, right, len(left), marker_every, linestyle="--")  # dashed: read on the right
+        twin.set_ylabel(right_label)
+        if right_limits:
+            twin.set_ylim(*right_limits)
+    for i, x in enumerate(vlines):
+        line = ax.axvline(x, color="#888888", linestyle=":", linewidth=1,
+                          label=vline_label if i == 0 and vline_label else None)
+        if i == 0 and vline_label:
+            handles.append(line)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if handles:
+        ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="best", fontsize=8)
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def line_chart(path, title, left, *, right=None, xlabel="step", left_label="", right_label="",
                vlines=(), vline_label="", left_limits=None, right_limits=None, size=(8, 4.5)):
     """Write one PNG chart to `path` and return the path.
@@ -52,34 +88,29 @@ def line_chart(path, title, left, *, right=None, xlabel="step", left_label="", r
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=size, dpi=100)
     try:
-        n_points = max((len(xs) for xs, _ in list(left.values()) + list((right or {}).values())), default=0)
-        marker_every = max(1, n_points // 25)
-        handles = _draw(ax, left, 0, marker_every)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(left_label)
-        if left_limits:
-            ax.set_ylim(*left_limits)
-        if right:
-            twin = ax.twinx()
-            handles += _draw(twin, right, len(left), marker_every, linestyle="--")  # dashed: read on the right
-            twin.set_ylabel(right_label)
-            if right_limits:
-                twin.set_ylim(*right_limits)
-        for i, x in enumerate(vlines):
-            line = ax.axvline(x, color="#888888", linestyle=":", linewidth=1,
-                              label=vline_label if i == 0 and vline_label else None)
-            if i == 0 and vline_label:
-                handles.append(line)
-        ax.grid(True, alpha=0.3)
-        ax.set_title(title)
-        if handles:
-            ax.legend(handles=handles, labels=[h.get_label() for h in handles], loc="best", fontsize=8)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path)
+        _line_axes(ax, left, right=right, xlabel=xlabel, left_label=left_label, right_label=right_label,
+                   vlines=vlines, vline_label=vline_label, left_limits=left_limits, right_limits=right_limits,
+                   title=title)
+        return _save(plt, fig, path)
     finally:
         plt.close(fig)
-    return path
+
+
+def line_panels(path, title, panels, *, size=None):
+    """One PNG of line charts stacked on a shared x axis, for series whose scales differ too much for
+    two axes (rates in 0-1 above, KL around 1e-3 below). Each panel is a dict of `line_chart`'s keyword
+    arguments (left, right, left_label, right_label, left_limits, right_limits, vlines, xlabel)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, dpi=100,
+                             figsize=size or (8, 2.2 + 2.3 * len(panels)))
+    try:
+        for i, (ax, panel) in enumerate(zip(axes[:, 0], panels)):
+            panel = dict(panel)
+            panel.setdefault("xlabel", "step" if i == len(panels) - 1 else "")
+            _line_axes(ax, panel.pop("left"), title=title if i == 0 else "", **panel)
+        return _save(plt, fig, path)
+    finally:
+        plt.close(fig)
 
 
 def bar_chart(path, title, groups, *, ylabel="", errors=None, size=(8, 4.5)):
@@ -104,12 +135,9 @@ def bar_chart(path, title, groups, *, ylabel="", errors=None, size=(8, 4.5)):
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path)
+        return _save(plt, fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def png_to_hwc(path):

@@ -758,6 +758,13 @@ class Trainer:
                 "cache/hits": s["hits"], "cache/misses": s["misses"], "cache/evictions": s["evictions"],
                 "cache/expirations": s["expirations"], "cache/size": s["size"]}
 
+    def validate_midway(self):
+        """train.val_every: the validation split scored between epoch ends, logged as eval/pass@1 (the
+        epoch-trend alerts still see epoch ends only)."""
+        result = self.validate()
+        if result is not None:
+            self.telemetry.log(self.step, {"eval/pass@1": result[0]["pass@1"], "epoch": self.epoch})
+
     def end_epoch(self):
         """Validation (fresh), the per-phase table, then the next epoch's seeded order."""
         if self.baseline_reward is None and self.first_epoch_fresh:
@@ -851,15 +858,16 @@ class _DeferredInterrupt:
         return False
 
 
-def train(cfg: Config, run_dir, *, resume=False, steps=None):
-    """Run (or continue) training until `steps` (default cfg.train.steps). Returns the last metrics.
-    Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt. A `teacher_server`
-    (the judge's own mlx_lm.server) runs for exactly as long as this call."""
+def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
+    """Run (or continue) training until `steps` (default cfg.train.steps), or until the first step that
+    ends after `deadline` (a time.monotonic() value; `mlx-coach bench learn --minutes`). Returns the
+    last metrics. Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt. A
+    `teacher_server` (the judge's own mlx_lm.server) runs for exactly as long as this call."""
     with serve_teacher(cfg):
-        return _train(cfg, run_dir, resume=resume, steps=steps)
+        return _train(cfg, run_dir, resume=resume, steps=steps, deadline=deadline)
 
 
-def _train(cfg, run_dir, *, resume, steps):
+def _train(cfg, run_dir, *, resume, steps, deadline):
     trainer = Trainer(cfg, run_dir, resume=resume)
     total = steps or cfg.train.steps
     every = cfg.train.checkpoint_every
@@ -867,7 +875,7 @@ def _train(cfg, run_dir, *, resume, steps):
     last = {}
     try:
         with _DeferredInterrupt() as interrupt:
-            while trainer.step < total and not interrupt.requested:
+            while trainer.step < total and not interrupt.requested and (deadline is None or time.monotonic() < deadline):
                 try:
                     last = trainer.run_step()
                 except JudgeOutage as e:  # on_outage: stop; keep every finished step
@@ -876,8 +884,16 @@ def _train(cfg, run_dir, *, resume, steps):
                                      + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
                 clock.add(last.get("time/step_s", 0.0))
                 if cfg.telemetry.progress and trainer.world.is_main:
-                    eta = format_eta(clock.eta(total - trainer.step))
-                    print(f"{progress_line(trainer.step, total, last)} | ETA {eta}", file=sys.stderr, flush=True)
+                    if deadline is None:
+                        eta = format_eta(clock.eta(total - trainer.step))
+                        line = progress_line(trainer.step, total, last)
+                    else:  # a time budget (bench learn --minutes): the steps are not known in advance
+                        eta = format_eta(max(0.0, deadline - time.monotonic()))
+                        line = progress_line(trainer.step, "budget", last)
+                    print(f"{line} | ETA {eta}", file=sys.stderr, flush=True)
+                val_every = cfg.train.val_every
+                if val_every and trainer.step % val_every == 0 and trainer.pos:  # pos 0: end_epoch validated
+                    trainer.validate_midway()
                 if every and trainer.step % every == 0:
                     trainer.save()
             path = latest_checkpoint(trainer.run_dir)

@@ -37,3 +37,22 @@ def test_gaps_break_the_line_and_bars_are_drawn(tmp_path):
                      errors={"lru": {"calls": 2}, "epoch": {"calls": 3}})
     img = png_to_hwc(path)
     assert _rows_with(img, _rgb(COLOURS[0])).size > 50
+
+
+def test_panels_stack_series_of_different_scales_one_above_the_other(tmp_path):
+    from mlx_coach.plots import line_panels
+
+    steps = list(range(30))
+    rate = [(s % 10) / 10 for s in steps]
+    kl = [1e-4 * s for s in steps]
+    path = line_panels(tmp_path / "p.png", "curve", [dict(left={"rate": (steps, rate)}, left_limits=(0, 1)),
+                                                    dict(left={"kl": (steps, kl)})])
+    img = png_to_hwc(path)
+    assert img.shape[0] > img.shape[1] * 0.6  # taller than one chart: two panels
+    # each panel draws its first series in the first colour; the KL line (1e-4..3e-3) fills its own
+    # panel's height instead of lying flat along the rate panel's zero
+    rows = _rows_with(img, _rgb(COLOURS[0]))
+    mid = img.shape[0] // 2
+    upper, lower = rows[rows < mid], rows[rows >= mid]
+    assert upper.size and lower.size
+    assert lower.max() - lower.min() > 0.3 * (img.shape[0] - mid)

@@ -1,0 +1,69 @@
+"""`mlx-coach bench learn` end to end on the builtin tiny model: the report's structure, and before/after
+numbers that equal separate `mlx-coach eval` runs of the base model and of the run's final adapters."""
+
+import json
+
+import pytest
+
+from mlx_coach.cli import main
+from mlx_coach.learn_bench import learning_curve
+from mlx_coach.metrics import pass_at_k
+
+
+def _eval_rows(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert main(["eval", "--model", "builtin:tiny", "--tasks", "builtin:val", "--limit", "4",
+                 "--max-new-tokens", "24", "--output", str(out), *extra]) == 0
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsys):
+    out = tmp_path / "learn"
+    argv = ["bench", "learn", "-c", "configs/tiny.yaml", "--steps", "2", "--heldout", "builtin:val",
+            "--heldout-limit", "4", "--samples", "2", "--humaneval-limit", "2", "--eval-max-new-tokens", "24",
+            "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "train.epochs_val=false",
+            "--set", "telemetry.tensorboard=false", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["steps"] == 2 and report["samples"] == 2 and report["humaneval_subset"] is True
+    assert set(report["sets"]) == {"heldout", "humaneval"}
+    for name, n_tasks in (("heldout", 4), ("humaneval", 2)):
+        block = report["sets"][name]
+        before, after, per = block["before"], block["after"], report["per_task"][name]
+        assert before["tasks"] == after["tasks"] == n_tasks
+        for when, s in (("before", before), ("after", after)):
+            assert s["pass@1"] == pytest.approx(sum(per[when]["greedy"]) / n_tasks)
+        change = block["change"]
+        gained = sum(1 for b, a in zip(per["before"]["greedy"], per["after"]["greedy"]) if a and not b)
+        assert change["fail_to_pass"] == gained and 0.0 <= change["mcnemar_p"] <= 1.0
+        assert change["bootstrap_pass@1"]["delta"] == pytest.approx(after["pass@1"] - before["pass@1"])
+    assert "sampled_pass@2" in report["sets"]["heldout"]["before"]
+    assert "| heldout (4 tasks) | pass@1 greedy |" in (out / "report.md").read_text()
+    assert (out / "learning_curve.png").stat().st_size > 0
+    curve = learning_curve(out / "run")
+    assert curve["fresh reward"][0] == [1, 2] and len(curve["KL"][1]) == 2 and len(curve["truncation share"][1]) == 2
+
+    # the same answers as separate evals of the base model and of the final checkpoint's adapters
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    ckpt = report["training"]["checkpoint"]
+    for when, extra in (("before", ()), ("after", ("--adapter", ckpt))):
+        greedy = _eval_rows(tmp_path, f"{when}-greedy", *extra)
+        mine = [r for r in rows if r["when"] == when and r["set"] == "heldout" and r["mode"] == "greedy"]
+        assert [(r["task_id"], r["completion"], r["passed"]) for r in mine] == \
+               [(r["task_id"], r["completion"], r["passed"]) for r in greedy]
+        sampled = _eval_rows(tmp_path, f"{when}-sampled", "--samples", "2", "--temperature", "1.0", *extra)
+        mine = [r for r in rows if r["when"] == when and r["set"] == "heldout" and r["mode"] == "sampled"]
+        assert [r["completion"] for r in mine] == [r["completion"] for r in sampled]
+        counts = {}
+        for r in sampled:
+            counts[r["task_id"]] = counts.get(r["task_id"], 0) + bool(r["passed"])
+        assert report["sets"]["heldout"][when]["sampled_pass@2"] == pytest.approx(
+            sum(pass_at_k(2, c, 2) for c in counts.values()) / 4)
+
+
+def test_bench_learn_rejects_bad_arguments_in_one_line(tmp_path, capsys):
+    assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--minutes", "-1"]) == 2
+    assert "--minutes" in capsys.readouterr().err
+    assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--heldout", "nope:x",
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "nope:x" in capsys.readouterr().err
