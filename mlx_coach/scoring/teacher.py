@@ -40,7 +40,7 @@ DIGIT_PROMPT_VERSION = "grade-digit-v1"
 SOLVE_VERSION = "solve-v1"
 
 GRADE_SYSTEM = "You are a strict reviewer of Python code. You judge whether code solves a task correctly."
-GRADE_TEMPLATE = """Task: complete this Python function.
+_GRADE_TASK = """Task: complete this Python function.
 ```python
 {prompt}
 ```
@@ -50,23 +50,14 @@ Candidate completion (the code that follows the task above):
 {completion}
 ```
 {reference}
-How likely is it that the candidate is correct, from 0 (certainly wrong) to 10 (certainly correct)?
+"""
+GRADE_TEMPLATE = _GRADE_TASK + """How likely is it that the candidate is correct, from 0 (certainly wrong) to 10 (certainly correct)?
 Reply with exactly one line and nothing else, in this format:
 SCORE: <an integer from 0 to 10>/10"""
 # grade: digit -- for judges too small to follow a format (a tiny local model): the reply's first
 # character is the grade; with logit_bias on the ten digit tokens and max_tokens 1 the judge can say
 # nothing else, and at a temperature > 0 its grade of one program is a draw from a distribution
-GRADE_DIGIT_TEMPLATE = """Task: complete this Python function.
-```python
-{prompt}
-```
-
-Candidate completion (the code that follows the task above):
-```python
-{completion}
-```
-{reference}
-How likely is it that the candidate is correct, from 0 (certainly wrong) to 9 (certainly correct)?
+GRADE_DIGIT_TEMPLATE = _GRADE_TASK + """How likely is it that the candidate is correct, from 0 (certainly wrong) to 9 (certainly correct)?
 Reply with one digit and nothing else."""
 REFERENCE_BLOCK = """
 A reference solution, for comparison (it may itself be imperfect):
