@@ -47,6 +47,8 @@ class RolloutConfig:
     stop: Optional[list] = setting(None, help="stop strings; null = HumanEval-style defaults (none with the chat template)")
     chat_template: bool = setting(False, help="wrap the prompt in the tokenizer's chat template")
     extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
+    stop_after_code: bool = setting(False, help="end an answer once its first fenced code block is closed (the text "
+                                                "keeps the closing fence); with extract_code nothing after it is scored")
     system_prompt: Optional[str] = setting(None)
     user_template: str = setting("{prompt}", help="the chat user message (or the plain prompt): {prompt} is replaced by the "
                                                   "task's prompt; what the sandbox runs is still the task's prompt + the completion")
@@ -109,6 +111,20 @@ def extract_code(text: str) -> str:
         if lang.lower() in ("python", "py", "python3"):
             return body
     return blocks[0][1] if blocks else text
+
+
+def closed_block_end(buf: bytes):
+    """Byte offset just past the closing fence of the first fenced block in `buf`, or None while no
+    block is closed. A fence is three backticks at the start of a line (the opening one may follow text
+    on the answer's first line only when it starts the answer)."""
+    open_at = 0 if buf.startswith(b"```") else buf.find(b"\n```")
+    if open_at < 0:
+        return None
+    body = buf.find(b"\n", open_at + 1)  # the opening fence's line ends; the body starts after it
+    if body < 0:
+        return None
+    close = buf.find(b"\n```", body)
+    return None if close < 0 else close + 4
 
 
 def _gpt2_byte_decoder():
@@ -262,7 +278,8 @@ def _batch_caches(model, left_padding):
 class _Seq:
     """Host-side state of one sampled sequence."""
 
-    __slots__ = ("prompt", "sample", "tokens", "logprobs", "entropies", "buf", "ends", "keep", "cut", "reason")
+    __slots__ = ("prompt", "sample", "tokens", "logprobs", "entropies", "buf", "ends", "keep", "cut", "reason",
+                 "fence")
 
     def __init__(self, prompt, sample_index):
         self.prompt, self.sample = prompt, sample_index
@@ -272,6 +289,13 @@ class _Seq:
         self.keep = None  # number of tokens kept once finished
         self.cut = None  # byte offset where the scored text ends (a stop string's start)
         self.reason = None
+        self.fence = False  # rollout.stop_after_code
+
+    def _finish_at(self, cut):
+        """Stop with the scored text ending at byte `cut`; keep every token that starts before it
+        (token k starts at ends[k-1]), so a token straddling the cut stays: it was sampled."""
+        self.cut, self.reason = cut, "stop"
+        self.keep = bisect.bisect_left(self.ends, cut) + 1 if cut > 0 else 0
 
     def add(self, token, lp, ent, table, eos, stops, max_stop, max_new):
         self.tokens.append(token)
@@ -287,10 +311,12 @@ class _Seq:
         if stops:
             hits = [p for p in (self.buf.find(s, start) for s in stops) if p >= 0]
             if hits:
-                # keep every token that starts before the stop string; token k starts at ends[k-1]
-                self.cut = min(hits)
-                self.reason = "stop"
-                self.keep = bisect.bisect_left(self.ends, self.cut) + 1 if self.cut > 0 else 0
+                self._finish_at(min(hits))
+                return
+        if self.fence:
+            end = closed_block_end(self.buf)
+            if end is not None:
+                self._finish_at(end)
                 return
         if len(self.tokens) >= max_new:
             self.reason, self.keep = "length", len(self.tokens)
@@ -356,6 +382,8 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
 
     tic = time.perf_counter()
     seqs = [_Seq(prompt_indices[i], g) for i in range(len(prompt_ids)) for g in range(G)]
+    for s in seqs:
+        s.fence = cfg.stop_after_code
     active = list(seqs)  # active[r] is the sequence in cache row r
     stats["peak_batch"] = max(stats["peak_batch"], len(active))
     max_stop = max((len(s) for s in stops), default=1)

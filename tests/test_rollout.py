@@ -10,6 +10,7 @@ from mlx_coach.rollout import (
     RolloutBatch,
     RolloutConfig,
     _Seq,
+    closed_block_end,
     encode_prompt,
     extract_code,
     generate_rollouts,
@@ -230,6 +231,35 @@ def test_stop_trimming_property_over_random_tokenizations():
         compile("def f(x):\n" + text.decode(), "<t>", "exec")
         starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
         assert seq.keep == int((starts < len(body)).sum()), (pieces, seq.keep)
+
+
+def test_stop_after_code_ends_at_the_closing_fence_over_random_tokenizations():
+    """Property: with rollout.stop_after_code, however the answer is cut into tokens, the scored text
+    ends exactly after the first block's closing fence, the code extracted from it is the code of the
+    answer's first block, and the kept tokens are those that start before the cut."""
+    rng = np.random.default_rng(1)
+    blocks = [b"```python\ndef f(x):\n    return x\n```", b"```\nprint(1)\n```", b"```py\n```"]
+    bodies = ["def f(x):\n    return x\n", "print(1)\n", ""]
+    heads = [b"", b"Here it is:\n", b"Use `x` here:\n"]
+    tails = [b"\n\nThis sorts the list.", b"\n```python\nf(2)\n```\n", b"\nDone."]
+    for trial in range(300):
+        answer = heads[trial % 3] + blocks[(trial // 3) % 3]
+        full = answer + tails[(trial // 9) % 3]
+        assert closed_block_end(full) == len(answer)
+        cuts = sorted(set(rng.integers(1, len(full), size=rng.integers(1, 15)).tolist()))
+        pieces = [full[i:j] for i, j in zip([0] + cuts, cuts + [len(full)])]
+        seq = _Seq(0, 0)
+        seq.fence = True
+        for t in range(len(pieces)):
+            seq.add(t, -1.0, 2.0, pieces, eos=set(), stops=[], max_stop=1, max_new=100)
+            if seq.reason:
+                break
+        assert seq.reason == "stop" and bytes(seq.buf[: seq.cut]) == answer, pieces
+        assert extract_code(answer.decode()) == bodies[(trial // 3) % 3]  # the first block, whatever follows
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        assert seq.keep == int((starts < len(answer)).sum())
+    assert closed_block_end(b"```python\ndef f():") is None and closed_block_end(b"no code") is None
+    assert closed_block_end(b"x = '```'\n") is None  # an open fence alone closes nothing
 
 
 def test_default_stops_and_length(policy):
