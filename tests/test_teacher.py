@@ -82,11 +82,19 @@ class ScriptedServer:
                     action = outer.script.pop(0) if outer.script else None
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                self.counted = True
                 try:
                     self.act(action or outer.default(body), body)
                 finally:
-                    with outer.lock:
+                    self.leave()
+
+            def leave(self):
+                # before the reply is written: the client sends its next request only after a reply, so
+                # a count taken after writing would overlap the next request's (seen under CPU load)
+                with outer.lock:
+                    if self.counted:
                         outer.in_flight -= 1
+                        self.counted = False
 
             def act(self, action, body):
                 kind = action[0]
@@ -108,6 +116,7 @@ class ScriptedServer:
                     status, data = action[1], b'{"error": "scripted"}'
                 elif kind == "trickle":  # ("trickle", seconds per byte, content): a reply that never stalls long
                     data = json.dumps(chat_reply(action[2])).encode()
+                self.leave()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
