@@ -404,17 +404,19 @@ return sign * int(str(abs(n))[::-1])"""
                 lambda r: (r.randint(-999, 9999),))
 
 
+def _near_miss(body, line, bug):
+    """The canonical body with its one line `line` replaced by `bug` (the template's plausible mistake)."""
+    assert body.count(line) == 1, line
+    return body.replace(line, bug)
+
+
 def _fibonacci(rng):
     body = """\
 a, b = 0, 1
 for _ in range(n):
     a, b = b, a + b
 return a"""
-    wrong = """\
-a, b = 1, 1
-for _ in range(n):
-    a, b = b, a + b
-return a"""
+    wrong = _near_miss(body, "a, b = 0, 1", "a, b = 1, 1")
     return Spec(_name(rng, "fib", "fibonacci", "nth_fibonacci"), "n",
                 "Return the n-th Fibonacci number F(n), with F(0) = 0, F(1) = 1, F(n) = F(n - 1) + F(n - 2).",
                 body, wrong, [(0,), (1,), (2,), (10,)], lambda r: (r.randint(0, 25),))
@@ -427,12 +429,7 @@ for m in range(2, n):
     if all(m % d for d in range(2, int(m ** 0.5) + 1)):
         count += 1
 return count"""
-    wrong = """\
-count = 0
-for m in range(2, n + 1):
-    if all(m % d for d in range(2, int(m ** 0.5) + 1)):
-        count += 1
-return count"""
+    wrong = _near_miss(body, 'for m in range(2, n):', 'for m in range(2, n + 1):')
     return Spec(_name(rng, "count_primes", "primes_below", "prime_count"), "n",
                 "Return how many prime numbers are strictly smaller than n.",
                 body, wrong, [(0,), (2,), (3,), (11,)], lambda r: (r.randint(0, 80),))
@@ -445,12 +442,7 @@ while n != 1:
     n = n // 2 if n % 2 == 0 else 3 * n + 1
     steps += 1
 return steps"""
-    wrong = """\
-steps = 1
-while n != 1:
-    n = n // 2 if n % 2 == 0 else 3 * n + 1
-    steps += 1
-return steps"""
+    wrong = _near_miss(body, 'steps = 0', 'steps = 1')
     return Spec(_name(rng, "collatz_steps", "steps_to_one", "hailstone_length"), "n",
                 "Starting from the positive integer n, repeatedly halve it if it is even or replace it by 3n + 1 "
                 "if it is odd. Return how many such steps it takes to reach 1.",
@@ -487,11 +479,7 @@ counts = {}
 for ch in s:
     counts[ch] = counts.get(ch, 0) + 1
 return counts"""
-    wrong = """\
-counts = {}
-for ch in s:
-    counts[ch] = counts.get(ch, 1)
-return counts"""
+    wrong = _near_miss(body, '    counts[ch] = counts.get(ch, 0) + 1', '    counts[ch] = counts.get(ch, 1)')
     return Spec(_name(rng, "char_counts", "letter_frequencies", "count_chars"), "s",
                 "Return a dict mapping each character of s to the number of times it occurs.", body, wrong, [("",), ("aab",)], lambda r: (_word(r, 0, 8),))
 
