@@ -13,6 +13,14 @@ the bandwidth bound; copy bandwidth = bytes read + written per second by an elem
 256 MB). Each engine's tok/s is also given as a fraction of the lower bound. Attention, sampling and
 the KV cache are left out of both bounds, so they are ceilings no engine reaches.
 
+Continuous batching (`--refill-prompts N`, on by default): more sequences than the batch holds
+(`--refill-rows` rows), ending at different lengths (tokens whose id is a multiple of --refill-stop-every
+act as EOS, so lengths spread from 1 to --max-tokens), decoded three ways side by side: ours with
+rollout.continuous (finished rows refilled by waiting prompts at once), ours batch after batch (the next
+prompts start when the whole batch is done), and mlx_lm.batch_generate (itself continuous) at the same row
+cap. Reported: completion tokens per second of wall time (prefill included), and the mean rows busy per
+decode forward.
+
     python benchmarks/bench_rollout.py                         # builtin tiny (+ SmolLM2 if found)
     python benchmarks/bench_rollout.py --model path/to/model.gguf --json out.json
 """
@@ -35,7 +43,7 @@ if __name__ == "__main__":
 import mlx.core as mx  # noqa: E402
 
 from mlx_coach.models import find_smollm2_gguf, load_policy  # noqa: E402
-from mlx_coach.rollout import RolloutConfig, encode_prompt, generate_rollouts  # noqa: E402
+from mlx_coach.rollout import RolloutConfig, encode_prompt, generate_rollouts, token_bytes  # noqa: E402
 
 CODE = '''def fizzbuzz(n: int) -> list:
     """Return the FizzBuzz sequence from 1 to n as strings."""
@@ -63,19 +71,23 @@ def make_prompts(tokenizer, n, prompt_len):
     return prompts
 
 
-def run_ours(model, tokenizer, prompts, args):
+def run_ours(model, tokenizer, prompts, args, continuous=True, full_length=True):
     cfg = RolloutConfig(
         group_size=args.group_size,
         max_new_tokens=args.max_tokens,
         temperature=1.0,
         stop=[],
         max_batch_tokens=args.max_batch_tokens,
+        continuous=continuous,
     )
     tic = time.perf_counter()
     batch = generate_rollouts(model, tokenizer, prompts, cfg)
     wall = time.perf_counter() - tic
-    assert all(len(r.token_ids) == args.max_tokens for r in batch.rollouts)
+    assert not full_length or all(len(r.token_ids) == args.max_tokens for r in batch.rollouts)
     return {
+        "tokens_per_wall_s": batch.decode_tokens / wall,
+        "rows_per_forward": batch.decode_tokens / max(1, batch.decode_steps + batch.num_batches + batch.refills),
+        "refills": batch.refills,
         "decode_tps": batch.tokens_per_sec,
         "decode_tokens": batch.decode_tokens,
         "decode_s": batch.decode_s,
@@ -86,7 +98,7 @@ def run_ours(model, tokenizer, prompts, args):
     }
 
 
-def run_mlx_lm(model, tokenizer, prompts, args):
+def run_mlx_lm(model, tokenizer, prompts, args, rows=None, full_length=True):
     from mlx_lm import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -100,14 +112,15 @@ def run_mlx_lm(model, tokenizer, prompts, args):
         ids,
         max_tokens=args.max_tokens,
         sampler=make_sampler(temp=1.0),
-        completion_batch_size=n,
-        prefill_batch_size=n,
+        completion_batch_size=rows or n,
+        prefill_batch_size=rows or n,
         return_token_ids=True,
     )
     wall = time.perf_counter() - tic
-    assert all(len(t) == args.max_tokens for t in out.token_ids)
+    assert not full_length or all(len(t) == args.max_tokens for t in out.token_ids)
     s = out.stats
     return {
+        "tokens_per_wall_s": s.generation_tokens / wall,
         "decode_tps": s.generation_tps,
         "decode_tokens": s.generation_tokens,
         "decode_s": s.generation_time,
@@ -202,6 +215,35 @@ def bench_model(spec, args):
     }
 
 
+def bench_refill(spec, args):
+    """Continuous batching vs batch after batch (and mlx-lm's continuous BatchGenerator), same row cap."""
+    model, tokenizer, info = load_policy(spec)
+    tokenizer.eos_token_ids = set(range(0, len(token_bytes(tokenizer)), args.refill_stop_every))
+    prompts = make_prompts(tokenizer, args.refill_prompts, args.prompt_len)
+    rows = args.refill_rows
+    run = argparse.Namespace(**{**vars(args), "max_batch_tokens": rows * (args.prompt_len + args.max_tokens)})
+    ways = {"continuous": lambda: run_ours(model, tokenizer, prompts, run, True, False),
+            "batch after batch": lambda: run_ours(model, tokenizer, prompts, run, False, False),
+            "mlx_lm.batch_generate": lambda: run_mlx_lm(model, tokenizer, prompts, run, rows, False)}
+    warm = argparse.Namespace(**{**vars(run), "max_tokens": 4})
+    run_ours(model, tokenizer, prompts[:2], warm, True, False)
+    run_mlx_lm(model, tokenizer, prompts[:2], warm, rows, False)
+    out = {name: [] for name in ways}
+    for i in range(args.repeats):
+        names = list(ways) if i % 2 == 0 else list(ways)[::-1]  # alternate the order: load hits all alike
+        for name in names:
+            mx.random.seed(i)
+            out[name].append(ways[name]())
+    summary = {name: {"tokens_per_wall_s": statistics.median(r["tokens_per_wall_s"] for r in runs),
+                      "rows_per_forward": statistics.median(r.get("rows_per_forward", float("nan")) for r in runs),
+                      "decode_tokens": statistics.median(r["decode_tokens"] for r in runs)}
+               for name, runs in out.items()}
+    base = summary["batch after batch"]["tokens_per_wall_s"]
+    for v in summary.values():
+        v["ratio_to_batch_after_batch"] = v["tokens_per_wall_s"] / base
+    return {"model": spec, "sequences": args.refill_prompts * args.group_size, "rows": rows, "ways": summary}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="builtin:tiny, HF folder or .gguf (repeatable)")
@@ -211,6 +253,10 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens decoded per sequence")
     ap.add_argument("--max-batch-tokens", type=int, default=1 << 20, help="ours: decode batch budget")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--refill-prompts", type=int, default=16, help="continuous batching: prompts (0 = skip)")
+    ap.add_argument("--refill-rows", type=int, default=16, help="continuous batching: rows the batch holds")
+    ap.add_argument("--refill-stop-every", type=int, default=48,
+                    help="continuous batching: token ids that are multiples of this end a sequence")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
     if not args.model:
@@ -243,6 +289,18 @@ def main(argv=None):
               f"({lim['gemm_gflops']:.0f} GFLOP/s on {lim['matmul_params'] / 1e6:.1f}M weights), bandwidth "
               f"{lim['bandwidth_bound_tps']:.0f} tok/s ({lim['copy_gb_per_s']:.1f} GB/s copy, {lim['weight_gb']:.2f} GB "
               f"of weights); ours {r['ours_frac_of_bound']:.0%} of the lower, mlx-lm {r['mlx_lm_frac_of_bound']:.0%}")
+    if args.refill_prompts:
+        print(f"\ncontinuous batching: {args.refill_prompts} prompts x {args.group_size} samples, "
+              f"{args.refill_rows} rows at most, ids that are multiples of {args.refill_stop_every} end a sequence; "
+              "medians of --repeats runs")
+        print(f"{'model':<36} {'way':<24} {'tok/s of wall':>14} {'ratio':>7} {'rows/forward':>13} {'tokens':>8}")
+        results["refill"] = []
+        for spec in args.model:
+            r = bench_refill(spec, args)
+            results["refill"].append(r)
+            for name, v in r["ways"].items():
+                print(f"{Path(spec).name[-36:]:<36} {name:<24} {v['tokens_per_wall_s']:>14.1f} "
+                      f"{v['ratio_to_batch_after_batch']:>6.2f}x {v['rows_per_forward']:>13.1f} {v['decode_tokens']:>8.0f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,9 +1,11 @@
 """Batched, KV-cached sampling of G completions per prompt, with behaviour log-probs.
 
-Each prompt is prefilled once (prompts of a decode batch together, left-padded, in an
-mlx-lm `BatchKVCache`); its cache rows are then repeated G times and all prompts x G
+Each prompt is prefilled once (prompts admitted together, left-padded, in an mlx-lm
+`BatchKVCache`); its cache rows are then repeated G times and all admitted prompts x G
 sequences decode together. Host-side bookkeeping (EOS, stop strings) for step t overlaps
-the device computing step t + 1; finished rows are dropped from the batch as they pile up.
+the device computing step t + 1; finished rows are dropped from the batch as they pile up, and
+with rollout.continuous (the default) waiting prompts take their place at once: prefilled
+together, their cache rows are appended to the running batch (`BatchKVCache.extend`).
 
 What a Rollout holds:
 - token_ids: the sampled ids (never re-tokenized). A finishing EOS token is included.
@@ -43,7 +45,8 @@ class RolloutConfig:
     max_new_tokens: int = setting(64, lo=1)
     temperature: float = setting(1.0, lo=0.0, help="0: greedy (argmax)")
     top_p: float = setting(1.0, lo=0.0, hi=1.0, lo_open=True)
-    max_batch_tokens: int = setting(16384, lo=1, help="bound on rows in flight x (padded prompt + max_new_tokens)")
+    max_batch_tokens: int = setting(16384, lo=1, help="bound on rows in flight x (longest prompt + max_new_tokens); "
+                                    "a refilled batch's cache can grow up to max_new_tokens positions wider")
     stop: Optional[list] = setting(None, help="stop strings; null = HumanEval-style defaults (none with the chat template)")
     chat_template: bool = setting(False, help="wrap the prompt in the tokenizer's chat template")
     extract_code: bool = setting(False, help="score the code of the first fenced block of the answer")
@@ -53,6 +56,10 @@ class RolloutConfig:
     user_template: str = setting("{prompt}", help="the chat user message (or the plain prompt): {prompt} is replaced by the "
                                                   "task's prompt; what the sandbox runs is still the task's prompt + the completion")
     prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
+    continuous: bool = setting(True, help="refill the rows of finished sequences with waiting prompts at once "
+                                          "(continuous batching), instead of starting them when the whole batch is done")
+    score_while_decoding: bool = setting(True, help="the trainer hands each prompt's samples to the scorer as soon as "
+                                                    "all G have finished, instead of after the whole rollout")
     bucket: int = setting(0, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
                                           "shrink a decode batch only to powers of two, so freed buffers fit later requests; 0 = exact shapes")
 
@@ -91,7 +98,10 @@ class RolloutBatch:
     decode_s: float = 0.0
     tokens_per_sec: float = 0.0  # decode_tokens / decode_s
     peak_batch: int = 0  # most sequences decoding together
-    num_batches: int = 0
+    num_batches: int = 0  # decode batches started from empty
+    refills: int = 0  # times waiting prompts joined a running batch (rollout.continuous)
+    decode_steps: int = 0  # decode forwards (one token for every row of the batch; the first comes from the prefill)
+    peak_cache_tokens: int = 0  # most rows x cache positions (padding included) a decode forward attended over
     shapes: set = field(default_factory=set)  # (rows, tokens) of the forwards: prefill chunks, decode steps
     # positions computed for no sequence: prompt padding (left padding to the longest prompt, and to the
     # bucket) and finished rows kept in the batch; compare with prefill_tokens + decode_tokens
@@ -322,23 +332,6 @@ class _Seq:
             self.reason, self.keep = "length", len(self.tokens)
 
 
-def _plan_batches(lengths, cfg):
-    """Group prompt indices (similar lengths together) under the max_batch_tokens budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest_if = max(longest, lengths[i])
-        rows = (len(current) + 1) * cfg.group_size
-        if current and rows * (longest_if + cfg.max_new_tokens) > cfg.max_batch_tokens:
-            batches.append(current)
-            current, longest_if = [], lengths[i]
-        current.append(i)
-        longest = longest_if
-    if current:
-        batches.append(current)
-    return batches
-
-
 def round_up(n, bucket):
     """n rounded up to a multiple of bucket (n itself when bucket is 0)."""
     return -(-n // bucket) * bucket if bucket else n
@@ -367,48 +360,126 @@ def _prefill(model, prompt_ids, pad_id, step, bucket=0, shapes=None):
     return caches, logits
 
 
-def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, stats):
-    G = cfg.group_size
-    tic = time.perf_counter()
-    caches, logits = _prefill(model, prompt_ids, 0, cfg.prefill_step, cfg.bucket, stats["shapes"])
-    rows = [i for i in range(len(prompt_ids)) for _ in range(G)]
-    for c in caches:
-        c.filter(rows)  # repeat each prompt's cache rows G times
-    y, lp, ent = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p)
-    mx.eval(y, lp, ent)
-    stats["prefill_s"] += time.perf_counter() - tic
-    stats["prefill_tokens"] += sum(len(p) for p in prompt_ids)
-    stats["padding_tokens"] += len(prompt_ids) * round_up(max(map(len, prompt_ids)), cfg.bucket) - sum(map(len, prompt_ids))
+class _Admitted:
+    """Prompts prefilled together and their G-fold rows: caches, first samples, sequences."""
 
-    tic = time.perf_counter()
-    seqs = [_Seq(prompt_indices[i], g) for i in range(len(prompt_ids)) for g in range(G)]
-    for s in seqs:
-        s.fence = cfg.stop_after_code
-    active = list(seqs)  # active[r] is the sequence in cache row r
-    stats["peak_batch"] = max(stats["peak_batch"], len(active))
+    def __init__(self, model, prompt_ids, indices, cfg, stats):
+        G = cfg.group_size
+        tic = time.perf_counter()
+        ids = [prompt_ids[i] for i in indices]
+        self.caches, logits = _prefill(model, ids, 0, cfg.prefill_step, cfg.bucket, stats["shapes"])
+        rows = [i for i in range(len(ids)) for _ in range(G)]
+        for c in self.caches:
+            c.filter(rows)  # repeat each prompt's cache rows G times
+        self.pending = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p)
+        mx.eval(*self.pending)
+        self.seqs = [_Seq(i, g) for i in indices for g in range(G)]
+        for s in self.seqs:
+            s.fence = cfg.stop_after_code
+        stats["prefill_s"] += time.perf_counter() - tic
+        stats["prefill_tokens"] += sum(map(len, ids))
+        stats["padding_tokens"] += len(ids) * round_up(max(map(len, ids)), cfg.bucket) - sum(map(len, ids))
+        stats["admissions"] += 1
+
+
+def _take(waiting, prompt_ids, cfg, live_rows, longest):
+    """Prompts (shortest first) to admit beside `live_rows` rows whose longest prompt has `longest` tokens,
+    while rows x (longest prompt + max_new_tokens) stays within max_batch_tokens; an empty batch always
+    takes one prompt."""
+    taken, new_longest = [], 0
+    for i in waiting:
+        longest_if = max(new_longest, len(prompt_ids[i]))
+        rows = live_rows + (len(taken) + 1) * cfg.group_size
+        if (taken or live_rows) and rows * (max(longest, longest_if) + cfg.max_new_tokens) > cfg.max_batch_tokens:
+            break
+        taken.append(i)
+        new_longest = longest_if
+    return taken
+
+
+def _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_group):
+    """Decode G samples of every prompt. Prompts are admitted shortest first, as many as max_batch_tokens
+    allows; with rollout.continuous, rows freed by finished sequences are refilled at once by waiting
+    prompts (prefilled together, their cache rows appended to the running batch), otherwise the next
+    prompts start only when the whole batch has finished. `on_group(prompt, seqs)` is called as soon as
+    a prompt's G sequences have all finished."""
+    G = cfg.group_size
+    waiting = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     max_stop = max((len(s) for s in stops), default=1)
-    n_generated = 0
+    groups = {i: [] for i in waiting}
+
+    def admit_fresh():
+        taken = _take(waiting, prompt_ids, cfg, 0, 0)
+        del waiting[: len(taken)]
+        adm = _Admitted(model, prompt_ids, taken, cfg, stats)
+        return adm.caches, adm.pending, list(adm.seqs)
+
+    def finished(newly):
+        for s in newly:
+            groups[s.prompt].append(s)
+            if len(groups[s.prompt]) == G:
+                on_group(s.prompt, groups[s.prompt])
+
+    caches, (y, lp, ent), active = admit_fresh()  # active[r] is the sequence in cache row r
+    tic = time.perf_counter()
     while True:
-        n_generated += 1
-        more = n_generated < cfg.max_new_tokens and any(s.reason is None for s in active)
-        if more:  # queue step t + 1 before reading step t's tokens
+        stats["peak_batch"] = max(stats["peak_batch"], len(active))
+        # queue step t + 1 before reading step t's tokens, unless every live row ends with them
+        more = any(s.reason is None and len(s.tokens) < cfg.max_new_tokens - 1 for s in active)
+        if more:
             stats["shapes"].add((len(active), 1))
+            stats["decode_steps"] += 1
+            stats["peak_cache_tokens"] = max(stats["peak_cache_tokens"], len(active) * (caches[0].size() + 1))
             stats["padding_tokens"] += sum(s.reason is not None for s in active)  # finished rows kept as padding
             logits = model(y[:, None], cache=caches)[:, -1, :]
             nxt = sample(logits, cfg.temperature, cfg.top_p)
             mx.async_eval(*nxt)
+        newly = []
         for s, t, l, e in zip(active, y.tolist(), lp.tolist(), ent.tolist()):
             if s.reason is None:
                 s.add(t, l, e, table, eos, stops, max_stop, cfg.max_new_tokens)
                 stats["decode_tokens"] += 1
-        if not more or all(s.reason is not None for s in active):
-            break
+                if s.reason is not None:
+                    newly.append(s)
+        finished(newly)
+        live = [r for r, s in enumerate(active) if s.reason is None]
+        if not more or not live:
+            if not waiting:
+                break
+            stats["decode_s"] += time.perf_counter() - tic
+            caches, (y, lp, ent), active = admit_fresh()
+            tic = time.perf_counter()
+            continue
         y, lp, ent = nxt
-        done = sum(s.reason is not None for s in active)
-        target = rows_bucket(len(active) - done, cfg.bucket)
+        # rows are what the budget counts; the refilled cache itself may grow up to max_new_tokens positions
+        # wider (joined rows sit behind left padding until the older rows leave): bounding it by its width
+        # too kept half the rows idle (tiny model: 1.43x batch after batch instead of 1.70x)
+        longest_live = max(len(prompt_ids[active[r].prompt]) for r in live)
+        taken = _take(waiting, prompt_ids, cfg, len(live), longest_live) if cfg.continuous else []
+        if taken:
+            # refill: drop the finished rows (keeping some as padding up to the bucket), append the new ones
+            del waiting[: len(taken)]
+            stats["decode_s"] += time.perf_counter() - tic
+            adm = _Admitted(model, prompt_ids, taken, cfg, stats)
+            tic2 = time.perf_counter()
+            idle = [r for r, s in enumerate(active) if s.reason is not None]
+            target = rows_bucket(len(live) + len(adm.seqs), cfg.bucket) - len(adm.seqs)
+            keep = sorted(live + idle[: max(0, target - len(live))])
+            keep_arr = mx.array(keep)
+            for c, new in zip(caches, adm.caches):
+                c.filter(keep)
+                c.extend(new)
+            y, lp, ent = (mx.concatenate([a[keep_arr], b]) for a, b in zip((y, lp, ent), adm.pending))
+            mx.eval(y, lp, ent, [c.state for c in caches])
+            active = [active[r] for r in keep] + adm.seqs
+            stats["refills"] += 1
+            stats["prefill_s"] += time.perf_counter() - tic2
+            tic = time.perf_counter()
+            continue
+        done = len(active) - len(live)
+        target = rows_bucket(len(live), cfg.bucket)
         if done and done * 4 >= len(active) and target < len(active):
             # keep the live rows, topped up with finished ones (whose tokens are ignored) to the bucket
-            live = [r for r, s in enumerate(active) if s.reason is None]
             idle = [r for r, s in enumerate(active) if s.reason is not None]
             keep = sorted(live + idle[: target - len(live)])
             for c in caches:
@@ -417,18 +488,25 @@ def _decode_batch(model, prompt_ids, prompt_indices, cfg, table, eos, stops, sta
             y, lp, ent = y[keep_arr], lp[keep_arr], ent[keep_arr]
             active = [active[r] for r in keep]
     stats["decode_s"] += time.perf_counter() - tic
-    for s in seqs:
-        if s.reason is None:
-            s.reason, s.keep = "length", len(s.tokens)
-    return seqs
+
+
+def _rollout(s, prompt_ids, cfg):
+    """A finished sequence as the Rollout that is trained on and scored."""
+    k = s.keep
+    text_end = s.cut if s.cut is not None else (s.ends[k - 1] if k else 0)
+    text = bytes(s.buf[:text_end]).decode("utf-8", errors="replace")
+    return Rollout(prompt_index=s.prompt, sample_index=s.sample, prompt_ids=prompt_ids, token_ids=s.tokens[:k],
+                   logprobs=s.logprobs[:k], entropies=s.entropies[:k], text=text,
+                   completion=extract_code(text) if cfg.extract_code else text, finish_reason=s.reason)
 
 
 def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None,
-                      on_batch=None):
+                      on_batch=None, on_group=None):
     """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
     rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
-    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(n)` is called after
-    each decode batch with the number of prompts it finished (progress bars)."""
+    RNG: seed it with mx.random.seed for reproducible rollouts. As soon as a prompt's G samples have all
+    finished, `on_group(prompt_index, rollouts)` gets them (scoring while decoding) and `on_batch(1)` is
+    called (progress bars)."""
     cfg = cfg or RolloutConfig()
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
@@ -439,39 +517,25 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     eos = set(eos) if eos is not None else {tokenizer.eos_token_id} - {None}
     stops = [s.encode() for s in cfg.stops()]
     stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0, shapes=set(),
-                 padding_tokens=0)
+                 padding_tokens=0, admissions=0, refills=0, decode_steps=0, peak_cache_tokens=0)
+
+    done = {}  # prompt index -> its G rollouts, in sample order
+
+    def group_done(prompt, group):
+        done[prompt] = [_rollout(s, prompt_ids[prompt], cfg) for s in sorted(group, key=lambda s: s.sample)]
+        if on_group is not None:
+            on_group(prompt, done[prompt])
+        if on_batch is not None:
+            on_batch(1)
 
     was_training = model.training
     model.eval()
     try:
-        seqs, batches = [], _plan_batches([len(p) for p in prompt_ids], cfg)
-        for batch in batches:
-            seqs += _decode_batch(
-                model, [prompt_ids[i] for i in batch], batch, cfg, table, eos, stops, stats
-            )
-            if on_batch is not None:
-                on_batch(len(batch))
+        _decode(model, prompt_ids, cfg, table, eos, stops, stats, group_done)
     finally:
         model.train(was_training)
-
-    rollouts = []
-    for s in sorted(seqs, key=lambda s: (s.prompt, s.sample)):
-        k = s.keep
-        text_end = s.cut if s.cut is not None else (s.ends[k - 1] if k else 0)
-        text = bytes(s.buf[:text_end]).decode("utf-8", errors="replace")
-        rollouts.append(
-            Rollout(
-                prompt_index=s.prompt,
-                sample_index=s.sample,
-                prompt_ids=prompt_ids[s.prompt],
-                token_ids=s.tokens[:k],
-                logprobs=s.logprobs[:k],
-                entropies=s.entropies[:k],
-                text=text,
-                completion=extract_code(text) if cfg.extract_code else text,
-                finish_reason=s.reason,
-            )
-        )
+    assert len(done) == len(prompt_ids), "every sequence ends inside the decode loop"
+    rollouts = [r for prompt in sorted(done) for r in done[prompt]]
     return RolloutBatch(
         rollouts=rollouts,
         prefill_tokens=stats["prefill_tokens"],
@@ -480,7 +544,10 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
         decode_s=stats["decode_s"],
         tokens_per_sec=stats["decode_tokens"] / max(stats["decode_s"], 1e-9),
         peak_batch=stats["peak_batch"],
-        num_batches=len(batches),
+        num_batches=stats["admissions"] - stats["refills"],
+        refills=stats["refills"],
+        decode_steps=stats["decode_steps"],
+        peak_cache_tokens=stats["peak_cache_tokens"],
         shapes=stats["shapes"],
         padding_tokens=stats["padding_tokens"],
     )

@@ -415,3 +415,95 @@ def test_sequence_logprobs_padding_is_masked_exactly(policy):
     padded = sequence_logprobs(model, prompts, comps, with_entropy=True, temperature=0.7, bucket=32)
     for a, b in zip(exact, padded):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-5)
+
+
+def test_continuous_batching_refills_rows_and_keeps_every_sample(policy):
+    """With more prompts than max_batch_tokens lets decode together, rollout.continuous admits waiting prompts
+    into the rows that finished sequences free (their cache rows appended to the running batch): every
+    greedy sample still equals the uncached reference decode, the batch never holds more rows than the
+    budget allows, and the same tokens take fewer decode forwards than batch-after-batch decoding."""
+    model, tok = policy
+    M = 16
+    prompts = [f"def f{i:02d}(a, b):\n" for i in range(12)]
+    cfg0 = greedy(group_size=2, max_new_tokens=M)
+    refs = {p: reference_greedy(model, encode_prompt(tok, p, cfg0), M) for p in prompts}
+    # EOS tokens that every other prompt's completion may emit early and the rest never: those rows finish
+    # while the others run on to the length limit
+    early = {t for p in prompts[::2] for t in refs[p][:4]} - {t for p in prompts[1::2] for t in refs[p]}
+    assert early
+    longest = max(len(encode_prompt(tok, p, cfg0)) for p in prompts)
+    budget = 6 * (longest + 2 * M)  # room for 6 rows at the start: 3 prompts x 2 samples
+    runs = {}
+    old, tok.eos_token_ids = tok.eos_token_ids, early
+    try:
+        for continuous in (False, True):
+            runs[continuous] = generate_rollouts(model, tok, prompts, greedy(
+                group_size=2, max_new_tokens=M, max_batch_tokens=budget, continuous=continuous))
+    finally:
+        tok.eos_token_ids = old
+
+    def want(prompt):
+        ref = refs[prompt]
+        hit = [k for k, t in enumerate(ref) if t in early]
+        return ref[: hit[0] + 1] if hit else ref
+
+    for run in runs.values():
+        assert [(r.prompt_index, r.sample_index) for r in run.rollouts] == [(p, g) for p in range(12) for g in range(2)]
+        for r in run.rollouts:
+            assert r.token_ids == want(prompts[r.prompt_index]), (r.prompt_index, r.sample_index)
+        assert run.peak_batch * (longest + M) <= budget
+        # the cache a forward attends over: rows x positions, at most max_new_tokens wider when refilled
+        assert run.peak_cache_tokens <= run.peak_batch * (longest + (2 if run.refills else 1) * M)
+    off, on = runs[False], runs[True]
+    assert off.refills == 0 and on.refills > 0
+    assert on.num_batches < off.num_batches
+    assert on.decode_tokens == off.decode_tokens
+    assert on.decode_steps < off.decode_steps  # fuller batches: the same tokens in fewer forwards
+
+
+def test_continuous_batching_logprobs_match_the_sequence_pass(policy):
+    """Rows that join a running batch sit behind the cache's left padding; their sampled log-probs and
+    entropies must still be those of the plain forward pass over prompt + completion."""
+    model, tok = policy
+    mx.random.seed(3)
+    T = 0.9
+    prompts = [f"def g{i:02d}(x):\n" for i in range(8)]
+    longest = max(len(encode_prompt(tok, p, RolloutConfig())) for p in prompts)
+    cfg = RolloutConfig(group_size=2, max_new_tokens=12, temperature=T, stop=[],
+                        max_batch_tokens=4 * (longest + 24))
+    old, tok.eos_token_ids = tok.eos_token_ids, set(range(0, 262, 4))  # rows end after a few tokens, at random
+    try:
+        batch = generate_rollouts(model, tok, prompts, cfg)
+    finally:
+        tok.eos_token_ids = old
+    assert batch.refills > 0 and len(batch.rollouts) == 16
+    assert len({len(r.token_ids) for r in batch.rollouts}) > 2
+    logp, mask, ent = sequence_logprobs(model, [r.prompt_ids for r in batch.rollouts],
+                                        [r.token_ids for r in batch.rollouts], with_entropy=True, temperature=T)
+    for b, r in enumerate(batch.rollouts):
+        n = len(r.token_ids)
+        np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), rtol=1e-4, atol=1e-4)
+
+
+def test_each_group_is_handed_over_as_soon_as_its_samples_finish(policy):
+    """on_group gets every prompt's G rollouts exactly once, the moment the last of them finishes: groups
+    whose samples end early (at an EOS token) are handed over before those still decoding."""
+    model, tok = policy
+    M = 16
+    prompts = [f"def f{i:02d}(a, b):\n" for i in range(8)]
+    cfg = greedy(group_size=2, max_new_tokens=M)
+    refs = [reference_greedy(model, encode_prompt(tok, p, cfg), M) for p in prompts]
+    early = {t for r in refs[::2] for t in r[:4]} - {t for r in refs[1::2] for t in r}
+    assert early
+    calls = []
+    old, tok.eos_token_ids = tok.eos_token_ids, early
+    try:
+        batch = generate_rollouts(model, tok, prompts, cfg, on_group=lambda i, rs: calls.append((i, rs)))
+    finally:
+        tok.eos_token_ids = old
+    assert sorted(i for i, _ in calls) == list(range(8))
+    for i, rs in calls:
+        assert rs == batch.rollouts[2 * i: 2 * i + 2] and [r.sample_index for r in rs] == [0, 1]
+    lengths = [max(len(r.token_ids) for r in rs) for _, rs in calls]
+    assert lengths == sorted(lengths) and lengths[0] < M  # handed over in the order they finished
