@@ -21,6 +21,9 @@ prompts start when the whole batch is done), and mlx_lm.batch_generate (itself c
 cap. Reported: completion tokens per second of wall time (prefill included), and the mean rows busy per
 decode forward.
 
+`--refill-config CONFIG` runs that comparison alone on a training config's own rollout settings (chat
+prompt, temperature, stops, the model's EOS) and its first --refill-prompts validation tasks.
+
     python benchmarks/bench_rollout.py                         # builtin tiny (+ SmolLM2 if found)
     python benchmarks/bench_rollout.py --model path/to/model.gguf --json out.json
 """
@@ -244,6 +247,41 @@ def bench_refill(spec, args):
     return {"model": spec, "sequences": args.refill_prompts * args.group_size, "rows": rows, "ways": summary}
 
 
+def bench_refill_recipe(path, args):
+    """Continuous batching vs batch after batch on a training config's own rollout settings (chat prompt,
+    temperature, stops, natural EOS) and the first --refill-prompts of its validation tasks."""
+    from dataclasses import replace
+
+    from mlx_coach.config import load_config
+    from mlx_coach.trainer import select_tasks
+
+    cfg = load_config(path)
+    model, tokenizer, _ = load_policy(cfg.model.path)
+    tasks = select_tasks(cfg.data)[1][: args.refill_prompts]
+    prompts = [t.prompt for t in tasks]
+    longest = max(len(encode_prompt(tokenizer, p, cfg.rollout)) for p in prompts)
+    budget = args.refill_rows * (longest + cfg.rollout.max_new_tokens)
+    out = {True: [], False: []}
+    generate_rollouts(model, tokenizer, prompts[:1], replace(cfg.rollout, max_new_tokens=4))  # warm-up
+    for i in range(args.repeats):
+        for continuous in ((True, False) if i % 2 == 0 else (False, True)):
+            mx.random.seed(i)
+            rc = replace(cfg.rollout, max_batch_tokens=budget, continuous=continuous)
+            tic = time.perf_counter()
+            batch = generate_rollouts(model, tokenizer, prompts, rc)
+            wall = time.perf_counter() - tic
+            out[continuous].append({"tokens_per_wall_s": batch.decode_tokens / wall, "wall_s": wall,
+                                    "decode_tokens": batch.decode_tokens, "refills": batch.refills,
+                                    "rows_per_forward": batch.decode_tokens / max(1, batch.decode_steps + batch.num_batches
+                                                                                  + batch.refills)})
+    ways = {name: {k: statistics.median(r[k] for r in out[flag]) for k in out[flag][0]}
+            for name, flag in (("continuous", True), ("batch after batch", False))}
+    for v in ways.values():
+        v["ratio_to_batch_after_batch"] = v["tokens_per_wall_s"] / ways["batch after batch"]["tokens_per_wall_s"]
+    return {"config": str(path), "model": cfg.model.path, "prompts": len(prompts),
+            "sequences": len(prompts) * cfg.rollout.group_size, "rows": args.refill_rows, "ways": ways}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="builtin:tiny, HF folder or .gguf (repeatable)")
@@ -257,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--refill-rows", type=int, default=16, help="continuous batching: rows the batch holds")
     ap.add_argument("--refill-stop-every", type=int, default=48,
                     help="continuous batching: token ids that are multiples of this end a sequence")
+    ap.add_argument("--refill-config", type=Path, help="continuous batching on this training config's rollout "
+                    "settings and validation tasks instead (natural lengths; --model is not used)")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
     if not args.model:
@@ -271,6 +311,15 @@ def main(argv=None):
         "runs": [],
     }
     print(results["machine"])
+    if args.refill_config:  # this section alone
+        r = bench_refill_recipe(args.refill_config, args)
+        results["refill_recipe"] = r
+        print(f"continuous batching on {r['config']}'s rollout settings: {r['prompts']} validation prompts, "
+              f"{r['sequences']} sequences, {r['rows']} rows at most; medians of --repeats runs")
+        for name, v in r["ways"].items():
+            print(f"{name:<24} {v['tokens_per_wall_s']:8.1f} tok/s of wall ({v['ratio_to_batch_after_batch']:.2f}x)  "
+                  f"rows/forward {v['rows_per_forward']:.1f}  wall {v['wall_s']:.1f} s  tokens {v['decode_tokens']:.0f}")
+        return _write(results, args.json)
     print("decode tok/s: best of --repeats runs (median in brackets); ratio = ours / mlx-lm, "
           "best and median over alternating pairs")
     print(f"{'model':<36} {'seqs':>5} {'ours tok/s':>18} {'mlx-lm tok/s':>18} {'ratio':>12}"
@@ -301,9 +350,13 @@ def main(argv=None):
             for name, v in r["ways"].items():
                 print(f"{Path(spec).name[-36:]:<36} {name:<24} {v['tokens_per_wall_s']:>14.1f} "
                       f"{v['ratio_to_batch_after_batch']:>6.2f}x {v['rows_per_forward']:>13.1f} {v['decode_tokens']:>8.0f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    return _write(results, args.json)
+
+
+def _write(results, path):
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
