@@ -13,16 +13,15 @@ shared machine falls on all alike; every step seeds MLX from (seed, step), so th
 the same completions until their weights drift apart by rounding):
   all-on            the defaults: optim.share_prompts (each group's prompt computed once for its G samples
                     in the reference pass and the update), rollout.continuous (finished rows refilled by
-                    waiting prompts), rollout.score_while_decoding (each group scored once its G finish)
+                    waiting prompts); the whole batch in one micro-batch
   per-sample        each sample's prompt computed again
   batch-after-batch rollout.continuous off
-  score-after       rollout.score_while_decoding off: the whole rollout scored after it
+  two-micro-batches optim.grad_accum 2: the reference pass and the update in two halves (memory)
 
 Reported per variant: median step seconds over the steps after the first (which meets the first
 shapes), the medians of its phases (generate; score = until rewards are ready, overlapping the
 reference pass; reference; update), rows per decode forward, the reward sources' own time (the
-sandbox), how long after the rollout ended the rewards were ready, completion tokens per second of
-step, MLX's peak of live arrays for the variant (max over steps of: the arrays its Trainer holds,
+sandbox), completion tokens per second of step, MLX's peak of live arrays for the variant (max over steps of: the arrays its Trainer holds,
 measured when it is built, plus the step's peak above what the process held when the step began), and
 each figure's ratio to the first variant's. `--only NAME` runs one
 variant alone and adds the process's peak resident memory (getrusage).
@@ -61,7 +60,7 @@ KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 VARIANTS = {"all-on": {},
             "per-sample": {"optim": {"share_prompts": False}},
             "batch-after-batch": {"rollout": {"continuous": False}},
-            "score-after": {"rollout": {"score_while_decoding": False}}}
+            "two-micro-batches": {"optim": {"grad_accum": 2}}}
 PHASES = {"generate": "time/generate_s", "score": "time/score_s", "reference": "time/reference_s",
           "update": "time/update_s"}
 
@@ -97,7 +96,6 @@ def summarise(rows):
         "step_s": med("time/step_s"),
         **{f"{name}_s": med(key) for name, key in PHASES.items()},
         "rewards_s": med("time/rewards_s"),
-        "rewards_ready_s": med("time/rewards_ready_s"),
         "rows_per_forward": med("gen/rows_per_forward"),
         "completion_tok_per_s": statistics.median(r["gen/decode_tokens"] / r["time/step_s"] for r in timed),
         "decode_tok_per_s": med("gen/tokens_per_sec"),
@@ -146,11 +144,11 @@ def main(argv=None):
         results["variants"][args.only]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     base = results["variants"][names[0]]
     print(f"\nmedians over steps 2..{args.steps}; x = the variant's figure / {names[0]}'s")
-    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'rows/fwd':>8} {'score':>7} {'sandbox':>8} {'ready':>6} "
+    print(f"{'variant':<17} {'step s':>13} {'generate':>9} {'rows/fwd':>8} {'score':>7} {'sandbox':>8} "
           f"{'reference':>13} {'update':>13} {'compl tok/s':>12} {'MLX peak GB':>12}")
     for n, v in results["variants"].items():
         print(f"{n:<17} {v['step_s']:6.2f} ({v['step_s'] / base['step_s']:.2f}x) {v['generate_s']:9.2f} "
-              f"{v['rows_per_forward']:8.1f} {v['score_s']:7.2f} {v['rewards_s']:8.2f} {v['rewards_ready_s']:6.2f} "
+              f"{v['rows_per_forward']:8.1f} {v['score_s']:7.2f} {v['rewards_s']:8.2f} "
               f"{v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
               f"{v['update_s']:6.2f} ({v['update_s'] / base['update_s']:.2f}x) {v['completion_tok_per_s']:12.1f} "
               f"{v['mlx_peak_gb']:12.2f}" + (f"  peak RSS {v['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in v else ""))

@@ -206,7 +206,7 @@ def _pct(x):
 
 
 def markdown(report):
-    lines = [f"| set | metric | before | after | change | fail->pass | pass->fail | p |",
+    lines = ["| set | metric | before | after | change | fail->pass | pass->fail | p |",
              "|---|---|---|---|---|---|---|---|"]
     for name, block in report["sets"].items():
         b, a, c = block["before"], block["after"], block["change"]

@@ -58,8 +58,6 @@ class RolloutConfig:
     prefill_step: int = setting(512, lo=1, help="prompt tokens per prefill forward (bounds activation memory)")
     continuous: bool = setting(True, help="refill the rows of finished sequences with waiting prompts at once "
                                           "(continuous batching), instead of starting them when the whole batch is done")
-    score_while_decoding: bool = setting(True, help="the trainer hands each prompt's samples to the scorer as soon as "
-                                                    "all G have finished, instead of after the whole rollout")
     bucket: int = setting(0, lo=0, help="pad prompt (and, in the update, sequence) lengths to a multiple of this, and "
                                           "shrink a decode batch only to powers of two, so freed buffers fit later requests; 0 = exact shapes")
 
@@ -501,12 +499,11 @@ def _rollout(s, prompt_ids, cfg):
 
 
 def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None,
-                      on_batch=None, on_group=None):
+                      on_batch=None):
     """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
     rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
-    RNG: seed it with mx.random.seed for reproducible rollouts. As soon as a prompt's G samples have all
-    finished, `on_group(prompt_index, rollouts)` gets them (scoring while decoding) and `on_batch(1)` is
-    called (progress bars)."""
+    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(1)` is called as soon as a
+    prompt's G samples have all finished (progress bars)."""
     cfg = cfg or RolloutConfig()
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
@@ -523,8 +520,6 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
 
     def group_done(prompt, group):
         done[prompt] = [_rollout(s, prompt_ids[prompt], cfg) for s in sorted(group, key=lambda s: s.sample)]
-        if on_group is not None:
-            on_group(prompt, done[prompt])
         if on_batch is not None:
             on_batch(1)
 

@@ -86,22 +86,6 @@ class DifficultyTracker:
 # dynamic sampling
 
 
-class Scoring:
-    """A round's scoring, in parts that run in the worker thread (one per group while decoding, or one for
-    the whole round): result() -> (all scores in order, the parts' seconds summed)."""
-
-    def __init__(self, futures):
-        self.futures = futures  # Futures of (scores, seconds, perf_counter when done)
-
-    def result(self):
-        parts = [f.result() for f in self.futures]
-        return [s for scores, _, _ in parts for s in scores], sum(seconds for _, seconds, _ in parts)
-
-    def ready_at(self):
-        """perf_counter time the last part finished (waits for it)."""
-        return max(f.result()[2] for f in self.futures)
-
-
 @dataclass
 class Round:
     """One round of a step: the prompts drawn, their samples (grouped G per prompt, in prompt order),
@@ -109,9 +93,8 @@ class Round:
 
     tasks: list
     batch: RolloutBatch
-    scoring: Scoring
+    scoring: object  # concurrent.futures.Future of (scores, seconds)
     gen_s: float = 0.0
-    gen_end: float = 0.0  # perf_counter time the rollout ended
 
     def result(self):
         return self.scoring.result()

@@ -305,35 +305,20 @@ class Trainer:
         return picked, position
 
     def start_round(self, tasks):
-        """G samples per task (KV-cached, batched), their scoring in the worker thread: each task's group as
-        soon as its G samples have finished (rollout.score_while_decoding), else all after the rollout."""
+        """G samples per task (KV-cached, batched), then their scoring started in the worker thread."""
         rc = self.cfg.rollout
-        G = rc.group_size
-        groups = {}  # task index -> Future of (scores, seconds) of its G samples
-
-        def score(task_list, rollouts):
-            return self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=G), task_list,
-                                    [t.prompt for t in task_list], [r.completion for r in rollouts])
-
-        def on_group(i, rollouts):
-            groups[i] = score([tasks[i]] * G, rollouts)
-
-        def generate(budget):
-            groups.clear()  # an OOM retry samples again: the first attempt's scores are not used
-            return generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks], _with_budget(rc, budget),
-                                     on_group=on_group if rc.score_while_decoding else None)
-
         self.memory.sample("generate_start")
         t0 = time.perf_counter()
-        rb = self.memory.run_with_oom_backoff(generate, rc.max_batch_tokens, step=self.step + 1)
+        rb = self.memory.run_with_oom_backoff(
+            lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
+                                             _with_budget(rc, budget)), rc.max_batch_tokens, step=self.step + 1)
         gen_s = time.perf_counter() - t0
         self.memory.sample("generate")
         self.memory.note_shapes("generate", rb.shapes)
-        if rc.score_while_decoding:
-            parts = [groups[i] for i in range(len(tasks))]
-        else:
-            parts = [score([tasks[r.prompt_index] for r in rb.rollouts], rb.rollouts)]
-        return sampling.Round(tasks, rb, sampling.Scoring(parts), gen_s, gen_end=t0 + gen_s)
+        group_tasks = [tasks[r.prompt_index] for r in rb.rollouts]
+        fut = self.pool.submit(_timed, lambda *a: self.rewards.score(*a, group_size=rc.group_size), group_tasks,
+                               [t.prompt for t in group_tasks], [r.completion for r in rb.rollouts])
+        return sampling.Round(tasks, rb, fut, gen_s)
 
     def track_difficulty(self, rounds, G):
         """Count the fresh verdicts of the step's rounds; on several ranks every rank counts all of them
@@ -562,8 +547,6 @@ class Trainer:
             self.pos = pos_before  # nothing of this step happened: the state is the last step's
             raise
         t_score = time.perf_counter() - t0 - (t_gen - first.gen_s)  # extra rounds' generation apart
-        # how long after its rollout ended the first round's rewards were ready (0: scored while decoding)
-        metrics["time/rewards_ready_s"] = max(0.0, first.scoring.ready_at() - first.gen_end)
         self.memory.sample("score")
         self.track_difficulty(seen, G)
 
@@ -840,8 +823,7 @@ def _outage_alert(source, kind, failures):
 def _timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
-    end = time.perf_counter()
-    return out, end - t0, end
+    return out, time.perf_counter() - t0
 
 
 def _with_budget(rc, budget):

@@ -485,25 +485,3 @@ def test_continuous_batching_logprobs_match_the_sequence_pass(policy):
         np.testing.assert_allclose(r.logprobs, np.array(logp[b, :n]), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(r.entropies, np.array(ent[b, :n]), rtol=1e-4, atol=1e-4)
 
-
-def test_each_group_is_handed_over_as_soon_as_its_samples_finish(policy):
-    """on_group gets every prompt's G rollouts exactly once, the moment the last of them finishes: groups
-    whose samples end early (at an EOS token) are handed over before those still decoding."""
-    model, tok = policy
-    M = 16
-    prompts = [f"def f{i:02d}(a, b):\n" for i in range(8)]
-    cfg = greedy(group_size=2, max_new_tokens=M)
-    refs = [reference_greedy(model, encode_prompt(tok, p, cfg), M) for p in prompts]
-    early = {t for r in refs[::2] for t in r[:4]} - {t for r in refs[1::2] for t in r}
-    assert early
-    calls = []
-    old, tok.eos_token_ids = tok.eos_token_ids, early
-    try:
-        batch = generate_rollouts(model, tok, prompts, cfg, on_group=lambda i, rs: calls.append((i, rs)))
-    finally:
-        tok.eos_token_ids = old
-    assert sorted(i for i, _ in calls) == list(range(8))
-    for i, rs in calls:
-        assert rs == batch.rollouts[2 * i: 2 * i + 2] and [r.sample_index for r in rs] == [0, 1]
-    lengths = [max(len(r.token_ids) for r in rs) for _, rs in calls]
-    assert lengths == sorted(lengths) and lengths[0] < M  # handed over in the order they finished

@@ -27,7 +27,7 @@ STEP_TAGS = [
     "memory/freed_gb", "reward/ema", "reward/frac_zero_std", "gen/truncated_frac", "policy/entropy",
     "grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters", "grad/update_ratio",
     "loss/policy_ema", "memory/distinct_shapes", "memory/new_shapes", "memory/clear_ms", "gen/padding_frac",
-    "update/padding_frac", "gen/rows_per_forward", "gen/refills", "time/rewards_ready_s",
+    "update/padding_frac", "gen/rows_per_forward", "gen/refills",
 ] + (["memory/footprint_gb"] if sys.platform.startswith("linux") else [])
 PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/cache_share_by_phase/{}"]
 

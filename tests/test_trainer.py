@@ -238,35 +238,6 @@ def test_shared_prompts_give_the_per_sample_reference_loss_and_gradients(tmp_pat
     norm = np.sqrt(sum(float(mx.sum(mx.square(g0[k])).item()) for k in g0))
     assert norm > 0 and diff <= 1e-4 * norm, (diff, norm)
 
-def test_scoring_while_decoding_scores_each_group_once_with_the_same_rewards(tmp_path):
-    """rollout.score_while_decoding hands each task's G samples to the scorer (the real sandbox and a reward
-    function) as soon as they finish, one call per group; the rewards are those of scoring the whole rollout
-    after it, sample for sample."""
-    rewards = [{"type": "tests"}, {"type": "function", "function": "reward_fns:target_share"}]
-    seen = {}
-    for early in (True, False):
-        trainer = Trainer(tiny_cfg(tmp_path, rewards=rewards, rollout={"score_while_decoding": early}),
-                          tmp_path / f"early{early}")
-        try:
-            calls = []
-            score = trainer.rewards.score
-            trainer.rewards.score = lambda *a, **k: calls.append(len(a[2])) or score(*a, **k)
-            mx.random.seed(11)
-            rnd = trainer.start_round(trainer.train_tasks[:4])
-            scores, seconds = rnd.result()
-            assert rnd.scoring.ready_at() > rnd.gen_end - rnd.gen_s  # scored after sampling began
-            seen[early] = ([r.completion for r in rnd.batch.rollouts], [s.total for s in scores],
-                           [s.provenance for s in scores], calls, seconds)
-        finally:
-            trainer.close()
-    (comp1, tot1, prov1, calls1, sec1), (comp0, tot0, prov0, calls0, sec0) = seen[True], seen[False]
-    assert comp1 == comp0 and len(comp1) == 16  # the same samples (the seed), however they were scored
-    assert tot1 == tot0 and prov1 == prov0 == ["fresh"] * 16
-    assert len(set(tot1)) > 1  # the reward function tells the samples apart
-    assert calls1 == [4, 4, 4, 4] and calls0 == [16]
-    assert sec1 > 0 and sec0 > 0
-
-
 def test_gradient_accumulation_bounds_peak_memory(tmp_path):
     """Each micro-batch is evaluated before the next one: the reference pass and the update need
     well under half the extra memory with grad_accum 4 as with grad_accum 1, on the same batch."""
