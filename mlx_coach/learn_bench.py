@@ -205,6 +205,11 @@ def _pct(x):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def _boot_p(boot):
+    """A bootstrap p-value as text: 0 of the resamples is "< 1/resamples", not 0."""
+    return f"< {1 / boot['resamples']:.0e}" if boot["p"] == 0 else f"{boot['p']:.3g}"
+
+
 def markdown(report):
     lines = ["| set | metric | before | after | change | fail->pass | pass->fail | p |",
              "|---|---|---|---|---|---|---|---|"]
@@ -214,7 +219,7 @@ def markdown(report):
         boot = c["bootstrap_pass@1"]
         lines.append(f"| {label} | pass@1 greedy | {_pct(b['pass@1'])} | {_pct(a['pass@1'])} | "
                      f"{100 * boot['delta']:+.1f} pts (95% CI {100 * boot['ci_low']:+.1f}..{100 * boot['ci_high']:+.1f}) | "
-                     f"{c['fail_to_pass']} | {c['pass_to_fail']} | McNemar {c['mcnemar_p']:.3g}, bootstrap {boot['p']:.3g} |")
+                     f"{c['fail_to_pass']} | {c['pass_to_fail']} | McNemar {c['mcnemar_p']:.3g}, bootstrap {_boot_p(boot)} |")
         k = report["samples"]
         if f"sampled_pass@{k}" in b and f"sampled_pass@{k}" in a:
             lines.append(f"| {label} | pass@1 sampled (n={k}) | {_pct(b['sampled_pass@1'])} | "
@@ -223,7 +228,7 @@ def markdown(report):
                 bk = c[f"bootstrap_sampled_pass@{k}"]
                 lines.append(f"| {label} | pass@{k} (n={k}) | {_pct(b[f'sampled_pass@{k}'])} | "
                              f"{_pct(a[f'sampled_pass@{k}'])} | {100 * bk['delta']:+.1f} pts (95% CI "
-                             f"{100 * bk['ci_low']:+.1f}..{100 * bk['ci_high']:+.1f}) | | | bootstrap {bk['p']:.3g} |")
+                             f"{100 * bk['ci_low']:+.1f}..{100 * bk['ci_high']:+.1f}) | | | bootstrap {_boot_p(bk)} |")
         lines.append(f"| {label} | truncated (greedy) | {_pct(b['truncated_frac'])} | {_pct(a['truncated_frac'])} "
                      f"| | | | |")
     t = report["training"]

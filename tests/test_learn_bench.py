@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mlx_coach.cli import main
-from mlx_coach.learn_bench import learning_curve
+from mlx_coach.learn_bench import _boot_p, learning_curve
 from mlx_coach.metrics import pass_at_k
 
 
@@ -67,3 +67,10 @@ def test_bench_learn_rejects_bad_arguments_in_one_line(tmp_path, capsys):
     assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--heldout", "nope:x",
                  "--output", str(tmp_path / "o")]) == 2
     assert "nope:x" in capsys.readouterr().err
+
+
+def test_a_bootstrap_p_of_no_resample_is_reported_as_below_the_resolution():
+    """A p-value of 0 from 10,000 resamples says p < 1e-4, not that the change cannot be chance."""
+    assert _boot_p({"p": 0.0, "resamples": 10000}) == "< 1e-04"
+    assert _boot_p({"p": 0.0, "resamples": 200}) == "< 5e-03"
+    assert _boot_p({"p": 0.0778, "resamples": 10000}) == "0.0778"
