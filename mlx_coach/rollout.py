@@ -461,7 +461,11 @@ def _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_group):
             adm = _Admitted(model, prompt_ids, taken, cfg, stats)
             tic2 = time.perf_counter()
             idle = [r for r, s in enumerate(active) if s.reason is not None]
-            target = rows_bucket(len(live) + len(adm.seqs), cfg.bucket) - len(adm.seqs)
+            rows = len(live) + len(adm.seqs)
+            longest = max(longest_live, *(len(prompt_ids[i]) for i in taken))
+            if rows_bucket(rows, cfg.bucket) * (longest + cfg.max_new_tokens) <= cfg.max_batch_tokens:
+                rows = rows_bucket(rows, cfg.bucket)  # pad with finished rows to the bucket, within the budget
+            target = rows - len(adm.seqs)
             keep = sorted(live + idle[: max(0, target - len(live))])
             keep_arr = mx.array(keep)
             for c, new in zip(caches, adm.caches):

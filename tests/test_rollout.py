@@ -439,6 +439,10 @@ def test_continuous_batching_refills_rows_and_keeps_every_sample(policy):
         for continuous in (False, True):
             runs[continuous] = generate_rollouts(model, tok, prompts, greedy(
                 group_size=2, max_new_tokens=M, max_batch_tokens=budget, continuous=continuous))
+        # finished rows kept as padding up to a power of two (rollout.bucket) stay within the budget too: room for
+        # 7 rows, where 6 live rows would pad to 8
+        bucketed = generate_rollouts(model, tok, prompts, greedy(
+            group_size=2, max_new_tokens=M, max_batch_tokens=7 * (longest + M), bucket=32))
     finally:
         tok.eos_token_ids = old
 
@@ -454,6 +458,8 @@ def test_continuous_batching_refills_rows_and_keeps_every_sample(policy):
         assert run.peak_batch * (longest + M) <= budget
         # the cache a forward attends over: rows x positions, at most max_new_tokens wider when refilled
         assert run.peak_cache_tokens <= run.peak_batch * (longest + (2 if run.refills else 1) * M)
+    assert bucketed.refills > 0 and bucketed.peak_batch * (longest + M) <= 7 * (longest + M)
+    assert [r.token_ids for r in bucketed.rollouts] == [r.token_ids for r in runs[True].rollouts]
     off, on = runs[False], runs[True]
     assert off.refills == 0 and on.refills > 0
     assert on.num_batches < off.num_batches
