@@ -5,7 +5,7 @@
     (or: mlx-coach bench levels -- --tasks 100)
 
 Samples the first `--tasks` tasks of the default held-out procedural split (`procedural:heldout`)
-through the chat template with the system prompt and fenced user message below, scores the first
+through the chat template with configs/smollm2.yaml's system prompt and fenced user message, scores the first
 code block in the sandbox, and prints the passes per level and family, and how many tasks the model
 passed never, sometimes (strictly between: the tasks that give a group a learning signal) and always.
 """
@@ -14,17 +14,18 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_coach.config import load_config
 from mlx_coach.evaluate import generate_and_score
 from mlx_coach.models import load_policy
 from mlx_coach.procedural import procedural_split
 from mlx_coach.rollout import RolloutConfig
 from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
 
-SYSTEM = "You are a Python coding assistant. Reply with one Python code block only."
-USER = "Complete this Python function:\n```python\n{prompt}```"
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"  # its system prompt and user template
 
 
 def main():
@@ -40,9 +41,10 @@ def main():
     tasks = procedural_split()[1][: args.tasks]
     model, tokenizer, _ = load_policy(args.model)
     model.eval()
+    recipe = load_config(RECIPE).rollout
     rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=0.95 if args.temperature else 1.0, chat_template=True, extract_code=True,
-                       system_prompt=SYSTEM, user_template=USER)
+                       system_prompt=recipe.system_prompt, user_template=recipe.user_template)
     mx.random.seed(args.seed)
     t0 = time.time()
     with SandboxScorer(SandboxConfig(timeout_s=10.0, workers=2)) as scorer:

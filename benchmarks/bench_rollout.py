@@ -76,6 +76,16 @@ def make_prompts(tokenizer, n, prompt_len):
     return prompts
 
 
+def timed_rollouts(model, tokenizer, prompts, cfg):
+    """Our engine's batch, and its figures per wall second (prefill included)."""
+    tic = time.perf_counter()
+    batch = generate_rollouts(model, tokenizer, prompts, cfg)
+    wall = time.perf_counter() - tic
+    return batch, {"tokens_per_wall_s": batch.decode_tokens / wall, "wall_s": wall,
+                   "decode_tokens": batch.decode_tokens, "refills": batch.refills,
+                   "rows_per_forward": batch.rows_per_forward}
+
+
 def run_ours(model, tokenizer, prompts, args, continuous=True, full_length=True):
     cfg = RolloutConfig(
         group_size=args.group_size,
@@ -85,20 +95,14 @@ def run_ours(model, tokenizer, prompts, args, continuous=True, full_length=True)
         max_batch_tokens=args.max_batch_tokens,
         continuous=continuous,
     )
-    tic = time.perf_counter()
-    batch = generate_rollouts(model, tokenizer, prompts, cfg)
-    wall = time.perf_counter() - tic
+    batch, figures = timed_rollouts(model, tokenizer, prompts, cfg)
     assert not full_length or all(len(r.token_ids) == args.max_tokens for r in batch.rollouts)
     return {
-        "tokens_per_wall_s": batch.decode_tokens / wall,
-        "rows_per_forward": batch.decode_tokens / max(1, batch.decode_steps + batch.num_batches + batch.refills),
-        "refills": batch.refills,
+        **figures,
         "decode_tps": batch.tokens_per_sec,
-        "decode_tokens": batch.decode_tokens,
         "decode_s": batch.decode_s,
         "prefill_tokens": batch.prefill_tokens,
         "prefill_s": batch.prefill_s,
-        "wall_s": wall,
         "peak_batch": batch.peak_batch,
     }
 
@@ -215,6 +219,25 @@ def bench_model(spec, args):
     }
 
 
+FIGURES = ("tokens_per_wall_s", "wall_s", "decode_tokens", "rows_per_forward")
+
+
+def compare_ways(ways, repeats, base="batch after batch"):
+    """Run each way (name -> a function returning its figures) `repeats` times, alternating the order so
+    that a shared machine's load hits all alike, every run seeded alike; the median of each figure (NaN
+    where a way does not report it) and tokens per wall second as a ratio to `base`'s."""
+    runs = {name: [] for name in ways}
+    for i in range(repeats):
+        for name in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+            mx.random.seed(i)
+            runs[name].append(ways[name]())
+    summary = {name: {k: statistics.median(r.get(k, float("nan")) for r in rs) for k in FIGURES}
+               for name, rs in runs.items()}
+    for v in summary.values():
+        v["ratio_to_batch_after_batch"] = v["tokens_per_wall_s"] / summary[base]["tokens_per_wall_s"]
+    return summary
+
+
 def bench_refill(spec, args):
     """Continuous batching vs batch after batch (and mlx-lm's continuous BatchGenerator), same row cap."""
     model, tokenizer, info = load_policy(spec)
@@ -228,20 +251,8 @@ def bench_refill(spec, args):
     warm = argparse.Namespace(**{**vars(run), "max_tokens": 4})
     run_ours(model, tokenizer, prompts[:2], warm, True, False)
     run_mlx_lm(model, tokenizer, prompts[:2], warm, rows, False)
-    out = {name: [] for name in ways}
-    for i in range(args.repeats):
-        names = list(ways) if i % 2 == 0 else list(ways)[::-1]  # alternate the order: load hits all alike
-        for name in names:
-            mx.random.seed(i)
-            out[name].append(ways[name]())
-    summary = {name: {"tokens_per_wall_s": statistics.median(r["tokens_per_wall_s"] for r in runs),
-                      "rows_per_forward": statistics.median(r.get("rows_per_forward", float("nan")) for r in runs),
-                      "decode_tokens": statistics.median(r["decode_tokens"] for r in runs)}
-               for name, runs in out.items()}
-    base = summary["batch after batch"]["tokens_per_wall_s"]
-    for v in summary.values():
-        v["ratio_to_batch_after_batch"] = v["tokens_per_wall_s"] / base
-    return {"model": spec, "sequences": args.refill_prompts * args.group_size, "rows": rows, "ways": summary}
+    return {"model": spec, "sequences": args.refill_prompts * args.group_size, "rows": rows,
+            "ways": compare_ways(ways, args.repeats)}
 
 
 def bench_refill_recipe(path, args):
@@ -258,23 +269,13 @@ def bench_refill_recipe(path, args):
     prompts = [t.prompt for t in tasks]
     longest = max(len(encode_prompt(tokenizer, p, cfg.rollout)) for p in prompts)
     budget = args.refill_rows * (longest + cfg.rollout.max_new_tokens)
-    out = {True: [], False: []}
     generate_rollouts(model, tokenizer, prompts[:1], replace(cfg.rollout, max_new_tokens=4))  # warm-up
-    for i in range(args.repeats):
-        for continuous in ((True, False) if i % 2 == 0 else (False, True)):
-            mx.random.seed(i)
-            rc = replace(cfg.rollout, max_batch_tokens=budget, continuous=continuous)
-            tic = time.perf_counter()
-            batch = generate_rollouts(model, tokenizer, prompts, rc)
-            wall = time.perf_counter() - tic
-            out[continuous].append({"tokens_per_wall_s": batch.decode_tokens / wall, "wall_s": wall,
-                                    "decode_tokens": batch.decode_tokens, "refills": batch.refills,
-                                    "rows_per_forward": batch.decode_tokens / max(1, batch.decode_steps + batch.num_batches
-                                                                                  + batch.refills)})
-    ways = {name: {k: statistics.median(r[k] for r in out[flag]) for k in out[flag][0]}
-            for name, flag in (("continuous", True), ("batch after batch", False))}
-    for v in ways.values():
-        v["ratio_to_batch_after_batch"] = v["tokens_per_wall_s"] / ways["batch after batch"]["tokens_per_wall_s"]
+
+    def way(continuous):
+        rc = replace(cfg.rollout, max_batch_tokens=budget, continuous=continuous)
+        return lambda: timed_rollouts(model, tokenizer, prompts, rc)[1]
+
+    ways = compare_ways({"continuous": way(True), "batch after batch": way(False)}, args.repeats)
     return {"config": str(path), "model": cfg.model.path, "prompts": len(prompts),
             "sequences": len(prompts) * cfg.rollout.group_size, "rows": args.refill_rows, "ways": ways}
 

@@ -105,6 +105,12 @@ class RolloutBatch:
     # bucket) and finished rows kept in the batch; compare with prefill_tokens + decode_tokens
     padding_tokens: int = 0
 
+    @property
+    def rows_per_forward(self):
+        """Mean rows busy per forward that sampled tokens (decode steps and the admissions' prefills): how
+        full decoding kept the batch."""
+        return self.decode_tokens / max(self.decode_steps + self.num_batches + self.refills, 1)
+
 
 # ---------------------------------------------------------------------------- text helpers
 
@@ -395,30 +401,33 @@ def _take(waiting, prompt_ids, cfg, live_rows, longest):
     return taken
 
 
-def _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_group):
-    """Decode G samples of every prompt. Prompts are admitted shortest first, as many as max_batch_tokens
-    allows; with rollout.continuous, rows freed by finished sequences are refilled at once by waiting
-    prompts (prefilled together, their cache rows appended to the running batch), otherwise the next
-    prompts start only when the whole batch has finished. `on_group(prompt, seqs)` is called as soon as
-    a prompt's G sequences have all finished."""
+def _rows_to_keep(active, live, rows):
+    """Row indices to keep: the live ones, topped up with finished ones (whose tokens are ignored) to `rows`."""
+    idle = [r for r, s in enumerate(active) if s.reason is not None]
+    return sorted(live + idle[: max(0, rows - len(live))])
+
+
+def _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=None):
+    """Decode G samples of every prompt; returns the finished sequences. Prompts are admitted shortest first,
+    as many as max_batch_tokens allows; with rollout.continuous, rows freed by finished sequences are
+    refilled at once by waiting prompts (prefilled together, their cache rows appended to the running
+    batch), otherwise the next prompts start only when the whole batch has finished. `on_prompts(n)` is
+    called whenever n more prompts have all their G sequences finished."""
     G = cfg.group_size
     waiting = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     max_stop = max((len(s) for s in stops), default=1)
-    groups = {i: [] for i in waiting}
+    unfinished = {i: G for i in waiting}
+    seqs = []
 
-    def admit_fresh():
-        taken = _take(waiting, prompt_ids, cfg, 0, 0)
+    def admit(live_rows, longest):
+        taken = _take(waiting, prompt_ids, cfg, live_rows, longest)
         del waiting[: len(taken)]
-        adm = _Admitted(model, prompt_ids, taken, cfg, stats)
-        return adm.caches, adm.pending, list(adm.seqs)
+        adm = _Admitted(model, prompt_ids, taken, cfg, stats) if taken else None
+        seqs.extend(adm.seqs if adm else ())
+        return taken, adm
 
-    def finished(newly):
-        for s in newly:
-            groups[s.prompt].append(s)
-            if len(groups[s.prompt]) == G:
-                on_group(s.prompt, groups[s.prompt])
-
-    caches, (y, lp, ent), active = admit_fresh()  # active[r] is the sequence in cache row r
+    _, adm = admit(0, 0)
+    caches, (y, lp, ent), active = adm.caches, adm.pending, list(adm.seqs)  # active[r]: the sequence in row r
     tic = time.perf_counter()
     while True:
         stats["peak_batch"] = max(stats["peak_batch"], len(active))
@@ -432,64 +441,64 @@ def _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_group):
             logits = model(y[:, None], cache=caches)[:, -1, :]
             nxt = sample(logits, cfg.temperature, cfg.top_p)
             mx.async_eval(*nxt)
-        newly = []
+        prompts_done = 0
         for s, t, l, e in zip(active, y.tolist(), lp.tolist(), ent.tolist()):
             if s.reason is None:
                 s.add(t, l, e, table, eos, stops, max_stop, cfg.max_new_tokens)
                 stats["decode_tokens"] += 1
                 if s.reason is not None:
-                    newly.append(s)
-        finished(newly)
+                    unfinished[s.prompt] -= 1
+                    prompts_done += unfinished[s.prompt] == 0
+        if prompts_done and on_prompts is not None:
+            on_prompts(prompts_done)
         live = [r for r, s in enumerate(active) if s.reason is None]
         if not more or not live:
             if not waiting:
                 break
             stats["decode_s"] += time.perf_counter() - tic
-            caches, (y, lp, ent), active = admit_fresh()
+            _, adm = admit(0, 0)
+            caches, (y, lp, ent), active = adm.caches, adm.pending, list(adm.seqs)
             tic = time.perf_counter()
             continue
         y, lp, ent = nxt
-        # rows are what the budget counts; the refilled cache itself may grow up to max_new_tokens positions
-        # wider (joined rows sit behind left padding until the older rows leave): bounding it by its width
-        # too kept half the rows idle (tiny model: 1.43x batch after batch instead of 1.70x)
-        longest_live = max(len(prompt_ids[active[r].prompt]) for r in live)
-        taken = _take(waiting, prompt_ids, cfg, len(live), longest_live) if cfg.continuous else []
-        if taken:
-            # refill: drop the finished rows (keeping some as padding up to the bucket), append the new ones
-            del waiting[: len(taken)]
-            stats["decode_s"] += time.perf_counter() - tic
-            adm = _Admitted(model, prompt_ids, taken, cfg, stats)
-            tic2 = time.perf_counter()
-            idle = [r for r, s in enumerate(active) if s.reason is not None]
+        adm = None
+        if cfg.continuous and waiting and len(live) < len(active):  # rows are free: refill them
+            # rows are what the budget counts; the refilled cache itself may grow up to max_new_tokens positions
+            # wider (joined rows sit behind left padding until the older rows leave): bounding it by its width
+            # too kept half the rows idle (tiny model: 1.43x batch after batch instead of 1.70x)
+            longest_live = max(len(prompt_ids[active[r].prompt]) for r in live)
+            t_admit = time.perf_counter()
+            taken, adm = admit(len(live), longest_live)
+        if adm is not None:
+            stats["decode_s"] += t_admit - tic
+            tic = time.perf_counter()
             rows = len(live) + len(adm.seqs)
             longest = max(longest_live, *(len(prompt_ids[i]) for i in taken))
             if rows_bucket(rows, cfg.bucket) * (longest + cfg.max_new_tokens) <= cfg.max_batch_tokens:
                 rows = rows_bucket(rows, cfg.bucket)  # pad with finished rows to the bucket, within the budget
-            target = rows - len(adm.seqs)
-            keep = sorted(live + idle[: max(0, target - len(live))])
-            keep_arr = mx.array(keep)
+            keep = _rows_to_keep(active, live, rows - len(adm.seqs))
+        else:
+            done = len(active) - len(live)
+            target = rows_bucket(len(live), cfg.bucket)
+            if not (done and done * 4 >= len(active) and target < len(active)):
+                continue
+            keep = _rows_to_keep(active, live, target)  # shrink: drop finished rows as they pile up
+        keep_arr = mx.array(keep)
+        for c in caches:
+            c.filter(keep)
+        y, lp, ent = y[keep_arr], lp[keep_arr], ent[keep_arr]
+        active = [active[r] for r in keep]
+        if adm is not None:  # append the admitted prompts' rows
             for c, new in zip(caches, adm.caches):
-                c.filter(keep)
                 c.extend(new)
-            y, lp, ent = (mx.concatenate([a[keep_arr], b]) for a, b in zip((y, lp, ent), adm.pending))
+            y, lp, ent = (mx.concatenate([a, b]) for a, b in zip((y, lp, ent), adm.pending))
             mx.eval(y, lp, ent, [c.state for c in caches])
-            active = [active[r] for r in keep] + adm.seqs
+            active += adm.seqs
             stats["refills"] += 1
-            stats["prefill_s"] += time.perf_counter() - tic2
+            stats["prefill_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            continue
-        done = len(active) - len(live)
-        target = rows_bucket(len(live), cfg.bucket)
-        if done and done * 4 >= len(active) and target < len(active):
-            # keep the live rows, topped up with finished ones (whose tokens are ignored) to the bucket
-            idle = [r for r, s in enumerate(active) if s.reason is not None]
-            keep = sorted(live + idle[: target - len(live)])
-            for c in caches:
-                c.filter(keep)
-            keep_arr = mx.array(keep)
-            y, lp, ent = y[keep_arr], lp[keep_arr], ent[keep_arr]
-            active = [active[r] for r in keep]
     stats["decode_s"] += time.perf_counter() - tic
+    return seqs
 
 
 def _rollout(s, prompt_ids, cfg):
@@ -506,8 +515,8 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
                       on_batch=None):
     """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
     rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
-    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(1)` is called as soon as a
-    prompt's G samples have all finished (progress bars)."""
+    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(n)` is called whenever n
+    more prompts have all their G samples finished (progress bars)."""
     cfg = cfg or RolloutConfig()
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
@@ -520,21 +529,13 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     stats = dict(prefill_tokens=0, prefill_s=0.0, decode_tokens=0, decode_s=0.0, peak_batch=0, shapes=set(),
                  padding_tokens=0, admissions=0, refills=0, decode_steps=0, peak_cache_tokens=0)
 
-    done = {}  # prompt index -> its G rollouts, in sample order
-
-    def group_done(prompt, group):
-        done[prompt] = [_rollout(s, prompt_ids[prompt], cfg) for s in sorted(group, key=lambda s: s.sample)]
-        if on_batch is not None:
-            on_batch(1)
-
     was_training = model.training
     model.eval()
     try:
-        _decode(model, prompt_ids, cfg, table, eos, stops, stats, group_done)
+        seqs = _decode(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=on_batch)
     finally:
         model.train(was_training)
-    assert len(done) == len(prompt_ids), "every sequence ends inside the decode loop"
-    rollouts = [r for prompt in sorted(done) for r in done[prompt]]
+    rollouts = [_rollout(s, prompt_ids[s.prompt], cfg) for s in sorted(seqs, key=lambda s: (s.prompt, s.sample))]
     return RolloutBatch(
         rollouts=rollouts,
         prefill_tokens=stats["prefill_tokens"],

@@ -679,7 +679,7 @@ class Trainer:
             # update's right padding): the cost of shape bucketing, next to memory/new_shapes, its gain
             "gen/padding_frac": rb.padding_tokens / max(rb.padding_tokens + rb.prefill_tokens + rb.decode_tokens, 1),
             # how full decoding kept the batch (rollout.continuous refills rows that finished sequences free)
-            "gen/rows_per_forward": rb.decode_tokens / max(rb.decode_steps + rb.num_batches + rb.refills, 1),
+            "gen/rows_per_forward": rb.rows_per_forward,
             "gen/refills": rb.refills,
             "update/padding_frac": 1.0 - real_tokens / max(sum(rows * cols for rows, cols in update_shapes), 1),
         }
