@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_coach.cache import ScoreCache, make_key  # noqa: E402
-from mlx_coach.progress import bar  # noqa: E402
-from mlx_coach.scoring.base import Score  # noqa: E402
-from mlx_coach.scoring.cached import CachedScorer  # noqa: E402
+from mlx_coach.rewards.cache import ScoreCache, make_key  # noqa: E402
+from mlx_coach.telemetry.progress import bar  # noqa: E402
+from mlx_coach.rewards.scoring.base import Score  # noqa: E402
+from mlx_coach.rewards.scoring.cached import CachedScorer  # noqa: E402
 
 
 class _Task:

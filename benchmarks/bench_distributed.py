@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_coach.telemetry import read_jsonl
+from mlx_coach.telemetry.writer import read_jsonl
 
 PHASES = ("time/step_s", "time/generate_s", "time/score_s", "time/update_s")
 
@@ -42,7 +42,7 @@ def config(args):
         "rollout": {"group_size": args.group, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens},
         "algo": {"beta": 0.04},
         "train": {"steps": args.steps, "checkpoint_every": 0, "epochs_val": False},
-        "rewards": [{"type": "function", "function": "mlx_coach.shaping:code_charset"}],
+        "rewards": [{"type": "function", "function": "mlx_coach.rewards.shaping:code_charset"}],
         "telemetry": {"progress": False, "tensorboard": False},
     }
 

@@ -7,7 +7,7 @@ Everything is in mlx_coach/learn_bench.py (`--help` lists the options); this scr
 
 import sys
 
-from mlx_coach.learn_bench import run
+from mlx_coach.commands.learn_bench import run
 
 if __name__ == "__main__":
     run(sys.argv[1:])

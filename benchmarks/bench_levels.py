@@ -18,12 +18,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_coach.config import load_config
-from mlx_coach.evaluate import generate_and_score
-from mlx_coach.models import load_policy
-from mlx_coach.procedural import procedural_split
-from mlx_coach.rollout import RolloutConfig
-from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+from mlx_coach.config.tree import load_config
+from mlx_coach.engine.generate import generate_and_score
+from mlx_coach.models.loader import load_policy
+from mlx_coach.data.procedural import procedural_split
+from mlx_coach.engine.rollout import RolloutConfig
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"  # its system prompt and user template
 

@@ -40,15 +40,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_coach._blas import preloaded, reexec_with_openblas  # noqa: E402
+from mlx_coach.runtime.blas import preloaded, reexec_with_openblas  # noqa: E402
 
 if __name__ == "__main__":
     reexec_with_openblas([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_coach.models import find_smollm2_gguf, load_policy  # noqa: E402
-from mlx_coach.rollout import RolloutConfig, encode_prompt, generate_rollouts, token_bytes  # noqa: E402
+from mlx_coach.models.gguf import find_smollm2_gguf
+from mlx_coach.models.loader import load_policy
+from mlx_coach.engine.rollout import RolloutConfig, encode_prompt, generate_rollouts, token_bytes  # noqa: E402
 
 CODE = '''def fizzbuzz(n: int) -> list:
     """Return the FizzBuzz sequence from 1 to n as strings."""
@@ -260,8 +261,8 @@ def bench_refill_recipe(path, args):
     temperature, stops, natural EOS) and the first --refill-prompts of its validation tasks."""
     from dataclasses import replace
 
-    from mlx_coach.config import load_config
-    from mlx_coach.trainer import select_tasks
+    from mlx_coach.config.tree import load_config
+    from mlx_coach.rl.trainer import select_tasks
 
     cfg = load_config(path)
     model, tokenizer, _ = load_policy(cfg.model.path)

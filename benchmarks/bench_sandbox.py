@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_coach.scoring import sandbox  # noqa: E402
-from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer, run_sample  # noqa: E402
-from mlx_coach.tasks import Task  # noqa: E402
-from mlx_coach.progress import bar  # noqa: E402
+from mlx_coach.rewards.scoring import sandbox  # noqa: E402
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, run_sample  # noqa: E402
+from mlx_coach.data.task import Task
+from mlx_coach.telemetry.progress import bar  # noqa: E402
 
 
 def tqdm_range(n, desc, unit):

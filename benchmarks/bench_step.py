@@ -41,15 +41,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_coach._blas import preloaded, reexec_with_openblas  # noqa: E402
+from mlx_coach.runtime.blas import preloaded, reexec_with_openblas  # noqa: E402
 
 if __name__ == "__main__":
     reexec_with_openblas([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_coach.config import from_dict, validate  # noqa: E402
-from mlx_coach.trainer import Trainer  # noqa: E402
+from mlx_coach.config.tree import from_dict, validate  # noqa: E402
+from mlx_coach.rl.trainer import Trainer  # noqa: E402
 
 TASKS = ROOT / "benchmarks" / "step_tasks.jsonl"
 SYSTEM = "You are a Python coding assistant. Reply with one Python code block only."

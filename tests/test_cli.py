@@ -57,7 +57,7 @@ def test_tests_and_commands_run_under_openblas_when_present():
 
     import pytest
 
-    from mlx_coach._blas import OPENBLAS, preloaded
+    from mlx_coach.runtime.blas import OPENBLAS, preloaded
 
     if not (sys.platform.startswith("linux") and os.path.exists(OPENBLAS)):
         pytest.skip("Debian's OpenBLAS is not installed")

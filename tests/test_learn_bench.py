@@ -6,8 +6,8 @@ import json
 import pytest
 
 from mlx_coach.cli import main
-from mlx_coach.learn_bench import _boot_p, learning_curve
-from mlx_coach.metrics import pass_at_k
+from mlx_coach.commands.learn_bench import _boot_p, learning_curve
+from mlx_coach.telemetry.passk import pass_at_k
 
 
 def _eval_rows(tmp_path, name, *extra):

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_coach import losses as L
+from mlx_coach.rl import objective as L
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, T, G = 6, 7, 3

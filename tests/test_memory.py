@@ -2,22 +2,8 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_coach.errors import UserError
-from mlx_coach.memory import (
-    GB,
-    MemoryConfig,
-    MemoryManager,
-    MemorySample,
-    OomEvent,
-    clear_decision,
-    device_memory_bytes,
-    cache_share,
-    halve_batch,
-    is_oom_error,
-    resolve_limit,
-    resolve_wired_limit,
-    trim_target,
-)
+from mlx_coach.core.errors import UserError
+from mlx_coach.runtime.memory import GB, MemoryConfig, MemoryManager, MemorySample, OomEvent, clear_decision, device_memory_bytes, cache_share, halve_batch, is_oom_error, resolve_limit, resolve_wired_limit, trim_target
 
 # mx.device_info() on an M1 Pro (16 GB); the CPU backend reports no memory size at all.
 METAL_INFO = {
@@ -327,7 +313,7 @@ def test_clear_every_on_a_real_manager(mlx_limits):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_footprint_is_the_resident_size_the_os_reports():
-    from mlx_coach.memory import process_footprint
+    from mlx_coach.runtime.memory import process_footprint
 
     def vm_rss():
         line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:"))

@@ -3,7 +3,7 @@ from math import comb
 
 import pytest
 
-from mlx_coach.metrics import pass_at_k, summarize
+from mlx_coach.telemetry.passk import pass_at_k, summarize
 
 
 def exact(n, c, k):

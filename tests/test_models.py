@@ -11,23 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2
 
-from mlx_coach.errors import UserError
-from mlx_coach.models import (
-    TINY_SPECIALS,
-    adapter_config,
-    adapters_disabled,
-    apply_lora,
-    bytes_to_unicode,
-    find_smollm2_gguf,
-    frozen_copy,
-    init_weights,
-    load_gguf,
-    load_policy,
-    save_adapters,
-    save_builtin_tiny,
-    sequence_logprobs,
-    unfreeze_all,
-)
+from mlx_coach.core.errors import UserError
+from mlx_coach.models.builtin_tiny import TINY_SPECIALS, init_weights, save_builtin_tiny
+from mlx_coach.models.lora import adapter_config, adapters_disabled, apply_lora, frozen_copy, save_adapters, unfreeze_all
+from mlx_coach.models.bpe import bytes_to_unicode
+from mlx_coach.models.gguf import find_smollm2_gguf, load_gguf
+from mlx_coach.models.loader import load_policy
+from mlx_coach.engine.logprobs import sequence_logprobs
 
 
 @pytest.fixture(scope="module")

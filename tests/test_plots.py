@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from mlx_coach.plots import COLOURS, bar_chart, line_chart, png_to_hwc
+from mlx_coach.telemetry.plots import COLOURS, bar_chart, line_chart, png_to_hwc
 
 
 def _rgb(hex_colour):
@@ -40,7 +40,7 @@ def test_gaps_break_the_line_and_bars_are_drawn(tmp_path):
 
 
 def test_panels_stack_series_of_different_scales_one_above_the_other(tmp_path):
-    from mlx_coach.plots import line_panels
+    from mlx_coach.telemetry.plots import line_panels
 
     steps = list(range(30))
     rate = [(s % 10) / 10 for s in steps]

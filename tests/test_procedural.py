@@ -11,12 +11,13 @@ from collections import Counter
 
 import pytest
 
-from mlx_coach import procedural as P
-from mlx_coach.config import load_config
-from mlx_coach.errors import UserError
-from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer, build_program
-from mlx_coach.tasks import Task, load_tasks
-from mlx_coach.trainer import select_tasks
+from mlx_coach.data import procedural as P
+from mlx_coach.config.tree import load_config
+from mlx_coach.core.errors import UserError
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, build_program
+from mlx_coach.data.task import Task
+from mlx_coach.data.tasks import load_tasks
+from mlx_coach.rl.trainer import select_tasks
 
 NONE_BODY = "    return None\n"
 ALL_TEMPLATES = {(f, t.name) for f, ts in P.FAMILIES.items() for t in ts}
@@ -117,7 +118,7 @@ def test_instances_are_a_function_of_the_seed():
     # instance i does not depend on how many are asked for
     assert [x.to_dict() for x in P.generate(20, seed=3)] == [x.to_dict() for x in a[:20]]
     # nor on the process: string hashing is randomised per process, and no set order leaks in
-    code = ("import hashlib, json; from mlx_coach.procedural import generate; "
+    code = ("import hashlib, json; from mlx_coach.data.procedural import generate; "
             "print(hashlib.sha256(json.dumps([t.to_dict() for t in generate(60, 3)]).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": h},
                               capture_output=True, text=True, check=True).stdout for h in ("1", "2")}

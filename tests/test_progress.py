@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_coach.progress import StepClock, bar, format_eta, is_terminal
+from mlx_coach.telemetry.progress import StepClock, bar, format_eta, is_terminal
 
 
 def test_no_bar_on_a_stream_that_is_not_a_terminal(tmp_path):
@@ -26,7 +26,7 @@ def test_a_bar_with_an_eta_on_a_terminal():
     never draws). Run in its own session: a terminal opened here could become pytest's own."""
     child = (
         "import os, select\n"
-        "from mlx_coach.progress import bar, is_terminal\n"
+        "from mlx_coach.telemetry.progress import bar, is_terminal\n"
         "master, slave = os.openpty()\n"
         "terminal = os.fdopen(slave, 'w')\n"
         "assert is_terminal(terminal)\n"

@@ -21,10 +21,10 @@ def blocks(text, lang):
 
 
 def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
-    from mlx_coach.config import DataConfig
-    from mlx_coach.scoring.sandbox import SandboxConfig, run_sample
-    from mlx_coach.tasks import load_tasks
-    from mlx_coach.trainer import select_tasks
+    from mlx_coach.config.tree import DataConfig
+    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, run_sample
+    from mlx_coach.data.tasks import load_tasks
+    from mlx_coach.rl.trainer import select_tasks
 
     (row,) = blocks(section("Your own dataset"), "jsonl")
     path = tmp_path / "tasks.jsonl"
@@ -43,7 +43,7 @@ def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
 
 
 def test_the_mac_config_is_the_shipped_file_and_loads():
-    from mlx_coach.config import load_config
+    from mlx_coach.config.tree import load_config
 
     (yaml_text,) = blocks(section("Your own model on a Mac"), "yaml")
     shipped = (ROOT / "configs" / "mac.yaml").read_text()
@@ -56,8 +56,8 @@ def test_the_mac_config_is_the_shipped_file_and_loads():
 
 def test_the_quick_start_config_ends_an_epoch():
     """So validation pass@1, the phase table, top layers and the heatmap appear in the quick start."""
-    from mlx_coach.config import load_config
-    from mlx_coach.trainer import select_tasks
+    from mlx_coach.config.tree import load_config
+    from mlx_coach.rl.trainer import select_tasks
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     train, _ = select_tasks(cfg.data)
@@ -79,6 +79,6 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "mac.yaml"])
 def test_shipped_configs_load(name):
-    from mlx_coach.config import load_config
+    from mlx_coach.config.tree import load_config
 
     load_config(ROOT / "configs" / name)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.config import load_config
+from mlx_coach.config.tree import load_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

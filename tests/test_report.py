@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from mlx_coach.cli import main
-from mlx_coach.report import CHARTS, _by_phase, load_run
-from mlx_coach.telemetry import custom_scalar_layout, unit_of
+from mlx_coach.telemetry.report import CHARTS, _by_phase, load_run
+from mlx_coach.telemetry.writer import custom_scalar_layout, unit_of
 from tests.test_trainer import tiny_cfg
 
 
@@ -16,12 +16,12 @@ from tests.test_trainer import tiny_cfg
 def run(tmp_path_factory):
     """10 steps of builtin:tiny on 32 training stubs (8 steps an epoch): one epoch end, with validation,
     the unit-test reward and a cache, so hits and cached rewards appear in the second epoch."""
-    from mlx_coach.trainer import train
+    from mlx_coach.rl.trainer import train
 
     tmp = tmp_path_factory.mktemp("report")
     cfg = tiny_cfg(tmp, train={"steps": 10, "epochs_val": True, "val_limit": 4},
                    rewards=[{"type": "tests"},
-                            {"type": "function", "function": "mlx_coach.shaping:code_charset", "weight": 0.2}],
+                            {"type": "function", "function": "mlx_coach.rewards.shaping:code_charset", "weight": 0.2}],
                    cache={"policy": "lru"})
     train(cfg, tmp / "run")
     return tmp / "run"

@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from mlx_coach.cache import ScoreCache
-from mlx_coach.config import from_dict
-from mlx_coach.errors import UserError
-from mlx_coach.rewards import RewardSet
-from mlx_coach.tasks import builtin_tasks
+from mlx_coach.rewards.cache import ScoreCache
+from mlx_coach.config.tree import from_dict
+from mlx_coach.core.errors import UserError
+from mlx_coach.rewards.sources import RewardSet
+from mlx_coach.data.tasks import builtin_tasks
 
 
 def reward_set(rewards, policy="lru"):
@@ -71,7 +71,7 @@ def test_local_teacher_source_from_config():
 
 
 def test_sandbox_sees_site_packages_only_when_configured():
-    from mlx_coach.tasks import Task
+    from mlx_coach.data.task import Task
 
     task = Task("tp/1", "def f():\n", "f", "def check(candidate):\n    assert candidate() == 3\n")
     completion = "    import cachetools\n    return cachetools.LRUCache(maxsize=3).maxsize\n"

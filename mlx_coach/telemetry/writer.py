@@ -1,0 +1,450 @@
+"""TensorBoard and JSONL logging, epoch phases, per-phase throughput and cache statistics.
+
+Files in the run directory:
+
+    events.out.tfevents.*   TensorBoard events, in run_dir itself so that `tensorboard --logdir runs/`
+                            names each run after its directory (what the A/B comparison needs)
+    metrics.jsonl           one object per `log` call: {"step": N, "tag": value, ...}, plus one
+                            {"step": N, "epoch": E, "epoch_table": {...}} per epoch
+    events.jsonl            {"step", "kind", "t", ...fields} per `event` (cache clears, memory clears, OOM)
+    alerts.jsonl            {"step", "level", "code", "message", "action"} per alert
+
+JSON has no NaN or infinity: non-finite floats are written as the strings "nan", "inf", "-inf"
+(`read_jsonl` turns them back into floats). TensorBoard receives the real non-finite value.
+
+Epoch phases: a step whose position in the epoch (fraction of the epoch's batches done before it)
+is below 1/3 is "early", below 2/3 "mid", else "late". The per-phase cache hit rate is
+sum(hits) / sum(hits + misses) over the phase's steps in the current epoch, not a mean of ratios.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tensorboardX.proto.summary_pb2 import Summary
+
+from mlx_coach.core.errors import UserError
+from mlx_coach.core.settings import check_fields, setting
+
+PHASES = ("early", "mid", "late")
+
+TOKS = "gen/tokens_per_sec"
+FRAG = "memory/cache_share"
+
+EPOCH_COLUMNS = ("tokens_per_sec", "cache_hit_rate", "cache_share", "fresh_reward_mean", "steps")
+
+
+@dataclass
+class TelemetryConfig:
+    """The `telemetry:` config section."""
+
+    tensorboard: bool = setting(True, help="write TensorBoard event files beside metrics.jsonl")
+    progress: bool = setting(True, help="a line per step on stderr")
+    report: bool = setting(True, help="write RUN/report/ (report.md + PNG charts) at each epoch end and log "
+                                      "the charts to TensorBoard's Images tab")
+    phase_bounds: tuple = setting((1 / 3, 2 / 3), help="epoch fractions where the mid and late phases start")
+
+    def __post_init__(self):
+        check_fields(self, "telemetry")
+        if len(self.phase_bounds) != 2:
+            raise UserError("config key 'telemetry.phase_bounds' must be two fractions 0 < early < late < 1")
+        epoch_phase(0.0, self.phase_bounds)  # raises UserError naming phase_bounds
+
+
+def epoch_phase(position, bounds=(1 / 3, 2 / 3)):
+    lo, hi = bounds
+    if not 0 < lo < hi < 1:
+        raise UserError(f"telemetry.phase_bounds must satisfy 0 < early < mid < 1, got {bounds!r}")
+    if not 0 <= position <= 1:
+        raise ValueError(f"epoch position must be in [0, 1], got {position}")
+    return "early" if position < lo else "mid" if position < hi else "late"
+
+
+def _finite_or_str(value):
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: _finite_or_str(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_str(v) for v in value]
+    try:
+        value = float(value)  # numpy / mlx scalars
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _restore(value):
+    if isinstance(value, str):
+        return _NONFINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file written here, with "nan"/"inf"/"-inf" turned back into floats."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(_restore(json.loads(line)))
+    return rows
+
+
+def truncate_jsonl(path, purge_step):
+    """Drop rows with step >= purge_step (and a torn last line) by rewriting the file atomically."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a line cut short by a crash
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] >= purge_step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return dropped
+
+
+def markdown_table(rows, columns=None, label="phase"):
+    """rows: {row_label: {column: value}} -> a markdown table (TensorBoard renders markdown text)."""
+    if columns is None:
+        columns = []
+        for r in rows.values():
+            columns += [c for c in r if c not in columns]
+    lines = [f"| {label} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def unit_of(tag):
+    """The unit a tag's values are in, read from its name: what may share one y-axis."""
+    if tag.startswith("gen/tokens_per_sec_rel"):
+        return "x the first steps' tok/s"
+    if "tokens_per_sec" in tag:
+        return "tok/s"
+    if tag.endswith("_gb"):
+        return "GB"
+    if "hit_rate" in tag or "cache_share" in tag or tag.endswith("_frac") or "pass@" in tag:
+        return "fraction"
+    if tag.startswith("reward/") and tag.endswith(("_mean", "/mean", "/ema")):
+        return "reward"
+    if tag.startswith("loss/"):
+        return "loss"
+    return "other"
+
+
+def custom_scalar_layout():
+    """TensorBoard's custom-scalar charts have one y-axis, so each chart holds series of one unit
+    (`unit_of`; a test checks every chart against the tags a real run logs). Two units side by side
+    (tok/s against hit rate or memory) are the run report's two-axis PNGs (report.py), which the
+    trainer also logs to the Images tab. Tags are anchored regexes."""
+    exact = lambda *tags: [f"^{t}$" for t in tags]  # noqa: E731
+    return {
+        "mlx-coach": {
+            "tok/s: per step and by epoch phase": ["Multiline", exact(TOKS) + ["^gen/tokens_per_sec_by_phase/"]],
+            "cache hit rate: per step and by epoch phase": [
+                "Multiline", exact("cache/hit_rate") + ["^cache/hit_rate_by_phase/"]],
+            "MLX cache share: per step and by epoch phase": ["Multiline", exact(FRAG) + ["^memory/cache_share_by_phase/"]],
+            "reward: fresh vs cached": [
+                "Multiline",
+                exact("reward/fresh_mean", "reward/cached_mean", "reward/mean"),
+            ],
+            "loss": ["Multiline", exact("loss/policy", "loss/kl", "loss/policy_ema")],
+            # one unit (GB): what the OS charges the process next to what MLX holds
+            "memory (GB): process footprint vs MLX active and cache": [
+                "Multiline", exact("memory/footprint_gb", "memory/active_gb", "memory/cache_gb")],
+        }
+    }
+
+
+class Telemetry:
+    def __init__(self, run_dir, *, tensorboard=True, console=True, purge_step=None, stream=None):
+        self.run_dir = str(run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.console = console
+        self.stream = stream
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.events_path = os.path.join(self.run_dir, "events.jsonl")
+        self.alerts_path = os.path.join(self.run_dir, "alerts.jsonl")
+        if purge_step is not None:
+            for path in (self.metrics_path, self.events_path, self.alerts_path):
+                truncate_jsonl(path, purge_step)
+        self._files = {}
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # Non-finite scalars are written on purpose (the "nonfinite" alert reports them).
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+            # Event files are named by the second; a resume within the same second would overwrite
+            # the previous file, and readers apply purges in file-name order: suffix with the time in ns.
+            self.writer = SummaryWriter(
+                self.run_dir,
+                purge_step=purge_step,
+                flush_secs=10,
+                filename_suffix=f".{time.time_ns()}",
+            )
+
+    def _append(self, path, row):
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "a")
+        f.write(json.dumps(_finite_or_str(row)) + "\n")
+        f.flush()
+
+    def log(self, step, metrics):
+        self._append(self.metrics_path, {"step": step, **metrics})
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                x = _as_float(value)
+                if x is not None:
+                    self._scalar(tag, x, step)
+
+    def _scalar(self, tag, value, step):
+        # tensorboardX's add_scalar rewrites characters such as '@' ("eval/pass@1" -> "eval/pass_1");
+        # TensorBoard itself accepts any tag, so write the summary proto with the tag as logged.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+        self.writer._get_file_writer().add_summary(summary, step)
+
+    def text(self, tag, text, step):
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def event(self, step, kind, **fields):
+        self._append(self.events_path, {"step": step, "kind": kind, "t": time.time(), **fields})
+        if self.writer is not None:
+            self.writer.add_text(f"events/{kind}", markdown_table({kind: fields}, label="event"), step)
+            for name, value in fields.items():
+                x = None if isinstance(value, bool) else _as_float(value)
+                if x is not None:
+                    self._scalar(f"events/{kind}/{name}", x, step)
+
+    def alert(self, step, alert):
+        row = {
+            "step": step,
+            "level": alert.level,
+            "code": alert.code,
+            "message": alert.message,
+            "action": alert.action,
+        }
+        self._append(self.alerts_path, row)
+        if self.console:
+            print(
+                f"[{alert.level.upper()}] step {step} {alert.code}: {alert.message} -> {alert.action}",
+                file=self.stream or sys.stderr,
+                flush=True,
+            )
+        if self.writer is not None:
+            self.writer.add_text(
+                f"alerts/{alert.code}", f"**{alert.level}**: {alert.message}\n\n*Action:* {alert.action}", step
+            )
+
+    def histogram(self, tag, values, step):
+        """A TensorBoard histogram of `values` (nothing for an empty list)."""
+        if self.writer is not None and len(values):
+            self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), step, bins=np.linspace(0, 1, 11))
+
+    def image(self, tag, hwc, step):
+        if self.writer is not None:
+            self.writer.add_image(tag, hwc, step, dataformats="HWC")
+
+    def epoch_table(self, epoch, step, rows):
+        self._append(self.metrics_path, {"step": step, "epoch": epoch, "epoch_table": rows})
+        if self.writer is not None:
+            self.writer.add_text("epoch/phase_table", f"epoch {epoch}\n\n" + markdown_table(rows), step)
+
+    def custom_layout(self, layout=None):
+        """Register the custom-scalars charts; once per writer (tensorboardX allows one call)."""
+        if self.writer is not None:
+            self.writer.add_custom_scalars(layout or custom_scalar_layout())
+
+    def flush(self):
+        for f in self._files.values():
+            f.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SilentTelemetry:
+    """What ranks other than 0 log to in a distributed run: nothing (rank 0 writes the run directory)."""
+
+    def _nothing(self, *args, **kwargs):
+        return None
+
+    log = text = event = alert = image = histogram = epoch_table = custom_layout = flush = close = _nothing
+
+
+class PhaseAccumulator:
+    """Running per-phase statistics within the current epoch (call reset() at each epoch start)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.stats = {}
+
+    def add(self, phase, metrics):
+        """metrics: tokens_per_sec, hits and misses (this step's lookups, not running totals),
+        cache_share, fresh_reward_mean and fresh_count (its weight, default 1); each optional."""
+        s = self.stats.setdefault(
+            phase,
+            {"steps": 0, "toks_sum": 0.0, "toks_n": 0, "hits": 0.0, "misses": 0.0,
+             "frag_sum": 0.0, "frag_n": 0, "fresh_sum": 0.0, "fresh_n": 0.0},
+        )
+        s["steps"] += 1
+        toks, frag = _as_float(metrics.get("tokens_per_sec")), _as_float(metrics.get("cache_share"))
+        if _finite(toks):
+            s["toks_sum"] += toks
+            s["toks_n"] += 1
+        if _finite(frag):
+            s["frag_sum"] += frag
+            s["frag_n"] += 1
+        s["hits"] += _as_float(metrics.get("hits")) or 0
+        s["misses"] += _as_float(metrics.get("misses")) or 0
+        fresh = _as_float(metrics.get("fresh_reward_mean"))
+        weight = _as_float(metrics.get("fresh_count", 1))
+        if _finite(fresh) and weight:
+            s["fresh_sum"] += fresh * weight
+            s["fresh_n"] += weight
+
+    def _values(self, phase):
+        s = self.stats.get(phase)
+        if s is None:
+            return None
+        ratio = lambda num, den: num / den if den else float("nan")  # noqa: E731
+        return {
+            "tokens_per_sec": ratio(s["toks_sum"], s["toks_n"]),
+            "cache_hit_rate": ratio(s["hits"], s["hits"] + s["misses"]),
+            "cache_share": ratio(s["frag_sum"], s["frag_n"]),
+            "fresh_reward_mean": ratio(s["fresh_sum"], s["fresh_n"]),
+            "steps": s["steps"],
+        }
+
+    def by_phase_metrics(self, phase):
+        """TensorBoard tags for one phase; tags without data yet are left out."""
+        v = self._values(phase)
+        if v is None:
+            return {}
+        out = {
+            f"gen/tokens_per_sec_by_phase/{phase}": v["tokens_per_sec"],
+            f"cache/hit_rate_by_phase/{phase}": v["cache_hit_rate"],
+            f"memory/cache_share_by_phase/{phase}": v["cache_share"],
+        }
+        return {k: x for k, x in out.items() if not math.isnan(x)}
+
+    def epoch_rows(self):
+        ordered = [p for p in PHASES if p in self.stats] + [p for p in self.stats if p not in PHASES]
+        return {p: self._values(p) for p in ordered}
+
+    def state_dict(self):
+        return {p: dict(s) for p, s in self.stats.items()}
+
+    def load(self, state):
+        self.stats = {p: dict(s) for p, s in state.items()}
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _as_float(value):
+    """float(value) for numbers (Python, numpy, size-1 mlx arrays); None for anything else."""
+    if value is None or isinstance(value, (str, bytes, dict, list, tuple)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Ema:
+    """Exponential moving average; the first value initialises it; non-finite values are ignored."""
+
+    def __init__(self, alpha):
+        if not 0 < alpha <= 1:
+            raise UserError(f"EMA alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.value = None
+        self.count = 0
+
+    def update(self, x):
+        x = _as_float(x)
+        if x is not None and math.isfinite(x):
+            self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
+            self.count += 1
+        return self.value
+
+    def state_dict(self):
+        return {"alpha": self.alpha, "value": self.value, "count": self.count}
+
+    def load(self, state):
+        self.alpha, self.value, self.count = state["alpha"], state["value"], state["count"]
+
+
+def progress_line(step, total, metrics):
+    """One console line: step/total, reward, tok/s, loss (and KL when logged)."""
+
+    def fmt(key, spec):
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{v:{spec}}" if math.isfinite(v) else str(v)
+
+    loss_key = "loss/total" if "loss/total" in metrics else "loss/policy"
+    width = len(str(total))
+    parts = [
+        f"step {step:>{width}}/{total}",
+        f"reward {fmt('reward/mean', '.3f')}",
+        f"tok/s {fmt(TOKS, '.1f')}",
+        f"loss {fmt(loss_key, '.4f')}",
+    ]
+    if "loss/kl" in metrics:
+        parts.append(f"kl {fmt('loss/kl', '.4f')}")
+    return " | ".join(parts)
