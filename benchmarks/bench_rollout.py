@@ -49,7 +49,8 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
-from mlx_coach.engine.rollout import RolloutConfig, encode_prompt, generate_rollouts, token_bytes  # noqa: E402
+from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts  # noqa: E402
+from mlx_coach.engine.text import encode_prompt, token_bytes  # noqa: E402
 
 CODE = '''def fizzbuzz(n: int) -> list:
     """Return the FizzBuzz sequence from 1 to n as strings."""
@@ -262,7 +263,7 @@ def bench_refill_recipe(path, args):
     from dataclasses import replace
 
     from mlx_coach.config.tree import load_config
-    from mlx_coach.rl.trainer import select_tasks
+    from mlx_coach.rl.setup import select_tasks
 
     cfg = load_config(path)
     model, tokenizer, _ = load_policy(cfg.model.path)

@@ -66,7 +66,7 @@ def _check_ab(args):
 
 def _dispatch(args):
     if args.command == "train":
-        from mlx_coach.rl.trainer import run_from_args
+        from mlx_coach.rl.loop import run_from_args
     elif args.command == "eval":
         from mlx_coach.commands.evaluate import run_from_args
     elif args.command == "score":

@@ -8,7 +8,8 @@ from test_teacher import ScriptedServer
 from test_trainer import step_rows, tiny_cfg
 
 from mlx_coach.telemetry.writer import read_jsonl
-from mlx_coach.rl.trainer import Trainer, train
+from mlx_coach.rl.trainer import Trainer
+from mlx_coach.rl.loop import train
 
 
 def greedy_cfg(tmp_path, policy):

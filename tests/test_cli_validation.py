@@ -68,7 +68,7 @@ def test_a_config_that_is_not_utf8_names_its_line(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A real 2-step LoRA run on builtin:tiny (seed 0), checkpointed at step 2."""
-    from mlx_coach.rl.trainer import train
+    from mlx_coach.rl.loop import train
 
     tmp = tmp_path_factory.mktemp("adapter")
     cfg = tiny_cfg(tmp, train={"steps": 2, "checkpoint_every": 2})

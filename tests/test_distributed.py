@@ -18,7 +18,7 @@ from test_trainer import tiny_cfg
 from mlx_coach.runtime.distributed import shard_bounds, world
 from mlx_coach.core.errors import UserError
 from mlx_coach.telemetry.writer import read_jsonl
-from mlx_coach.rl.trainer import train
+from mlx_coach.rl.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # the mlx.launch installed with this interpreter's mlx

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_coach.rl import kl_control, update
 from mlx_coach.rl import objective as L
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -276,41 +277,41 @@ def test_on_policy_gradient_is_vanilla_pg(data, mode):
 
 
 def test_adaptive_kl_controller():
-    c = L.AdaptiveKLController(beta=0.1, target=0.05, horizon=100)
+    c = kl_control.AdaptiveKLController(beta=0.1, target=0.05, horizon=100)
     assert c.update(0.5, n_steps=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
     assert c.beta > 0.1
-    c = L.AdaptiveKLController(beta=0.1, target=0.05, horizon=100)
+    c = kl_control.AdaptiveKLController(beta=0.1, target=0.05, horizon=100)
     assert c.update(0.045, n_steps=2) == pytest.approx(0.1 * (1 - 0.1 * 2 / 100))
     assert c.update(0.0) < 0.1 * (1 - 0.1 * 2 / 100)
     before = c.beta
     assert c.update(float("nan")) == before and c.update(mx.array(float("inf"))) == before
-    restored = L.kl_controller_from_state(c.state_dict())
-    assert isinstance(restored, L.AdaptiveKLController) and restored == c
+    restored = kl_control.kl_controller_from_state(c.state_dict())
+    assert isinstance(restored, kl_control.AdaptiveKLController) and restored == c
     with pytest.raises(ValueError):
-        L.AdaptiveKLController(beta=0.1, target=0.0)
+        kl_control.AdaptiveKLController(beta=0.1, target=0.0)
 
 
 def test_adaptive_kl_moves_beta_visibly_within_20_steps():
     """A KL 100x over target at the trainer's batch size (16 samples a step) moves beta by more than
     20% in 20 steps, and a KL 100x under target lowers it as much; it never overshoots the clip."""
-    up = L.AdaptiveKLController(beta=0.04, target=0.01)
+    up = kl_control.AdaptiveKLController(beta=0.04, target=0.01)
     for _ in range(20):
         up.update(1.0, n_steps=16)
     assert 0.04 * 1.2 < up.beta <= 0.04 * (1 + 0.2 * 16 / 256) ** 20 + 1e-12
-    down = L.AdaptiveKLController(beta=0.04, target=0.01)
+    down = kl_control.AdaptiveKLController(beta=0.04, target=0.01)
     for _ in range(20):
         down.update(1e-4, n_steps=16)
     assert down.beta < 0.04 / 1.2
 
 
 def test_fixed_kl_controller_and_factory():
-    c = L.make_kl_controller(0.04)
-    assert isinstance(c, L.FixedKLController)
+    c = kl_control.make_kl_controller(0.04)
+    assert isinstance(c, kl_control.FixedKLController)
     assert c.update(10.0, n_steps=5) == 0.04 and c.beta == 0.04
-    assert L.FixedKLController.from_state(c.state_dict()) == c
-    a = L.make_kl_controller(0.04, target=6.0, horizon=500)
-    assert isinstance(a, L.AdaptiveKLController) and (a.target, a.horizon) == (6.0, 500)
-    assert L.AdaptiveKLController.from_state(a.state_dict()) == a
+    assert kl_control.FixedKLController.from_state(c.state_dict()) == c
+    a = kl_control.make_kl_controller(0.04, target=6.0, horizon=500)
+    assert isinstance(a, kl_control.AdaptiveKLController) and (a.target, a.horizon) == (6.0, 500)
+    assert kl_control.AdaptiveKLController.from_state(a.state_dict()) == a
 
 
 # ---------------------------------------------------------------- entropy and gradient norms
@@ -350,18 +351,18 @@ def np_norm(tree):
 
 
 def test_grad_global_norm():
-    close(L.grad_global_norm(grads_tree()), np_norm(grads_tree()))
-    close(L.grad_global_norm({}), 0.0)
+    close(update.grad_global_norm(grads_tree()), np_norm(grads_tree()))
+    close(update.grad_global_norm({}), 0.0)
 
 
 def test_clip_grad_norm_scales_to_max_norm():
     g = grads_tree()
     norm0 = np_norm(g)
-    clipped, norm = L.clip_grad_norm(g, 1.0)
+    clipped, norm = update.clip_grad_norm(g, 1.0)
     close(norm, norm0)
-    close(L.grad_global_norm(clipped), 1.0)
+    close(update.grad_global_norm(clipped), 1.0)
     close(clipped["a"], np.array(g["a"]) / norm0)
-    same, _ = L.clip_grad_norm(g, norm0 * 2)
+    same, _ = update.clip_grad_norm(g, norm0 * 2)
     close(same["layers"][1]["w"], [2.0, -1.0])
 
 
@@ -369,7 +370,7 @@ def test_clip_grad_norm_scales_to_max_norm():
 def test_clip_grad_norm_keeps_non_finite_norm_visible(bad):
     g = grads_tree()
     g["layers"][1]["w"] = mx.array([bad, 1.0])
-    clipped, norm = L.clip_grad_norm(g, 1.0)
+    clipped, norm = update.clip_grad_norm(g, 1.0)
     n = float(norm.item())
     assert math.isnan(n) if math.isnan(bad) else math.isinf(n)
     w = np.array(clipped["layers"][1]["w"])
@@ -391,7 +392,7 @@ def test_policy_loss_compiles_with_array_coefficients(data):
         loss, kl_loss = compiled(*args, mx.array(beta), mx.array(0.01))
         close(loss, exp_loss)
         close(kl_loss, exp_stats["kl_loss"])
-    _, norm = mx.compile(L.clip_grad_norm)(grads_tree(), mx.array(1.0))
+    _, norm = mx.compile(update.clip_grad_norm)(grads_tree(), mx.array(1.0))
     close(norm, np_norm(grads_tree()))
 
 

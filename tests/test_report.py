@@ -8,7 +8,7 @@ from PIL import Image
 
 from mlx_coach.cli import main
 from mlx_coach.telemetry.report import CHARTS, _by_phase, load_run
-from mlx_coach.telemetry.writer import custom_scalar_layout, unit_of
+from mlx_coach.telemetry.scalar_charts import custom_scalar_layout, unit_of
 from tests.test_trainer import tiny_cfg
 
 
@@ -16,7 +16,7 @@ from tests.test_trainer import tiny_cfg
 def run(tmp_path_factory):
     """10 steps of builtin:tiny on 32 training stubs (8 steps an epoch): one epoch end, with validation,
     the unit-test reward and a cache, so hits and cached rewards appear in the second epoch."""
-    from mlx_coach.rl.trainer import train
+    from mlx_coach.rl.loop import train
 
     tmp = tmp_path_factory.mktemp("report")
     cfg = tiny_cfg(tmp, train={"steps": 10, "epochs_val": True, "val_limit": 4},

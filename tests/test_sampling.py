@@ -10,7 +10,9 @@ import pytest
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.rl.dynamic_sampling import DifficultyTracker, next_round_size, task_weight
-from mlx_coach.rl.trainer import Trainer, epoch_order, select_tasks, train
+from mlx_coach.rl.trainer import Trainer
+from mlx_coach.rl.setup import epoch_order, select_tasks
+from mlx_coach.rl.loop import train
 from test_trainer import step_rows, tiny_cfg, write_short_tasks
 
 
@@ -150,9 +152,9 @@ def test_weighted_walk_passes_over_tasks_always_failed(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run")
     try:
         for i, t in enumerate(trainer.train_tasks):
-            trainer.difficulty.counts[t.task_id] = [16, 0] if i % 2 else [16, 8]
+            trainer.state.difficulty.counts[t.task_id] = [16, 0] if i % 2 else [16, 8]
         picked = []
-        while trainer.pos < len(trainer.order):
+        while trainer.state.pos < len(trainer.order):
             picked += [t.task_id for t in trainer.next_prompts()[0]]
         ids = [t.task_id for t in trainer.train_tasks]
         mid = {ids[i] for i in range(0, len(ids), 2)}

@@ -10,7 +10,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_coach.config.tree import from_dict, validate
 from mlx_coach.models.lora import adapters_disabled
-from mlx_coach.rl.trainer import Trainer, micro_batches, train
+from mlx_coach.rl.trainer import Trainer
+from mlx_coach.rl.batch import StepBatch, micro_batches
+from mlx_coach.rl.loop import train
 
 
 def write_short_tasks(folder, n=40):
@@ -166,8 +168,8 @@ def fixed_batch(trainer, n=32, prompt_len=64, comp_len=64, seed=0):
     mask_np = np.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comps], dtype=np.float32)
     ref = trainer.reference_logprobs(prompts, comps)
     adv = mx.array(rng.standard_normal(n).astype(np.float32))
-    return {"prompt_ids": prompts, "comp_ids": comps, "old_logp": ref, "ref_logp": ref, "adv": adv,
-            "loss_mask": mx.array(mask_np), "mask_np": mask_np}
+    return StepBatch(prompt_ids=prompts, completion_ids=comps, behaviour_logp=ref, reference_logp=ref, advantages=adv,
+                     loss_mask=mask_np, beta=0.1)
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
@@ -179,7 +181,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         trainer = Trainer(cfg, tmp_path / f"accum{accum}")
         try:
             batch = fixed_batch(trainer, n=16)
-            g, loss, _ = trainer.accumulate_gradients(batch, 0.1, micro_batches(16, accum))
+            g, loss, _ = trainer.updater.accumulate(batch, 0.1, micro_batches(16, accum))
             grads[accum] = (dict(tree_flatten(g)), loss.item())
         finally:
             trainer.close()
@@ -196,8 +198,8 @@ def test_bucketed_update_gives_the_losses_and_gradients_of_exact_shapes(tmp_path
         trainer = Trainer(tiny_cfg(tmp_path, rollout={"bucket": bucket}, algo={"beta": 0.1}), tmp_path / f"b{bucket}")
         try:
             batch = fixed_batch(trainer, n=8, prompt_len=13, comp_len=20)
-            g, loss, _ = trainer.accumulate_gradients(batch, 0.1, micro_batches(8, 2))
-            results[bucket] = (dict(tree_flatten(g)), loss.item(), np.array(batch["ref_logp"]))
+            g, loss, _ = trainer.updater.accumulate(batch, 0.1, micro_batches(8, 2))
+            results[bucket] = (dict(tree_flatten(g)), loss.item(), np.array(batch.reference_logp))
         finally:
             trainer.close()
     (g0, l0, r0), (g1, l1, r1) = results[0], results[32]
@@ -225,9 +227,9 @@ def test_shared_prompts_give_the_per_sample_reference_loss_and_gradients(tmp_pat
             ref = trainer.reference_logprobs(prompts, comps)
             T = ref.shape[1]
             mask_np = np.array([[1.0] * len(c) + [0.0] * (T - len(c)) for c in comps], dtype=np.float32)
-            batch = {"prompt_ids": prompts, "comp_ids": comps, "old_logp": ref, "ref_logp": ref,
-                     "adv": adv, "loss_mask": mx.array(mask_np), "mask_np": mask_np}
-            g, loss, _ = trainer.accumulate_gradients(batch, 0.1, micro_batches(len(prompts), 2))
+            batch = StepBatch(prompt_ids=prompts, completion_ids=comps, behaviour_logp=ref, reference_logp=ref,
+                              advantages=adv, loss_mask=mask_np)
+            g, loss, _ = trainer.updater.accumulate(batch, 0.1, micro_batches(len(prompts), 2))
             results[share] = (np.array(ref), loss.item(), dict(tree_flatten(g)))
         finally:
             trainer.close()
@@ -247,12 +249,12 @@ def test_gradient_accumulation_bounds_peak_memory(tmp_path):
         trainer = Trainer(cfg, tmp_path / f"mem{accum}")
         try:
             batch = fixed_batch(trainer, n=32, prompt_len=96, comp_len=64)
-            mx.eval(batch["old_logp"], batch["adv"], batch["loss_mask"])
+            mx.eval(batch.behaviour_logp, batch.advantages)
             mx.clear_cache()
             held = mx.get_active_memory()
             mx.reset_peak_memory()
-            trainer.reference_logprobs(batch["prompt_ids"], batch["comp_ids"])
-            trainer.update(batch, 0.1)
+            trainer.reference_logprobs(batch.prompt_ids, batch.completion_ids)
+            trainer.update(batch)
             extra[accum] = mx.get_peak_memory() - held
         finally:
             trainer.close()
@@ -280,7 +282,7 @@ def test_adaptive_kl_sees_the_kl_when_the_penalty_is_in_the_reward(tmp_path):
     try:
         perturb(trainer)
         rows = [trainer.run_step() for _ in range(4)]
-        beta = trainer.kl_ctl.beta
+        beta = trainer.state.kl_controller.beta
     finally:
         trainer.close()
     assert all(r["kl/mean"] > 1e-3 for r in rows), [r["kl/mean"] for r in rows]
@@ -316,7 +318,7 @@ def test_full_fine_tuning_uses_a_frozen_reference_and_saves_all_weights(tmp_path
 
 def test_schedule_warmup_cosine_and_health_scale():
     from mlx_coach.config.tree import OptimConfig
-    from mlx_coach.rl.trainer import make_optimizer
+    from mlx_coach.rl.setup import make_optimizer
 
     scale = [1.0]
     opt = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 14,

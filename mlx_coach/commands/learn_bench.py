@@ -3,8 +3,8 @@
 Both evaluations score the same held-out tasks and HumanEval with the same prompts, decoding and
 sandbox as the run's own validation (`engine.generate.generate_and_score`, at the config's rollout settings):
 greedy pass@1, and pass@k from n sampled answers per task at the rollout temperature (the unbiased
-estimator, `metrics.pass_at_k`). The change is judged per task (paired): tasks that went fail->pass and
-pass->fail, the exact McNemar p-value, and a paired bootstrap interval (`paired_stats`). The run's own
+estimator, `telemetry.passk.pass_at_k`). The change is judged per task (paired): tasks that went fail->pass and
+pass->fail, the exact McNemar p-value, and a paired bootstrap interval (`commands.stats`). The run's own
 metrics.jsonl gives the learning curve (fresh reward, validation pass@1, truncation share, KL, entropy).
 
 Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/learning_curve.png, OUTPUT/samples.jsonl (every
@@ -71,7 +71,7 @@ def parse_args(argv):
 def heldout_tasks(cfg, spec, limit):
     """The held-out tasks and the ids of the training tasks they share (should be none)."""
     from mlx_coach.commands.evaluate import eval_tasks
-    from mlx_coach.rl.trainer import select_tasks
+    from mlx_coach.rl.setup import select_tasks
 
     train, val = select_tasks(cfg.data)
     tasks = val if spec == "val" else eval_tasks(spec, 0)
@@ -251,9 +251,10 @@ def run(argv):
     from mlx_coach.config.tree import load_config
     from mlx_coach.runtime.rundir import writable_dir
     from mlx_coach.models.loader import load_policy
-    from mlx_coach.rewards.scoring.sandbox import SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
     from mlx_coach.data.tasks import load_tasks
-    from mlx_coach.rl.trainer import schedule_steps, train
+    from mlx_coach.rl.setup import schedule_steps
+    from mlx_coach.rl.loop import train
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)

@@ -1,4 +1,8 @@
-"""Advantages, KL estimators and the clipped policy-gradient loss, as pure functions on mx.arrays.
+"""The objective: advantages, KL estimators, the clipped policy-gradient loss, and its aggregation.
+
+`micro_batch_loss` is the whole loss of one micro-batch, read top to bottom; the rest are pure
+functions on mx.arrays. `normaliser` is what an aggregation divides by, so the update can weight
+micro-batches and ranks to give exactly the full batch's loss.
 
 Shapes: B sequences grouped contiguously (rows [g*G:(g+1)*G] share a prompt), T completion tokens
 right-padded, ``mask`` [B, T] float with 1 for a real token.
@@ -11,10 +15,9 @@ Conventions:
 - Rows whose mask is all zero contribute nothing and never produce NaN.
 """
 
-from dataclasses import asdict, dataclass
-
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+
+from mlx_coach.engine.logprobs import logprobs_from_inputs
 
 AGGREGATIONS = ("token", "sequence", "constant")
 KL_KINDS = ("k1", "k2", "k3")
@@ -229,74 +232,62 @@ def policy_loss(
     return loss, {k: mx.stop_gradient(v) for k, v in stats.items()}
 
 
-# ---------------------------------------------------------------------------- KL controllers
+def normaliser(mask, aggregation):
+    """What `aggregate` divides by, from a host-side [B, T] numpy mask: real tokens ("token"), rows
+    with at least one real token ("sequence"), or rows ("constant": B x max_len, max_len fixed)."""
+    if aggregation == "token":
+        return mask.sum()
+    if aggregation == "sequence":
+        return (mask.sum(1) > 0).sum()
+    return len(mask)
 
 
-@dataclass
-class FixedKLController:
-    beta: float
-
-    def update(self, observed_kl, n_steps=1):
-        return self.beta
-
-    def state_dict(self):
-        return {"kind": "fixed", "beta": self.beta}
-
-    @classmethod
-    def from_state(cls, d):
-        return cls(beta=float(d["beta"]))
+def micro_batch_weight(chunk_mask, batch_mask, aggregation):
+    """A micro-batch's share of the batch's normaliser: the weighted sum of micro-batch losses (and
+    gradients) is then exactly the full batch's."""
+    return float(normaliser(chunk_mask, aggregation) / max(normaliser(batch_mask, aggregation), 1))
 
 
-@dataclass
-class AdaptiveKLController:
-    """Proportional controller of Ziegler et al. (2019) that steers the observed KL to ``target``.
-
-    beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * min(n_steps / horizon, 1). Call it once per training step
-    with n_steps = the samples in that step (as TRL and OpenRLHF do), so ``horizon`` is in samples: at
-    the default 256 and 16 samples a step, a KL far above target raises beta by 1.25% a step (x1.28
-    in 20 steps)."""
-
-    beta: float
-    target: float
-    horizon: int = 256
-
-    def __post_init__(self):
-        if self.beta < 0 or self.target <= 0 or self.horizon <= 0:
-            raise ValueError(
-                f"adaptive KL needs beta >= 0, target > 0, horizon > 0; got {self.beta}, "
-                f"{self.target}, {self.horizon}"
-            )
-
-    def update(self, observed_kl, n_steps=1):
-        kl = float(observed_kl)
-        if kl != kl or kl in (float("inf"), float("-inf")):
-            return self.beta  # a non-finite KL must not poison beta; the trainer skips that step
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * min(n_steps / self.horizon, 1.0)  # at most +-20% a call: beta stays > 0
-        return self.beta
-
-    def state_dict(self):
-        return {"kind": "adaptive", **asdict(self)}
-
-    @classmethod
-    def from_state(cls, d):
-        return cls(beta=float(d["beta"]), target=float(d["target"]), horizon=d["horizon"])
+def observed_kl(behaviour_logp, reference_logp, token_mask, estimator, all_sum=None):
+    """Token mean of the KL estimate over every sampled token: the distance the KL controller,
+    `kl/mean` and the kl_high alert see, whatever `algo.kl_in` is. With `all_sum` (several ranks)
+    the mean runs over every rank's tokens."""
+    per_token = kl_estimate(behaviour_logp, reference_logp, estimator)
+    if all_sum is None:
+        return float(aggregate(per_token, token_mask).item())
+    total, count = all_sum([float(mx.sum(mx.where(token_mask > 0, per_token, 0.0)).item()),
+                            float(token_mask.sum().item())])
+    return total / max(count, 1.0)
 
 
-def make_kl_controller(beta, target=None, horizon=256):
-    """Adaptive controller when a KL target is given, else a fixed beta."""
-    if target is None:
-        return FixedKLController(beta)
-    return AdaptiveKLController(beta, target, horizon)
+def advantages(rewards, algo, group_size, baseline):
+    """(advantages [B], the moving baseline after this batch) under `algo.advantage`."""
+    if algo.advantage == "grpo":
+        return grpo_advantages(rewards, group_size, scale=algo.scale_rewards), baseline
+    if algo.advantage == "dr_grpo":
+        return dr_grpo_advantages(rewards, group_size), baseline
+    return reinforce_advantages(rewards, baseline, algo.baseline_decay)
 
 
-def kl_controller_from_state(d):
-    """Rebuild whichever controller wrote ``d`` (its state_dict)."""
-    cls = AdaptiveKLController if d.get("kind") == "adaptive" else FixedKLController
-    return cls.from_state(d)
+def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, inject_nan=False):
+    """(loss, stats) of one micro-batch: `x` holds its log-prob inputs (engine.logprobs) and the
+    batch's columns cut to its width: old_logp (behaviour), ref_logp, loss_mask, adv.
 
-
-# ---------------------------------------------------------------------------- entropy, gradients
+    Tokens outside the loss mask take their own detached log-prob as pi_old, so their ratio is 1.
+    The KL term enters the loss only with `algo.kl_in: loss`; with `reward` it was already
+    subtracted from the rewards (`kl_penalized_rewards`)."""
+    logp, mask, entropy = logprobs_from_inputs(model, x, with_entropy=algo.entropy_coef > 0,
+                                               temperature=temperature)
+    mask = mask * x["loss_mask"]
+    old = mx.where(mask > 0, x["old_logp"], mx.stop_gradient(logp))
+    in_loss = algo.kl_in == "loss"
+    loss, stats = policy_loss(
+        logp, old, x["adv"], mask, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
+        aggregation=algo.aggregation, max_len=max_len, ref_logp=x["ref_logp"] if in_loss else None,
+        beta=beta if in_loss else 0.0, kl_kind=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef)
+    if inject_nan:  # train.debug_nan_steps: exercises the non-finite guard
+        loss = loss * mx.array(float("nan"))
+    return loss, stats
 
 
 def token_entropy(logits):
@@ -307,22 +298,3 @@ def token_entropy(logits):
     # Masked-out vocabulary (-inf logits) has p = 0; 0 * -inf would be NaN in value and gradient.
     safe_logp = mx.where(p > 0, logp, 0.0)
     return -mx.sum(p * safe_logp, axis=-1)
-
-
-def grad_global_norm(grads):
-    """sqrt of the sum of squares over every leaf of a gradient tree (float32)."""
-    total = mx.array(0.0)
-    for _, g in tree_flatten(grads):
-        total = total + mx.sum(mx.square(g.astype(mx.float32)))
-    return mx.sqrt(total)
-
-
-def clip_grad_norm(grads, max_norm):
-    """Scale grads so their global norm is at most max_norm. Returns (grads, norm).
-
-    A NaN or Inf norm leaves the grads untouched and is returned as is, so the caller can see it
-    and skip the step; scaling would turn inf entries into NaN and finite ones into 0.
-    """
-    norm = grad_global_norm(grads)
-    scale = mx.where(mx.isfinite(norm) & (norm > max_norm), max_norm / norm, 1.0)
-    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -1,50 +1,159 @@
-"""One optimizer update from micro-batches: weighted loss and gradients, clipping, the non-finite
-guard and the optimizer step.
+"""The update: num_iterations optimizer steps on one StepBatch, each from weighted micro-batches.
 
 Each micro-batch is evaluated before the next one builds its graph, so peak memory is one
-micro-batch's. A non-finite loss or gradient norm leaves weights and optimizer state exactly as they
-were (the step is not taken); nothing is clamped.
-
-Not compiled: `mx.compile` over model, optimizer and RNG state (as mlx-lm's trainer does) was built
-and measured on the common peer job on this project's CPU (see the README, `bench step`): the update
-took 0.89x-1.0x as long eager as compiled, because its time is in matrix products that compilation
-does not change, and the shape buckets a compiled step needs cost ~6% in padding. It was removed.
+micro-batch's. Micro-batches (and, on several ranks, the ranks) are weighted by their share of the
+objective's normaliser, so the summed gradient is exactly the full batch's. A non-finite loss or
+gradient norm leaves weights and optimizer state exactly as they were (the step is not taken);
+nothing is clamped. LoRA dropout is active here only, never while sampling. Not compiled (see
+docs/decisions.md).
 """
+
+from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
-from mlx_coach.rl import objective as losses
+from mlx_coach.engine.logprobs import logprob_inputs
+from mlx_coach.rl.batch import fit_width, micro_batches
+from mlx_coach.rl.objective import micro_batch_loss, micro_batch_weight, normaliser
+from mlx_coach.telemetry.health import grad_norms_by_group, update_ratio
+
+
+@dataclass
+class UpdateResult:
+    """Per optimizer step of one update (num_iterations of them): what `step_metrics` reports."""
+
+    skipped: int = 0  # optimizer steps not taken: non-finite loss or gradient
+    loss: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    clip_frac: list = field(default_factory=list)
+    pg_loss: list = field(default_factory=list)
+    kl_loss: list = field(default_factory=list)
+    ratio_mean: list = field(default_factory=list)
+    update_ratio: list = field(default_factory=list)
+    group_norms: dict = field(default_factory=dict)  # gradient norms by module group, last step taken
+    seconds: float = 0.0
+    shapes: list = field(default_factory=list)  # (rows, columns) of the update's forwards
+    real_tokens: int = 0  # real token positions among them
 
 
 class Updater:
-    def __init__(self, model, optimizer, loss_fn, *, grad_clip):
-        """loss_fn(model, x, beta, inject_nan) -> (loss, stats) on one micro-batch's arrays."""
-        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
-        self.loss_and_grad = nn.value_and_grad(model, loss_fn)
+    def __init__(self, model, optimizer, *, algo, optim, bucket, share_prompts, temperature, max_len, world):
+        self.model, self.optimizer, self.world = model, optimizer, world
+        self.algo, self.optim, self.bucket, self.share_prompts = algo, optim, bucket, share_prompts
+        loss = partial(micro_batch_loss, algo=algo, temperature=temperature, max_len=max_len)
+        self.loss_and_grad = nn.value_and_grad(model, lambda m, x, beta, nan: loss(m, x, beta, inject_nan=nan))
 
-    def accumulate(self, parts, beta, inject_nan=False):
-        """(grads, loss, stats) summed over parts = [(x, weight), ...], no update."""
+    def inputs(self, prompt_ids, completion_ids):
+        return logprob_inputs(prompt_ids, completion_ids, bucket=self.bucket, share_prompts=self.share_prompts)
+
+    def micro_inputs(self, batch, rows):
+        """One micro-batch's arrays: its log-prob inputs, and the batch's per-token columns cut or
+        padded to their width (rollout.bucket may round it up; the extra columns are masked)."""
+        x = self.inputs([batch.prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows])
+        width, index = x["targets"].shape[1], mx.array(rows)
+        for key, column in (("old_logp", batch.behaviour_logp), ("ref_logp", batch.reference_logp),
+                            ("loss_mask", mx.array(batch.loss_mask))):
+            x[key] = fit_width(column[index], width)
+        x["adv"] = batch.advantages[index]
+        return x
+
+    def rank_weight(self, loss_mask):
+        """size x this rank's share of the objective's normaliser over all ranks."""
+        mine = float(normaliser(loss_mask, self.algo.aggregation))
+        return self.world.size * max(mine, 1.0) / max(self.world.all_sum(mine), 1.0)
+
+    def accumulate(self, batch, beta, chunks):
+        """(grads, loss, stats) of the whole batch, summed over micro-batches each weighted by its
+        share of the batch's normaliser, so they equal the full batch's; no update. On several ranks
+        gradients, loss and stats are averaged, so every rank then clips and applies the same step."""
+        rank_weight = batch.rank_weight if self.world.size > 1 else 1.0
         grads_sum, loss_sum, stats_sum = None, 0.0, {}
-        for x, w in parts:
-            (loss, stats), grads = self.loss_and_grad(self.model, x, beta, inject_nan)
-            grads = tree_map(lambda g: g * w, grads)
+        for rows in chunks:
+            weight = micro_batch_weight(batch.loss_mask[rows], batch.loss_mask, self.algo.aggregation) * rank_weight
+            (loss, stats), grads = self.loss_and_grad(self.model, self.micro_inputs(batch, rows), beta,
+                                                      batch.inject_nan)
+            grads = tree_map(lambda g: g * weight, grads)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            loss_sum += loss * w
+            loss_sum += loss * weight
             for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v * w
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * weight
+            mx.eval(grads_sum, loss_sum, stats_sum)
+        if self.world.size > 1:
+            grads_sum = nn.average_gradients(grads_sum)
+            loss_sum = mx.distributed.all_sum(loss_sum) / self.world.size
+            stats_sum = {k: mx.distributed.all_sum(v) / self.world.size for k, v in stats_sum.items()}
             mx.eval(grads_sum, loss_sum, stats_sum)
         return grads_sum, loss_sum, stats_sum
 
     def apply(self, grads, loss):
         """Clip, check and step: (clipped grads, norm, finite); no step unless finite."""
-        if self.grad_clip > 0:  # one norm serves the clip, the finite check and the log
-            clipped, norm = losses.clip_grad_norm(grads, self.grad_clip)
+        if self.optim.grad_clip > 0:  # one norm serves the clip, the finite check and the log
+            clipped, norm = clip_grad_norm(grads, self.optim.grad_clip)
         else:
-            clipped, norm = grads, losses.grad_global_norm(grads)
+            clipped, norm = grads, grad_global_norm(grads)
         finite = bool((mx.isfinite(loss) & mx.isfinite(norm)).item())
         if finite:
             self.optimizer.update(self.model, clipped)
             mx.eval(self.model.parameters(), self.optimizer.state)
         return clipped, norm, finite
+
+    def run(self, batch, beta):
+        """algo.num_iterations optimizer steps on one batch (the model in training mode meanwhile)."""
+        chunks = micro_batches(len(batch.completion_ids), self.optim.grad_accum)
+        result = UpdateResult()
+        self.model.train()
+        try:
+            for _ in range(self.algo.num_iterations):
+                before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
+                grads, loss, stats = self.accumulate(batch, beta, chunks)
+                clipped, norm, finite = self.apply(grads, loss)
+                result.grad_norm.append(norm.item())
+                result.loss.append(loss.item())
+                for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
+                    if k in stats:
+                        getattr(result, k).append(stats[k].item())
+                if not finite:
+                    result.skipped += 1
+                    continue
+                result.group_norms = grad_norms_by_group(clipped)
+                result.update_ratio.append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
+        finally:
+            self.model.eval()
+        return result
+
+    def shapes(self, prompt_ids, completion_ids):
+        """(rows, columns) of the update's forwards, and the real token positions among them."""
+        shapes, real = [], 0
+        for rows in micro_batches(len(completion_ids), self.optim.grad_accum):
+            x = self.inputs([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows])
+            if "prompt" in x:
+                shapes += [tuple(x["prompt"].shape), (x["targets"].shape[0], x["targets"].shape[1] - 1)]
+            else:
+                shapes.append(tuple(x["inputs"].shape))
+            if self.share_prompts:  # each distinct prompt of a micro-batch computed once
+                real += sum(len(p) for p in {tuple(prompt_ids[i]) for i in rows}) + sum(len(completion_ids[i]) for i in rows)
+        if not self.share_prompts:
+            real = sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+        return shapes, real
+
+
+def grad_global_norm(grads):
+    """sqrt of the sum of squares over every leaf of a gradient tree (float32)."""
+    total = mx.array(0.0)
+    for _, g in tree_flatten(grads):
+        total = total + mx.sum(mx.square(g.astype(mx.float32)))
+    return mx.sqrt(total)
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale grads so their global norm is at most max_norm. Returns (grads, norm).
+
+    A NaN or Inf norm leaves the grads untouched and is returned as is, so the caller can see it
+    and skip the step; scaling would turn inf entries into NaN and finite ones into 0.
+    """
+    norm = grad_global_norm(grads)
+    scale = mx.where(mx.isfinite(norm) & (norm > max_norm), max_norm / norm, 1.0)
+    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

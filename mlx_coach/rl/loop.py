@@ -1,0 +1,130 @@
+"""Driving a run: `train()` (steps or a time budget, Ctrl-C, checkpoints) and `mlx-coach train`."""
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from mlx_coach.config.tree import Config, load_config, load_run_config
+from mlx_coach.core.errors import RunStopped, UserError
+from mlx_coach.rewards.scoring.http_judge import JudgeOutage
+from mlx_coach.rewards.teacher_server import serve as serve_teacher
+from mlx_coach.rl.setup import schedule_steps
+from mlx_coach.rl.trainer import Trainer
+from mlx_coach.runtime.checkpoint import latest_checkpoint
+from mlx_coach.runtime.distributed import world
+from mlx_coach.telemetry.progress import StepClock, format_eta, progress_line
+
+
+class _DeferredInterrupt:
+    """While active, the first SIGINT (Ctrl-C) only sets `requested`: the step in progress finishes
+    and train() checkpoints it before stopping. A second SIGINT interrupts at once. Only the main
+    thread can handle signals; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
+    """Run (or continue) training until `steps` (default cfg.train.steps), or until the first step that
+    ends after `deadline` (a time.monotonic() value; `mlx-coach bench learn --minutes`). Returns the
+    last metrics. Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt. A
+    `teacher_server` (the judge's own mlx_lm.server) runs for exactly as long as this call."""
+    with serve_teacher(cfg):
+        return _train(cfg, run_dir, resume=resume, steps=steps, deadline=deadline)
+
+
+def _train(cfg, run_dir, *, resume, steps, deadline):
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    total = steps or cfg.train.steps
+    every = cfg.train.checkpoint_every
+    clock = StepClock()  # the step line's ETA: steps left x the mean of recent step times
+    last = {}
+    try:
+        with _DeferredInterrupt() as interrupt:
+            while trainer.state.step < total and not interrupt.requested and (deadline is None or time.monotonic() < deadline):
+                try:
+                    last = trainer.run_step()
+                except JudgeOutage as e:  # on_outage: stop; keep every finished step
+                    path = trainer.save() if trainer.state.step else None
+                    raise RunStopped(f"{e}; stopped at step {trainer.state.step}"
+                                     + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
+                clock.add(last.get("time/step_s", 0.0))
+                if cfg.telemetry.progress and trainer.world.is_main:
+                    if deadline is None:
+                        eta = format_eta(clock.eta(total - trainer.state.step))
+                        line = progress_line(trainer.state.step, total, last)
+                    else:  # a time budget (bench learn --minutes): the steps are not known in advance
+                        eta = format_eta(max(0.0, deadline - time.monotonic()))
+                        line = progress_line(trainer.state.step, "budget", last)
+                    print(f"{line} | ETA {eta}", file=sys.stderr, flush=True)
+                val_every = cfg.train.val_every
+                if val_every and trainer.state.step % val_every == 0 and trainer.state.pos:  # pos 0: end_epoch validated
+                    trainer.validate_midway()
+                if every and trainer.state.step % every == 0:
+                    trainer.save()
+            path = latest_checkpoint(trainer.run_dir)
+            if trainer.state.step and (path is None or not every or trainer.state.step % every):
+                path = trainer.save()
+            if interrupt.requested:
+                if trainer.world.is_main:
+                    print(f"interrupted at step {trainer.state.step}: saved {path}; continue with --resume {trainer.run_dir}",
+                          file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
+    finally:
+        trainer.close()
+    return last
+
+
+def run_from_args(args):
+    if args.resume:
+        for flag, value in (("-c/--config", args.config), ("--output", args.output)):
+            if value:  # a resumed run keeps its own config and directory: say so rather than ignore it
+                raise UserError(f"{flag}: not used with --resume (the run continues with {args.resume}/config.yaml "
+                                f"in {args.resume}); change keys with --set")
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} not found (is {run_dir} a run directory?)")
+        cfg = load_run_config(saved, args.set)  # the run's resolved config, plus any overrides
+        newest = latest_checkpoint(run_dir)
+        at = int(newest.name.split("-")[-1]) if newest is not None else 0
+        if args.steps and args.steps < at:
+            raise UserError(f"--steps: the run in {run_dir} is already at step {at}; "
+                            f"give --steps {at} or more")
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.output or cfg.train.output)
+        # the schedule's length is fixed here, at the run's start: `--steps` says where to stop
+        # now, so stopping at N and resuming to 2N follows the same rates as a straight 2N run
+        if not cfg.optim.schedule_steps:
+            cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
+    if args.steps:
+        cfg.train.steps = args.steps
+    if not args.resume and args.output:
+        cfg.train.output = args.output
+    if cfg.train.steps > schedule_steps(cfg) and cfg.optim.schedule != "constant":
+        print(f"note: --steps {cfg.train.steps} runs past the {schedule_steps(cfg)}-step learning-rate schedule "
+              f"(optim.schedule_steps); the rate stays at its end value from then on", file=sys.stderr)
+    last = train(cfg, run_dir, resume=bool(args.resume))
+    if world().is_main:
+        print(f"done: step {cfg.train.steps}, reward/mean {last.get('reward/mean', float('nan')):.3f}, run {run_dir}")
+    return 0

@@ -1,0 +1,78 @@
+"""A step's metrics from its batch and its update, in one block (as CleanRL logs).
+
+`step_metrics` is a pure function: the per-sample columns and generation totals it reads are
+gathered from every rank beforehand (`sample_columns`, `Trainer.gather`), so one rank and several
+give the same numbers. What depends on the run's history (EMAs, the learning rate, cache and memory
+counters, phase tables) is added by the trainer.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_coach.rl.objective import zero_std_fraction
+
+STATUSES_APART = ("timeout", "infra_error")  # a sandbox that could not judge: counted, not a failing program
+
+
+def sample_columns(batch, sources):
+    """This rank's per-sample columns, to be gathered over ranks in rank order."""
+    scores = batch.scores
+    return {
+        "total": [s.total for s in scores], "fresh": [s.provenance == "fresh" for s in scores],
+        "cached": [s.provenance == "cached" for s in scores], "fallback": [s.provenance == "fallback" for s in scores],
+        "passed": [s.passed for s in scores], "truncated": batch.truncated,
+        "comp_len": [len(c) for c in batch.completion_ids],
+        **{f"status/{st}": [st in s.statuses.values() for s in scores] for st in STATUSES_APART},
+        **{f"part/{src.name}": [s.parts.get(src.name, math.nan) for s in scores] for src in sources}}
+
+
+def step_metrics(batch, result, columns, entropies, gen, group_size, source_names):
+    """reward/*, loss/*, kl/*, policy/*, grad/*, gen/* and update/* of one step.
+
+    columns: `sample_columns` of every rank; entropies: every sampled token's; gen: tokens, tok/s
+    (summed over ranks) and phase times (the slowest rank's)."""
+    rewards = np.array(columns["total"], dtype=np.float32)
+    fresh = [v for v, f in zip(columns["total"], columns["fresh"]) if f]
+    cached = [v for v, c in zip(columns["total"], columns["cached"]) if c]
+    n_fallback = int(sum(columns["fallback"]))
+    stats = batch.rollout_stats
+    computed = sum(rows * cols for rows, cols in result.shapes)
+    metrics = {
+        "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+        # count = graded samples (fresh + cached); samples with a judge's fallback are apart
+        "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
+        "reward/cached_count": len(cached), "reward/fallback_count": n_fallback,
+        "reward/fallback_frac": n_fallback / len(columns["total"]),
+        "reward/frac_zero_std": float(zero_std_fraction(mx.array(rewards), group_size)),
+        # the mean of no samples is undefined: NaN, never a made-up 0
+        "reward/fresh_mean": float(np.mean(fresh)) if fresh else float("nan"),
+        "reward/cached_mean": float(np.mean(cached)) if cached else float("nan"),
+        **{f"reward/{status}_count": sum(bool(v) for v in columns[f"status/{status}"]) for status in STATUSES_APART},
+        "loss/policy": float(np.mean(result.loss)), "loss/kl": float(np.mean(result.kl_loss or [0.0])),
+        "kl/mean": batch.kl_observed, "kl/beta": batch.beta,
+        "policy/clip_frac": float(np.mean(result.clip_frac or [0.0])),
+        "policy/ratio_mean": float(np.mean(result.ratio_mean or [1.0])),
+        "policy/entropy": float(np.mean(entropies)) if entropies else 0.0,
+        "grad/norm": float(result.grad_norm[-1]),
+        "grad/update_ratio": float(np.mean(result.update_ratio)) if result.update_ratio else 0.0,
+        "train/pass_rate": float(np.mean(columns["passed"])),
+        **gen,
+        "gen/completion_len_mean": float(np.mean(columns["comp_len"])),
+        "gen/truncated_frac": float(np.mean(columns["truncated"])),
+        # positions computed for no sequence (prompt padding, finished rows kept for the bucket; the
+        # update's right padding): the cost of shape bucketing, next to memory/new_shapes, its gain
+        "gen/padding_frac": stats.padding_tokens / max(stats.padding_tokens + stats.prefill_tokens
+                                                       + stats.decode_tokens, 1),
+        "gen/rows_per_forward": stats.rows_per_forward,  # how full rollout.continuous kept the batch
+        "gen/refills": stats.refills,
+        "update/padding_frac": 1.0 - result.real_tokens / max(computed, 1),
+        **result.group_norms,
+    }
+    if len(source_names) > 1:
+        for name in source_names:
+            values = [v for v in columns[f"part/{name}"] if not math.isnan(v)]
+            if values:
+                metrics[f"reward/{name}_mean"] = float(np.mean(values))
+    return metrics
