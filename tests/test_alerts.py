@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from mlx_coach.telemetry.alerts import Alert, AlertConfig, AlertState, evaluate, evaluate_epoch, loss_volatility, lr_adjustment
+from mlx_coach.telemetry.alert_rules import evaluate, evaluate_epoch, loss_volatility, lr_adjustment
+from mlx_coach.telemetry.alerts import Alert, AlertConfig, AlertState
 from mlx_coach.core.errors import UserError
 from mlx_coach.telemetry.health import TrendTracker
 

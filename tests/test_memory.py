@@ -3,7 +3,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_coach.core.errors import UserError
-from mlx_coach.runtime.memory import GB, MemoryConfig, MemoryManager, MemorySample, OomEvent, clear_decision, device_memory_bytes, cache_share, halve_batch, is_oom_error, resolve_limit, resolve_wired_limit, trim_target
+from mlx_coach.runtime.memory import MemoryConfig, MemoryManager, MemorySample, OomEvent
+from mlx_coach.runtime.memory_policy import GB, clear_decision, device_memory_bytes, cache_share, halve_batch, is_oom_error, resolve_limit, resolve_wired_limit, trim_target
 
 # mx.device_info() on an M1 Pro (16 GB); the CPU backend reports no memory size at all.
 METAL_INFO = {

@@ -10,7 +10,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from mlx_coach.telemetry.alerts import Alert
 from mlx_coach.core.errors import UserError
-from mlx_coach.telemetry.writer import Ema, PhaseAccumulator, Telemetry, epoch_phase, progress_line, read_jsonl
+from mlx_coach.telemetry.accumulators import Ema, PhaseAccumulator, epoch_phase
+from mlx_coach.telemetry.progress import progress_line
+from mlx_coach.telemetry.writer import Telemetry, read_jsonl
 
 
 def load(run_dir):

@@ -13,7 +13,8 @@ import yaml
 from mlx_coach.commands import stats
 from mlx_coach.telemetry import plots
 from mlx_coach.core.errors import UserError
-from mlx_coach.telemetry.writer import PHASES, epoch_phase, read_jsonl
+from mlx_coach.telemetry.accumulators import PHASES, epoch_phase
+from mlx_coach.telemetry.writer import read_jsonl
 
 # (key, label, digits); every key is a number per run, averaged over seeds
 METRICS = [

@@ -2,7 +2,7 @@
 
 Each config section is a module's own dataclass (rollout.RolloutConfig, cache.CacheConfig, ...), whose
 fields are declared with `setting(default, lo=, hi=, choices=)`. `check_fields` validates an instance
-against those declarations; config.py runs the same checks on YAML values with the dotted key in the
+against those declarations; config.tree runs the same checks on YAML values with the dotted key in the
 message, so a range is written once, next to the field it bounds.
 """
 

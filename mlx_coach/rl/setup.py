@@ -5,6 +5,10 @@ length is optim.schedule_steps (fixed when a run starts), not where this invocat
 stopped at step N and resumed to 2N replays a straight 2N run's samples and rates.
 """
 
+import os
+import shutil
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
@@ -57,3 +61,30 @@ def make_optimizer(optim_cfg, total_updates, scale=lambda: 1.0):
         warm = optim.linear_schedule(optim_cfg.lr / optim_cfg.warmup_steps, optim_cfg.lr, optim_cfg.warmup_steps)
         base = optim.join_schedules([warm, base], [optim_cfg.warmup_steps])
     return optim.AdamW(learning_rate=lambda step: base(step) * scale(), weight_decay=optim_cfg.weight_decay)
+
+
+def check_shards(n_tasks, per_step, algo, size):
+    """Every rank needs at least one prompt in every step, the epoch's last (shorter) step included."""
+    if size > 1 and (algo.dynamic_sampling or algo.difficulty_weighting):
+        # both change how many prompts a step holds, which the ranks' contiguous shards assume fixed
+        key = "dynamic_sampling" if algo.dynamic_sampling else "difficulty_weighting"
+        raise UserError(f"config key 'algo.{key}' is not supported with several ranks yet; turn it off")
+    smallest = min(per_step, n_tasks % per_step or per_step, n_tasks)
+    if smallest < size:
+        raise UserError(f"config key 'rollout.prompts_per_step': {n_tasks} training tasks in steps of {per_step} "
+                        f"leave a step of {smallest} prompts, fewer than the {size} ranks; make each step hold at "
+                        f"least {size} prompts (prompts_per_step, data.limit)")
+
+
+def base_model_folder(model_info, run_dir, is_main):
+    """The base model that adapter_config.json names. A builtin model is created in code, so its HF
+    folder is copied into the run directory (by rank 0): the run then loads anywhere with mlx-lm."""
+    if model_info.get("kind") != "builtin":
+        return model_info["path"]
+    target = Path(run_dir) / "base_model"
+    if is_main and not (target / "config.json").is_file():
+        tmp = Path(run_dir) / ".base_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_info["path"], tmp)
+        os.replace(tmp, target)
+    return str(target.resolve())

@@ -7,8 +7,6 @@ ratio, as in TRL and verl). The run directory is claimed (locked) before anythin
 """
 
 import math
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,8 @@ from mlx_coach.rl import dynamic_sampling, objective
 from mlx_coach.rl.batch import StepBatch, fit_width, micro_batches, pad_rows, token_mask
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
-from mlx_coach.rl.setup import epoch_order, make_optimizer, schedule_steps, select_tasks, step_seed
+from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, make_optimizer, schedule_steps,
+                                select_tasks, step_seed)
 from mlx_coach.rl.state import TrainerState
 from mlx_coach.rl.step_metrics import sample_columns, step_metrics
 from mlx_coach.rl.update import Updater
@@ -69,7 +68,7 @@ class Trainer(AfterStep):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
-        self._check_shards()
+        check_shards(len(self.train_tasks), cfg.rollout.prompts_per_step, cfg.algo, self.world.size)
         self.state = TrainerState(kl_controller=make_kl_controller(cfg.algo.beta, cfg.algo.kl_target,
                                                                    cfg.algo.kl_horizon))
         self._setup_policy(cfg, resume)
@@ -108,7 +107,7 @@ class Trainer(AfterStep):
             lora = None
             self.ref_model = frozen_copy(self.model)
             unfreeze_all(self.model)
-        self.adapter_cfg = adapter_config(self._base_model_folder(), lora)
+        self.adapter_cfg = adapter_config(base_model_folder(self.model_info, self.run_dir, self.world.is_main), lora)
         self.adapter_cfg[base_identity.KEY] = base_identity.identity(self.model_info)
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
@@ -127,33 +126,6 @@ class Trainer(AfterStep):
             self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
             if model_cfg.fine_tune == "lora" and self.world.is_main:
                 mx.save_safetensors(str(initial), self.initial_trainable)
-
-    def _base_model_folder(self):
-        """The base model that adapter_config.json names. A builtin model is created in code, so
-        its HF folder is copied into the run directory: the run then loads anywhere with mlx-lm."""
-        if self.model_info.get("kind") != "builtin":
-            return self.model_info["path"]
-        target = self.run_dir / "base_model"
-        if self.world.is_main and not (target / "config.json").is_file():
-            tmp = self.run_dir / ".base_model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.model_info["path"], tmp)
-            os.replace(tmp, target)
-        return str(target.resolve())
-
-    def _check_shards(self):
-        """Every rank needs at least one prompt in every step, the epoch's last (shorter) step included."""
-        n, per_step, size = len(self.train_tasks), self.cfg.rollout.prompts_per_step, self.world.size
-        algo = self.cfg.algo
-        if size > 1 and (algo.dynamic_sampling or algo.difficulty_weighting):
-            # both change how many prompts a step holds, which the ranks' contiguous shards assume fixed
-            key = "dynamic_sampling" if algo.dynamic_sampling else "difficulty_weighting"
-            raise UserError(f"config key 'algo.{key}' is not supported with several ranks yet; turn it off")
-        smallest = min(per_step, n % per_step or per_step, n)
-        if smallest < size:
-            raise UserError(f"config key 'rollout.prompts_per_step': {n} training tasks in steps of {per_step} leave "
-                            f"a step of {smallest} prompts, fewer than the {size} ranks; make each step hold at "
-                            f"least {size} prompts (prompts_per_step, data.limit)")
 
     # ---------------------------------------------------------------- checkpoints
     def save(self):

@@ -3,8 +3,8 @@ collectives that turn per-rank numbers into the global batch's numbers.
 
 `mlx.launch -n 2 --backend ring -- mlx-coach train ...` starts one process per rank; `world()` calls
 `mx.distributed.init()` once and keeps the group. Without mlx.launch the group has size 1 and every
-helper here returns its input unchanged without running a collective, so a single-process run does
-exactly what it did before distributed training existed.
+helper here returns its input unchanged without running a collective, so a single-process run
+computes exactly what it would with no distributed code at all.
 
 Sharding is contiguous: rank r takes the r-th of `size` near-equal slices of the step's prompts
 (`np.array_split`), so concatenating the ranks' rollouts in rank order gives the single-process

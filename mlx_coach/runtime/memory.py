@@ -1,4 +1,7 @@
-"""Watch MLX and process memory, apply MLX's limits, clear its buffer cache under pressure.
+"""Watch MLX and process memory, apply MLX's limits, clear its buffer cache: `MemoryManager`.
+
+What to do when is decided by the pure functions of memory_policy.py; this module reads the numbers,
+calls MLX and records what it did.
 
 Numbers in every sample (bytes; GB in metric names is 1e9 bytes, as mlx-lm reports peak memory):
 
@@ -10,21 +13,15 @@ Numbers in every sample (bytes; GB in metric names is 1e9 bytes, as mlx-lm repor
     cache_share = cache / (active + cache): the idle share of MLX's memory (0 when both are 0)
 
 What they mean. On Metal, `active + cache` is what MLX holds on the GPU heap and `footprint` what the
-OS charges the process (MLX's buffers plus Python, tokenizer, sandbox pipes); users report footprints
-growing into swap while MLX's peak stays flat, which only the OS number shows. On Linux/CPU MLX's
-buffers live in ordinary memory and MLX caps the cache at 32 MiB unless told otherwise, so
-`cache_share` there mostly reflects that cap. `cache_share` is not fragmentation (MLX does not report
-unused tails inside buffers; a freed buffer is reused only for a request between its size and about
-twice it). The trainer logs the (rows, tokens) shapes of a step's forwards: `memory/distinct_shapes`
-in the step and `memory/new_shapes`, those no earlier step asked for. A new shape asks the allocator for
-buffer sizes that earlier steps did not free, so it is the measured proxy for cache mismatch.
+OS charges the process (MLX's buffers plus Python, tokenizer, sandbox pipes); a footprint can grow into
+swap while MLX's peak stays flat, which only the OS number shows. On Linux/CPU MLX's buffers live in
+ordinary memory and MLX caps the cache at 32 MiB unless told otherwise, so `cache_share` there mostly
+reflects that cap. `cache_share` is not fragmentation (MLX does not report unused tails inside buffers;
+a freed buffer is reused only for a request between its size and about twice it). The trainer logs the
+(rows, tokens) shapes of a step's forwards: `memory/distinct_shapes` in the step and
+`memory/new_shapes`, those no earlier step asked for. A new shape asks the allocator for buffer sizes
+that earlier steps did not free, so it is the measured proxy for cache mismatch.
 
-Clearing policy (`clear_decision`, a pure function of the samples), first rule that fires:
-- pressure: footprint (else active + cache) above `clear_pressure` x the limit (memory.memory_limit if
-  set, else the device's recommended working set on Metal / physical memory on CPU);
-- growth: the cache grew in each of the last `clear_growth_steps` steps;
-- cache share above `clear_cache_share` (off by default: a high share after an update is normal);
-- cache above `clear_cache_gb`; every `clear_every` steps.
 A clear either drops the whole cache (`mx.clear_cache()`) or, with `clear_fraction` set, trims it by
 that fraction: the cache limit is lowered to `(1 - clear_fraction) * cache`, the allocator evicts its
 least recently used buffers down to the limit, and the old limit is restored. MLX's CPU allocator
@@ -41,20 +38,10 @@ from typing import Optional
 
 import mlx.core as mx
 
-from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
-
-GB = 1e9
-
-# Substrings of the errors MLX raises when an allocation fails (Metal and CPU allocators),
-# matched case-insensitively.
-OOM_MARKERS = (
-    "[metal::malloc]",
-    "[malloc] unable to allocate",
-    "resource limit",
-    "out of memory",
-    "insufficient memory",
-)
+from mlx_coach.runtime.memory_policy import (GB, cache_share, check_limit, clear_decision, device_memory_bytes,
+                                             halve_batch, is_oom_error, pressure_limit, resolve_limit,
+                                             resolve_wired_limit, trim_target)
 
 
 @dataclass
@@ -72,7 +59,7 @@ class MemoryConfig:
     clear_growth_steps: int = setting(0, lo=0, help="clear when the cache grew in each of the last N steps; 0 off")
     clear_cache_share: Optional[float] = setting(None, lo=0.0, hi=1.0, help="clear when cache / (active + cache) exceeds this; 0/null off")
     clear_cache_gb: Optional[float] = setting(None, lo=0.0, help="clear when the cache holds more than this")
-    clear_every: int = setting(1, lo=0, help="clear every N steps; 0 = off (the default, 1, was fastest and smallest in bench memory)")
+    clear_every: int = setting(1, lo=0, help="clear every N steps; 0 = off")
     clear_fraction: Optional[float] = setting(None, lo=0.0, hi=1.0, help="trim the cache by this fraction; null, 0 or 1 = drop all of it")
     clear_min_cache_gb: float = setting(0.0625, lo=0.0, help="the cache-share and growth rules ignore caches smaller than this")
     clear_min_interval: int = setting(1, lo=0, help="steps between proactive clears (1 = at most one per step)")
@@ -81,18 +68,7 @@ class MemoryConfig:
     def __post_init__(self):
         check_fields(self, "memory")
         for name in ("cache_limit", "memory_limit", "wired_limit"):
-            _check_limit(getattr(self, name), f"memory.{name}")
-
-
-def _check_limit(value, name):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{name} must be bytes (int), a fraction in (0, 1] or null, got {value!r}")
-    if isinstance(value, float) and not (0 <= value <= 1 or (value > 1 and value.is_integer())):
-        raise UserError(f"{name} must be bytes (int) or a fraction in (0, 1], got {value!r}")
-    if value < 0:
-        raise UserError(f"{name} must be >= 0, got {value!r}")
+            check_limit(getattr(self, name), f"memory.{name}")
 
 
 @dataclass
@@ -143,46 +119,9 @@ def _event_fields(event):
     return {k: v for k, v in asdict(event).items() if k not in ("step", "kind")}
 
 
-def cache_share(active, cache):
-    total = active + cache
-    return cache / total if total > 0 else 0.0
-
-
-def device_memory_bytes(info):
-    """Bytes that limit fractions refer to: Metal's recommended working set, else total memory."""
-    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
-        value = info.get(key) if info else None
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def resolve_limit(value, device_bytes, name="limit"):
-    """A configured limit in bytes: ints are bytes, floats in (0, 1] a fraction of device_bytes."""
-    if value is None:
-        return None
-    _check_limit(value, name)
-    if isinstance(value, float) and 0 < value <= 1:
-        if not device_bytes:
-            raise UserError(f"{name} is a fraction ({value}) but the device memory size is unknown; give bytes")
-        return int(value * device_bytes)
-    return int(value)
-
-
-def resolve_wired_limit(value, info, name="memory.wired_limit"):
-    """Wired limit in bytes; Metal refuses limits above the recommended working set, so do we."""
-    if value is None:
-        return None
-    ceiling = (info or {}).get("max_recommended_working_set_size")
-    limit = resolve_limit(value, ceiling or device_memory_bytes(info), name)
-    if ceiling and limit > ceiling:
-        raise UserError(f"{name} ({limit} bytes) exceeds the recommended working set ({ceiling} bytes)")
-    return limit
-
-
 def process_footprint():
     """Resident bytes of this process from the OS, or None. Linux: resident pages of /proc/self/statm.
-    macOS: ri_phys_footprint of proc_pid_rusage (what Activity Monitor shows; not run on a Mac here)."""
+    macOS: ri_phys_footprint of proc_pid_rusage (what Activity Monitor shows)."""
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/self/statm") as f:
@@ -205,63 +144,6 @@ def _darwin_phys_footprint():
         return int(info[9])  # 16-byte uuid, then user, system, idle wakeups, interrupts, pageins, wired, resident, footprint
     except (OSError, AttributeError):
         return None
-
-
-def pressure_limit(cfg, device_bytes):
-    """The bytes the pressure rule compares the footprint with: memory_limit if set, else the device's."""
-    return resolve_limit(cfg.memory_limit, device_bytes, "memory.memory_limit") or device_bytes
-
-
-def clear_decision(sample, cfg, step, last_clear_step, *, limit=None, cache_history=()):
-    """(should_clear, reason) for the latest sample; reason is None when no clear is due.
-
-    limit: bytes for the pressure rule (see pressure_limit); cache_history: the cache bytes at the end
-    of each step so far, this one included, oldest first (growth: the last N + 1 of them rise)."""
-    if last_clear_step is not None and step - last_clear_step < cfg.clear_min_interval:
-        return False, None
-    used = sample.footprint if sample.footprint is not None else sample.active + sample.cache
-    if cfg.clear_pressure and limit and sample.cache > 0 and used > cfg.clear_pressure * limit:
-        return True, "pressure"
-    n = cfg.clear_growth_steps
-    if n and sample.cache >= cfg.clear_min_cache_gb * GB and len(cache_history) > n:
-        recent = list(cache_history[-(n + 1):])
-        if all(b > a for a, b in zip(recent, recent[1:])):
-            return True, "growth"
-    if (
-        cfg.clear_cache_share  # None or 0: off
-        and sample.cache >= cfg.clear_min_cache_gb * GB
-        and sample.cache > 0
-        and cache_share(sample.active, sample.cache) > cfg.clear_cache_share
-    ):
-        return True, "cache_share"
-    if cfg.clear_cache_gb is not None and sample.cache > cfg.clear_cache_gb * GB:
-        return True, "cache_size"
-    if cfg.clear_every and step > 0 and step % cfg.clear_every == 0:
-        return True, "periodic"
-    return False, None
-
-
-def trim_target(cache, clear_fraction):
-    """Cache limit that trims `cache` bytes by `clear_fraction`; 0 means drop everything."""
-    if not clear_fraction or clear_fraction >= 1:
-        return 0
-    return int(cache * (1 - clear_fraction))
-
-
-def halve_batch(batch, min_batch):
-    """Next batch size after an out-of-memory error, or None when batch is already at the floor."""
-    if batch <= min_batch:
-        return None
-    return max(min_batch, batch // 2)
-
-
-def is_oom_error(exc):
-    if isinstance(exc, MemoryError):
-        return True
-    if not isinstance(exc, RuntimeError):
-        return False
-    text = str(exc).lower()
-    return any(marker in text for marker in OOM_MARKERS)
 
 
 def _device_info():

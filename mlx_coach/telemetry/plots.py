@@ -2,9 +2,9 @@
 
 Every line chart is drawn by `line_chart` (or `line_panels`: several stacked on one x axis): series
 that share a unit go on the left axis; series in another unit (tok/s against a 0-1 hit rate, say) go
-on a second, right-hand axis, so neither is pinned flat.
-Each series gets its own colour and marker; right-axis series are dashed. A series may hold `None` or NaN where it has no value; the
-line breaks there instead of drawing across the gap. `vlines` marks x positions (epoch boundaries).
+on a second, right-hand axis, so neither is pinned flat. Each series gets its own colour and marker;
+right-axis series are dashed. A series may hold `None` or NaN where it has no value; the line breaks
+there instead of drawing across the gap. `vlines` marks x positions (epoch boundaries).
 matplotlib draws off-screen (Agg), so this works without a display.
 """
 

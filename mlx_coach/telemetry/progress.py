@@ -1,14 +1,17 @@
 """Progress for long work: a tqdm bar with ETA on a terminal, nothing when stderr is a file or a
-pipe (logs and CI stay clean); and the ETA of `train`'s per-step line.
+pipe (logs and CI stay clean); and `train`'s per-step line (`progress_line`) with its ETA.
 
 tqdm is a dependency for this: its ETA, rate smoothing and terminal handling are well kept, and a
 bar that is silent off a terminal is one flag.
 """
 
+import math
 import sys
 from collections import deque
 
 from tqdm import tqdm
+
+from mlx_coach.telemetry.scalar_charts import TOKS
 
 
 def is_terminal(stream) -> bool:
@@ -53,3 +56,23 @@ def format_eta(seconds) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def progress_line(step, total, metrics):
+    """One console line: step/total, reward, tok/s, loss (and KL when logged)."""
+
+    def fmt(key, spec):
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{v:{spec}}" if math.isfinite(v) else str(v)
+
+    loss_key = "loss/total" if "loss/total" in metrics else "loss/policy"
+    width = len(str(total))
+    parts = [
+        f"step {step:>{width}}/{total}",
+        f"reward {fmt('reward/mean', '.3f')}",
+        f"tok/s {fmt(TOKS, '.1f')}",
+        f"loss {fmt(loss_key, '.4f')}",
+    ]
+    if "loss/kl" in metrics:
+        parts.append(f"kl {fmt('loss/kl', '.4f')}")
+    return " | ".join(parts)

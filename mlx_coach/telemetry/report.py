@@ -3,7 +3,7 @@ per chart) from the run's metrics.jsonl; the trainer writes the same at each epo
 PNG to TensorBoard's Images tab (`report/<chart>`).
 
 TensorBoard's custom-scalar charts have one y-axis, so they only hold series of one unit
-(telemetry.custom_scalar_layout). The charts that put two units side by side live here, drawn by
+(scalar_charts.custom_scalar_layout). The charts that put two units side by side live here, drawn by
 plots.line_chart with a second y-axis:
 
     throughput_vs_hit_rate.png   tok/s (left) and the step's cache hit rate (right), one colour per
@@ -20,7 +20,8 @@ import yaml
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.telemetry.plots import line_chart, png_to_hwc
-from mlx_coach.telemetry.writer import PHASES, epoch_phase, markdown_table, read_jsonl
+from mlx_coach.telemetry.accumulators import PHASES, epoch_phase
+from mlx_coach.telemetry.writer import markdown_table, read_jsonl
 
 CHARTS = ("throughput_vs_hit_rate", "throughput_vs_memory", "reward_fresh_vs_cached")
 

@@ -1,4 +1,4 @@
-"""TensorBoard and JSONL logging, epoch phases, per-phase throughput and cache statistics.
+"""The run's log files and TensorBoard events: `Telemetry` writes them, `read_jsonl` reads them back.
 
 Files in the run directory:
 
@@ -11,10 +11,8 @@ Files in the run directory:
 
 JSON has no NaN or infinity: non-finite floats are written as the strings "nan", "inf", "-inf"
 (`read_jsonl` turns them back into floats). TensorBoard receives the real non-finite value.
-
-Epoch phases: a step whose position in the epoch (fraction of the epoch's batches done before it)
-is below 1/3 is "early", below 2/3 "mid", else "late". The per-phase cache hit rate is
-sum(hits) / sum(hits + misses) over the phase's steps in the current epoch, not a mean of ratios.
+Epoch phases and the per-phase table are computed in accumulators.py; the custom-scalar charts
+are declared in scalar_charts.py.
 """
 
 import json
@@ -30,13 +28,8 @@ from tensorboardX.proto.summary_pb2 import Summary
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
-
-PHASES = ("early", "mid", "late")
-
-TOKS = "gen/tokens_per_sec"
-FRAG = "memory/cache_share"
-
-EPOCH_COLUMNS = ("tokens_per_sec", "cache_hit_rate", "cache_share", "fresh_reward_mean", "steps")
+from mlx_coach.telemetry.accumulators import as_float, epoch_phase
+from mlx_coach.telemetry.scalar_charts import custom_scalar_layout
 
 
 @dataclass
@@ -54,15 +47,6 @@ class TelemetryConfig:
         if len(self.phase_bounds) != 2:
             raise UserError("config key 'telemetry.phase_bounds' must be two fractions 0 < early < late < 1")
         epoch_phase(0.0, self.phase_bounds)  # raises UserError naming phase_bounds
-
-
-def epoch_phase(position, bounds=(1 / 3, 2 / 3)):
-    lo, hi = bounds
-    if not 0 < lo < hi < 1:
-        raise UserError(f"telemetry.phase_bounds must satisfy 0 < early < mid < 1, got {bounds!r}")
-    if not 0 <= position <= 1:
-        raise ValueError(f"epoch position must be in [0, 1], got {position}")
-    return "early" if position < lo else "mid" if position < hi else "late"
 
 
 def _finite_or_str(value):
@@ -151,47 +135,6 @@ def _cell(value):
     return str(value)
 
 
-def unit_of(tag):
-    """The unit a tag's values are in, read from its name: what may share one y-axis."""
-    if tag.startswith("gen/tokens_per_sec_rel"):
-        return "x the first steps' tok/s"
-    if "tokens_per_sec" in tag:
-        return "tok/s"
-    if tag.endswith("_gb"):
-        return "GB"
-    if "hit_rate" in tag or "cache_share" in tag or tag.endswith("_frac") or "pass@" in tag:
-        return "fraction"
-    if tag.startswith("reward/") and tag.endswith(("_mean", "/mean", "/ema")):
-        return "reward"
-    if tag.startswith("loss/"):
-        return "loss"
-    return "other"
-
-
-def custom_scalar_layout():
-    """TensorBoard's custom-scalar charts have one y-axis, so each chart holds series of one unit
-    (`unit_of`; a test checks every chart against the tags a real run logs). Two units side by side
-    (tok/s against hit rate or memory) are the run report's two-axis PNGs (report.py), which the
-    trainer also logs to the Images tab. Tags are anchored regexes."""
-    exact = lambda *tags: [f"^{t}$" for t in tags]  # noqa: E731
-    return {
-        "mlx-coach": {
-            "tok/s: per step and by epoch phase": ["Multiline", exact(TOKS) + ["^gen/tokens_per_sec_by_phase/"]],
-            "cache hit rate: per step and by epoch phase": [
-                "Multiline", exact("cache/hit_rate") + ["^cache/hit_rate_by_phase/"]],
-            "MLX cache share: per step and by epoch phase": ["Multiline", exact(FRAG) + ["^memory/cache_share_by_phase/"]],
-            "reward: fresh vs cached": [
-                "Multiline",
-                exact("reward/fresh_mean", "reward/cached_mean", "reward/mean"),
-            ],
-            "loss": ["Multiline", exact("loss/policy", "loss/kl", "loss/policy_ema")],
-            # one unit (GB): what the OS charges the process next to what MLX holds
-            "memory (GB): process footprint vs MLX active and cache": [
-                "Multiline", exact("memory/footprint_gb", "memory/active_gb", "memory/cache_gb")],
-        }
-    }
-
-
 class Telemetry:
     def __init__(self, run_dir, *, tensorboard=True, console=True, purge_step=None, stream=None):
         self.run_dir = str(run_dir)
@@ -231,7 +174,7 @@ class Telemetry:
         self._append(self.metrics_path, {"step": step, **metrics})
         if self.writer is not None:
             for tag, value in metrics.items():
-                x = _as_float(value)
+                x = as_float(value)
                 if x is not None:
                     self._scalar(tag, x, step)
 
@@ -250,7 +193,7 @@ class Telemetry:
         if self.writer is not None:
             self.writer.add_text(f"events/{kind}", markdown_table({kind: fields}, label="event"), step)
             for name, value in fields.items():
-                x = None if isinstance(value, bool) else _as_float(value)
+                x = None if isinstance(value, bool) else as_float(value)
                 if x is not None:
                     self._scalar(f"events/{kind}/{name}", x, step)
 
@@ -321,130 +264,3 @@ class SilentTelemetry:
         return None
 
     log = text = event = alert = image = histogram = epoch_table = custom_layout = flush = close = _nothing
-
-
-class PhaseAccumulator:
-    """Running per-phase statistics within the current epoch (call reset() at each epoch start)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.stats = {}
-
-    def add(self, phase, metrics):
-        """metrics: tokens_per_sec, hits and misses (this step's lookups, not running totals),
-        cache_share, fresh_reward_mean and fresh_count (its weight, default 1); each optional."""
-        s = self.stats.setdefault(
-            phase,
-            {"steps": 0, "toks_sum": 0.0, "toks_n": 0, "hits": 0.0, "misses": 0.0,
-             "frag_sum": 0.0, "frag_n": 0, "fresh_sum": 0.0, "fresh_n": 0.0},
-        )
-        s["steps"] += 1
-        toks, frag = _as_float(metrics.get("tokens_per_sec")), _as_float(metrics.get("cache_share"))
-        if _finite(toks):
-            s["toks_sum"] += toks
-            s["toks_n"] += 1
-        if _finite(frag):
-            s["frag_sum"] += frag
-            s["frag_n"] += 1
-        s["hits"] += _as_float(metrics.get("hits")) or 0
-        s["misses"] += _as_float(metrics.get("misses")) or 0
-        fresh = _as_float(metrics.get("fresh_reward_mean"))
-        weight = _as_float(metrics.get("fresh_count", 1))
-        if _finite(fresh) and weight:
-            s["fresh_sum"] += fresh * weight
-            s["fresh_n"] += weight
-
-    def _values(self, phase):
-        s = self.stats.get(phase)
-        if s is None:
-            return None
-        ratio = lambda num, den: num / den if den else float("nan")  # noqa: E731
-        return {
-            "tokens_per_sec": ratio(s["toks_sum"], s["toks_n"]),
-            "cache_hit_rate": ratio(s["hits"], s["hits"] + s["misses"]),
-            "cache_share": ratio(s["frag_sum"], s["frag_n"]),
-            "fresh_reward_mean": ratio(s["fresh_sum"], s["fresh_n"]),
-            "steps": s["steps"],
-        }
-
-    def by_phase_metrics(self, phase):
-        """TensorBoard tags for one phase; tags without data yet are left out."""
-        v = self._values(phase)
-        if v is None:
-            return {}
-        out = {
-            f"gen/tokens_per_sec_by_phase/{phase}": v["tokens_per_sec"],
-            f"cache/hit_rate_by_phase/{phase}": v["cache_hit_rate"],
-            f"memory/cache_share_by_phase/{phase}": v["cache_share"],
-        }
-        return {k: x for k, x in out.items() if not math.isnan(x)}
-
-    def epoch_rows(self):
-        ordered = [p for p in PHASES if p in self.stats] + [p for p in self.stats if p not in PHASES]
-        return {p: self._values(p) for p in ordered}
-
-    def state_dict(self):
-        return {p: dict(s) for p, s in self.stats.items()}
-
-    def load(self, state):
-        self.stats = {p: dict(s) for p, s in state.items()}
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _as_float(value):
-    """float(value) for numbers (Python, numpy, size-1 mlx arrays); None for anything else."""
-    if value is None or isinstance(value, (str, bytes, dict, list, tuple)):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-class Ema:
-    """Exponential moving average; the first value initialises it; non-finite values are ignored."""
-
-    def __init__(self, alpha):
-        if not 0 < alpha <= 1:
-            raise UserError(f"EMA alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
-        self.value = None
-        self.count = 0
-
-    def update(self, x):
-        x = _as_float(x)
-        if x is not None and math.isfinite(x):
-            self.value = x if self.value is None else self.alpha * x + (1 - self.alpha) * self.value
-            self.count += 1
-        return self.value
-
-    def state_dict(self):
-        return {"alpha": self.alpha, "value": self.value, "count": self.count}
-
-    def load(self, state):
-        self.alpha, self.value, self.count = state["alpha"], state["value"], state["count"]
-
-
-def progress_line(step, total, metrics):
-    """One console line: step/total, reward, tok/s, loss (and KL when logged)."""
-
-    def fmt(key, spec):
-        v = metrics.get(key)
-        return "n/a" if v is None else f"{v:{spec}}" if math.isfinite(v) else str(v)
-
-    loss_key = "loss/total" if "loss/total" in metrics else "loss/policy"
-    width = len(str(total))
-    parts = [
-        f"step {step:>{width}}/{total}",
-        f"reward {fmt('reward/mean', '.3f')}",
-        f"tok/s {fmt(TOKS, '.1f')}",
-        f"loss {fmt(loss_key, '.4f')}",
-    ]
-    if "loss/kl" in metrics:
-        parts.append(f"kl {fmt('loss/kl', '.4f')}")
-    return " | ".join(parts)
