@@ -1,4 +1,5 @@
-"""The README's examples, run: the dataset row, the Mac config, the quick start's config and test command."""
+"""The README's and docs pages' examples, run: the dataset row, the Mac config, the quick start's config and test
+command; and every relative link in README.md and docs/*.md resolves."""
 
 import json
 import re
@@ -7,13 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def section(title):
-    start = README.index(f"## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start: end if end != -1 else None]
+def section(title, page="README.md"):
+    text = (ROOT / page).read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end != -1 else None]
 
 
 def blocks(text, lang):
@@ -22,11 +24,12 @@ def blocks(text, lang):
 
 def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
     from mlx_coach.config.tree import DataConfig
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, run_sample
+    from mlx_coach.rewards.scoring.sandbox import run_sample
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
     from mlx_coach.data.tasks import load_tasks
-    from mlx_coach.rl.trainer import select_tasks
+    from mlx_coach.rl.setup import select_tasks
 
-    (row,) = blocks(section("Your own dataset"), "jsonl")
+    (row,) = blocks(section("Your own dataset", "docs/tasks.md"), "jsonl")
     path = tmp_path / "tasks.jsonl"
     other = {**json.loads(row), "task_id": "mine/other", "tags": ["category:strings"]}
     path.write_text(row + json.dumps(other) + "\n")
@@ -45,7 +48,7 @@ def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
 def test_the_mac_config_is_the_shipped_file_and_loads():
     from mlx_coach.config.tree import load_config
 
-    (yaml_text,) = blocks(section("Your own model on a Mac"), "yaml")
+    (yaml_text,) = blocks(section("Your own model on a Mac", "docs/mac.md"), "yaml")
     shipped = (ROOT / "configs" / "mac.yaml").read_text()
     assert yaml_text.strip() == shipped.strip()
     cfg = load_config(ROOT / "configs" / "mac.yaml")
@@ -57,7 +60,7 @@ def test_the_mac_config_is_the_shipped_file_and_loads():
 def test_the_quick_start_config_ends_an_epoch():
     """So validation pass@1, the phase table, top layers and the heatmap appear in the quick start."""
     from mlx_coach.config.tree import load_config
-    from mlx_coach.rl.trainer import select_tasks
+    from mlx_coach.rl.setup import select_tasks
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     train, _ = select_tasks(cfg.data)
@@ -82,3 +85,42 @@ def test_shipped_configs_load(name):
     from mlx_coach.config.tree import load_config
 
     load_config(ROOT / "configs" / name)
+
+
+def links(page):
+    """(target, anchor) of every markdown link and image in a page, outside code."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        yield path, anchor
+
+
+def anchors(page):
+    """GitHub's heading ids: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    seen, ids = {}, set()
+    for title in re.findall(r"^#{1,6} +(.+?) *#*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        ids.add(slug if n == 0 else f"{slug}-{n}")
+    return ids
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves_to_a_file(page):
+    missing = [path for path, _ in links(page) if path and not (page.parent / path).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_to_a_heading_finds_it(page):
+    broken = []
+    for path, anchor in links(page):
+        target = (page.parent / path) if path else page
+        if anchor and target.suffix == ".md" and target.exists() and anchor not in anchors(target):
+            broken.append(f"{path}#{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)} links to missing headings: {broken}"
