@@ -23,7 +23,8 @@ from mlx_coach.engine.generate import generate_and_score
 from mlx_coach.models.loader import load_policy
 from mlx_coach.data.procedural import procedural_split
 from mlx_coach.engine.rollout import RolloutConfig
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"  # its system prompt and user template
 

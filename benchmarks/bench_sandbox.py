@@ -31,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_coach.rewards.scoring import sandbox  # noqa: E402
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, run_sample  # noqa: E402
+from mlx_coach.rewards.scoring.sandbox import run_sample  # noqa: E402
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig  # noqa: E402
+from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer  # noqa: E402
 from mlx_coach.data.task import Task
 from mlx_coach.telemetry.progress import bar  # noqa: E402
 

@@ -23,7 +23,7 @@ import sys
 
 # The limits, guards, partial-credit instrumentation and error classes are the same code the
 # judge/worker design uses: import them from the package's scoring folder (-I leaves it off the path).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlx_coach", "scoring"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlx_coach", "rewards", "scoring"))
 from _confine import apply_limits  # noqa: E402
 from _errors import classify  # noqa: E402
 from _guards import install_guards  # noqa: E402

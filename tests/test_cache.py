@@ -205,7 +205,8 @@ KEY_BODIES = [
 def test_keys_differ_whenever_verdicts_differ():
     """Property: for generated surface variants of a completion, two texts whose sandbox verdicts
     differ never share a key (a shared key would pay one text the other's reward)."""
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
     t = DOC_TASK
     variants = [v for body in KEY_BODIES for v in surface_variants(body)] + INDENT_VARIANTS
@@ -225,7 +226,8 @@ def test_keys_differ_whenever_verdicts_differ():
 def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
     """Through the cache, in one batch and across batches, each variant gets the verdict the sandbox
     gives it alone: a broken variant is never paid the reward of the one scored first."""
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
     t = DOC_TASK
     with SandboxScorer(SandboxConfig(timeout_s=20.0, workers=2)) as scorer:
@@ -238,7 +240,8 @@ def test_cached_scoring_gives_each_indentation_variant_its_own_verdict():
 
 
 def test_every_sandbox_setting_that_can_change_a_verdict_is_in_the_key():
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
     def key(**settings):
         scorer = SandboxScorer(SandboxConfig(**settings))

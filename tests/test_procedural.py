@@ -14,10 +14,12 @@ import pytest
 from mlx_coach.data import procedural as P
 from mlx_coach.config.tree import load_config
 from mlx_coach.core.errors import UserError
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, build_program
+from mlx_coach.rewards.scoring.sandbox import build_program
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 from mlx_coach.data.task import Task
 from mlx_coach.data.tasks import load_tasks
-from mlx_coach.rl.trainer import select_tasks
+from mlx_coach.rl.setup import select_tasks
 
 NONE_BODY = "    return None\n"
 ALL_TEMPLATES = {(f, t.name) for f, ts in P.FAMILIES.items() for t in ts}

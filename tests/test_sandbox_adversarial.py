@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.rewards.scoring.sandbox import execute
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.data.task import Task
 
 ADD = Task("adv/add", "def add(a, b):\n", "add",

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 from mlx_coach.data.task import Task
 from test_sandbox import _human_eval_check
 

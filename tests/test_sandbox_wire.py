@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mlx_coach" / "scoring"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mlx_coach" / "rewards" / "scoring"))
 import _wire
 
 sys.path.pop(0)
 
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute
+from mlx_coach.rewards.scoring.sandbox import execute
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.data.task import Task
 
 VALUES = [None, True, False, 0, 1, -1, 2**63 - 1, -2**63, 2**63, -2**200 - 7, 10**400,

@@ -15,7 +15,9 @@ from mlx_coach.rewards.cache import ScoreCache, reference_key
 from mlx_coach.core.errors import UserError
 from mlx_coach.rewards.scoring.base import Score
 from mlx_coach.rewards.scoring.cached import CachedScorer
-from mlx_coach.rewards.scoring.teacher import SOLVE_VERSION, HttpJudge, JudgeConfig, LocalTeacher, parse_grade
+from mlx_coach.rewards.scoring.grading import SOLVE_VERSION, parse_grade
+from mlx_coach.rewards.scoring.http_judge import HttpJudge, JudgeConfig
+from mlx_coach.rewards.scoring.local_teacher import LocalTeacher
 from mlx_coach.data.task import Task
 
 

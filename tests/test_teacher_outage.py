@@ -14,7 +14,7 @@ from test_trainer import step_rows, tiny_cfg
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.config.tree import to_dict
 from mlx_coach.rewards.sources import RewardSet
-from mlx_coach.rewards.scoring.teacher import HttpJudge, JudgeConfig
+from mlx_coach.rewards.scoring.http_judge import HttpJudge, JudgeConfig
 from mlx_coach.rl.trainer import Trainer
 
 

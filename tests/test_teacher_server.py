@@ -12,7 +12,8 @@ import pytest
 
 from mlx_coach.config.tree import from_dict, validate
 from mlx_coach.core.errors import UserError
-from mlx_coach.rewards.scoring.teacher import HttpJudge, parse_digit_grade
+from mlx_coach.rewards.scoring.grading import parse_digit_grade
+from mlx_coach.rewards.scoring.http_judge import HttpJudge
 from mlx_coach.data.task import Task
 from mlx_coach.rewards.teacher_server import point_at_served, serve
 

@@ -85,7 +85,8 @@ def _blas_row() -> tuple[str, str]:
 
 def _sandbox_rows() -> list[tuple[str, str]]:
     """Run one trivial sample: the harness tries every rlimit in its own child and says which failed."""
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, execute, rlimits_for, tasks_in_use
+    from mlx_coach.rewards.scoring.sandbox import execute
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig, rlimits_for, tasks_in_use
     from mlx_coach.data.task import Task
 
     cfg = SandboxConfig()

@@ -32,7 +32,8 @@ def eval_tasks(spec, limit):
 def run_from_args(args):
     from mlx_coach.models.loader import load_policy
     from mlx_coach.engine.rollout import RolloutConfig
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig, SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
     if args.samples < 1:
         raise UserError("--samples must be >= 1")

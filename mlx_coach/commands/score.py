@@ -52,7 +52,7 @@ def read_samples(path, task_ids) -> list[tuple[str, str, int]]:
 
 
 def _config(args):
-    from mlx_coach.rewards.scoring.sandbox import SandboxConfig
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 
     if not args.timeout > 0:
         raise UserError(f"--timeout must be > 0, got {args.timeout}")
@@ -87,7 +87,7 @@ def _score(scorer, tasks, samples, args):
 
 def run(args) -> int:
     """Returns 0, or 1 when the sandbox itself failed on some sample (infra_error)."""
-    from mlx_coach.rewards.scoring.sandbox import SandboxScorer
+    from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
     from mlx_coach.data.tasks import load_tasks
 
     cfg = _config(args)

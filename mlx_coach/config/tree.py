@@ -1,10 +1,10 @@
 """Run configuration: one dataclass per section, YAML loading, `--set key=value` overrides, validation.
 
-Each section is the dataclass of the module that uses it (rollout: rollout.RolloutConfig, cache:
-cache.CacheConfig, memory: memory.MemoryConfig, telemetry: telemetry.TelemetryConfig, alerts:
-alerts.AlertConfig, rewards[]: rewards.RewardConfig, sandbox: scoring.sandbox.SandboxConfig,
-teacher_server: teacher_server.TeacherServerConfig); the
-trainer's own sections (model, data, algo, optim, train) are defined here. A field's type comes from
+Each section is the dataclass of the module that uses it (rollout: engine.rollout.RolloutConfig, cache:
+rewards.cache.CacheConfig, memory: runtime.memory.MemoryConfig, telemetry: telemetry.writer.TelemetryConfig,
+alerts: telemetry.alerts.AlertConfig, rewards[]: rewards.sources.RewardConfig, sandbox:
+rewards.scoring.sandbox_config.SandboxConfig, teacher_server: rewards.teacher_server.TeacherServerConfig);
+the trainer's own sections (model, data, algo, optim, train) are defined here. A field's type comes from
 its annotation, its range or choices from `settings.setting(...)`. Unknown keys, wrong types and
 out-of-range values raise `UserError` naming the dotted key, so the CLI prints one line and exits 2.
 """
@@ -25,7 +25,7 @@ from mlx_coach.runtime.memory import MemoryConfig
 from mlx_coach.data.procedural import DEFAULT_COUNT, DEFAULT_HELDOUT, check_families
 from mlx_coach.rewards.sources import RewardConfig
 from mlx_coach.engine.rollout import RolloutConfig
-from mlx_coach.rewards.scoring.sandbox import SandboxConfig
+from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.core.settings import check_range, coerce, setting as _f
 from mlx_coach.rewards.teacher_server import TeacherServerConfig
 from mlx_coach.telemetry.writer import TelemetryConfig
@@ -49,7 +49,7 @@ class DataConfig:
     split_seed: int = _f(0)
     limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all; procedural: N training tasks)")
     categories: Optional[list] = _f(None, help="keep only tasks whose category tag is listed")
-    # procedural tasks (procedural.py): generated functions in five families, difficulty levels 1-5
+    # procedural tasks (data.procedural): generated functions in five families, difficulty levels 1-5
     procedural_count: int = _f(DEFAULT_COUNT, lo=1, help="procedural: training tasks generated")
     procedural_heldout: int = _f(DEFAULT_HELDOUT, lo=0, help="procedural: held-out tasks (the validation split), "
                                                              "none with a training prompt")
@@ -75,7 +75,7 @@ class AlgoConfig:
     kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
     entropy_coef: float = _f(0.0)
     mask_truncated: bool = _f(False)
-    # signal in every batch (sampling.py)
+    # signal in every batch (rl.dynamic_sampling)
     dynamic_sampling: bool = _f(False, help="drop prompt groups whose rewards are all equal and draw more prompts "
                                             "until the step holds rollout.prompts_per_step groups with signal (DAPO)")
     max_draw_factor: float = _f(3.0, lo=1.0, help="dynamic sampling: a step draws at most prompts_per_step x this "

@@ -1,7 +1,7 @@
 """Rewards: the sources a run combines, the score cache, the scorers behind it.
 
-`sources` (RewardSet: weighted sum of sources, fresh vs cached kept apart), `cache` (ScoreCache:
-LRU/TTL policies, SQLite persistence), `scoring/` (the sandbox, teachers, the caching scorer),
-`teacher_server` (`mlx_lm.server` on loopback), `shaping` (dense shaping rewards). May import every
-floor below: core, runtime, telemetry, models, engine, data.
+`sources` (RewardSet: weighted sum of sources, fresh vs cached kept apart), `cache` (ScoreCache, keys,
+settings) with `cache_policies` (LRU/TTL stores) and `cache_sqlite` (persistence), `scoring/` (the
+sandbox, teachers, the caching scorer), `teacher_server` (`mlx_lm.server` on loopback), `shaping` (dense
+shaping rewards). May import every floor below: core, runtime, telemetry, models, engine, data.
 """

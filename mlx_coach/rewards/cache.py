@@ -1,13 +1,10 @@
-"""Score cache: cachetools policies, two namespaces, exact stats, optional SQLite persistence.
+"""Score cache: the keys, the `cache:` settings, and ScoreCache with its two namespaces, exact stats,
+optional SQLite persistence (cache_sqlite.py) and snapshot/restore.
 
 Namespaces:
-  "student"    scores of the policy's completions; follows the configured policy.
+  "student"    scores of the policy's completions; follows the configured policy (cache_policies.py).
   "reference"  the teachers' own outputs (e.g. a judge's reference solution per task): pinned,
                never evicted, expired or cleared by epoch-clear, whatever the policy.
-
-Policies: "none" (student entries are never stored), "lru" (maxsize), "ttl" (ttl_s), "lru+ttl",
-"epoch-clear" (the old behaviour, kept for A/B only: student entries are dropped at every epoch
-start; maxsize-bounded LRU otherwise).
 
 Only real judgements are stored: a Score with cacheable=False or fallback=True is refused.
 Stored values are `Score`s or strings; treat what `get` returns as read-only.
@@ -20,20 +17,17 @@ import hashlib
 import itertools
 import json
 import math
-import sqlite3
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from cachetools import LRUCache, TLRUCache
-
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
+from mlx_coach.rewards.cache_policies import POLICIES, TIMED_POLICIES, Counts, Entry, approx_bytes, student_store
+from mlx_coach.rewards.cache_sqlite import SqliteScores, decode, encode
 from mlx_coach.rewards.scoring.base import Score
 
-POLICIES = ("none", "lru", "ttl", "lru+ttl", "epoch-clear")
 NAMESPACES = ("student", "reference")
 
 
@@ -94,85 +88,6 @@ class CacheConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stores: cachetools policies that report what they drop
-
-
-class _Entry:
-    __slots__ = ("value", "born", "used", "nbytes")
-
-    def __init__(self, value, born, used, nbytes):
-        self.value, self.born, self.used, self.nbytes = value, born, used, nbytes
-
-
-class _LRU(LRUCache):
-    def __init__(self, maxsize, on_evict):
-        super().__init__(maxsize)
-        self._on_evict = on_evict
-
-    def popitem(self):
-        key, entry = super().popitem()
-        self._on_evict(entry)
-        return key, entry
-
-
-class _TimedLRU(TLRUCache):
-    """TTL with LRU eviction. TLRU rather than TTLCache: an entry read back from SQLite or a
-    snapshot keeps its remaining lifetime (expires at born + ttl) instead of getting a new one."""
-
-    def __init__(self, maxsize, ttl, timer, on_evict, on_expire):
-        super().__init__(maxsize, lambda key, entry, now: entry.born + ttl, timer)
-        self._on_evict, self._on_expire = on_evict, on_expire
-
-    def popitem(self):
-        key, entry = super().popitem()
-        self._on_evict(entry)
-        return key, entry
-
-    def expire(self, time=None):
-        expired = super().expire(time)
-        for _, entry in expired:
-            self._on_expire(entry)
-        return expired
-
-
-@dataclass
-class _Counts:
-    hits: int = 0
-    misses: int = 0
-    disk_hits: int = 0  # hits served by SQLite read-through (included in hits)
-    puts: int = 0
-    rejected: int = 0
-    evictions: int = 0
-    expirations: int = 0
-    clears: int = 0  # clear events
-    cleared: int = 0  # entries those events removed
-    lookup_s: float = 0.0
-    bytes: int = 0
-
-
-# a Score object and its attribute dict (measured once: the size of a live __dict__ varies)
-_SCORE_BYTES = sys.getsizeof(Score(0.0, "ok")) + sys.getsizeof({f.name: None for f in fields(Score)})
-
-
-def _approx_bytes(key, value) -> int:
-    n = sys.getsizeof(key) + sum(sys.getsizeof(k) for k in key) + 72  # + the entry and its slots
-    if isinstance(value, Score):
-        return n + _SCORE_BYTES + sys.getsizeof(value.error)
-    return n + sys.getsizeof(value)
-
-
-def _encode(value) -> str:
-    if isinstance(value, Score):
-        return json.dumps({"score": value.to_dict()})
-    return json.dumps({"text": value})
-
-
-def _decode(text: str):
-    d = json.loads(text)
-    return Score(**d["score"]) if "score" in d else d["text"]
-
-
-# ---------------------------------------------------------------------------------------------
 # The cache
 
 
@@ -190,14 +105,14 @@ class ScoreCache:
         self._timer, self._wall = timer, wall
         self._lock = threading.RLock()
         self._tick = itertools.count()
-        self._counts = {ns: _Counts() for ns in NAMESPACES}
+        self._counts = {ns: Counts() for ns in NAMESPACES}
         self._watermark = {ns: -math.inf for ns in NAMESPACES}  # rows created before a clear are hidden
         # (after, until] wall-time windows of SQLite rows that this run must not read: rows a killed
         # run wrote after its last checkpoint. A resumed run re-scores those samples (fresh, as the
         # straight run did); its own new rows are stamped later and read normally.
         self._hidden: list = []
-        self._stores = {"student": self._new_student_store(), "reference": {}}
-        self._db = _open_db(sqlite_path) if sqlite_path else None
+        self._stores = {"student": student_store(self.config, self._counts["student"], self._timer), "reference": {}}
+        self._db = SqliteScores(sqlite_path) if sqlite_path else None
 
     @classmethod
     def from_config(cls, cfg: CacheConfig, timer=time.monotonic, wall=time.time) -> "ScoreCache":
@@ -209,25 +124,7 @@ class ScoreCache:
 
     @property
     def _timed(self) -> bool:
-        return self.config.policy in ("ttl", "lru+ttl")
-
-    def _new_student_store(self):
-        c, counts = self.config, self._counts["student"]
-
-        def on_evict(entry):
-            counts.evictions += 1
-            counts.bytes -= entry.nbytes
-
-        def on_expire(entry):
-            counts.expirations += 1
-            counts.bytes -= entry.nbytes
-
-        if c.policy == "none":
-            return {}
-        if self._timed:
-            bound = c.maxsize if c.policy == "lru+ttl" else math.inf
-            return _TimedLRU(bound, c.ttl_s, self._timer, on_evict, on_expire)
-        return _LRU(c.maxsize, on_evict)
+        return self.config.policy in TIMED_POLICIES
 
     def _keeps(self, namespace) -> bool:
         return namespace == "reference" or self.config.policy != "none"
@@ -259,9 +156,7 @@ class ScoreCache:
     def _read_through(self, key, namespace):
         if self._db is None or not self._keeps(namespace):
             return None
-        row = self._db.execute(
-            "SELECT value, created FROM entries WHERE ns = ? AND key = ?", (namespace, json.dumps(key))
-        ).fetchone()
+        row = self._db.read(namespace, key)
         if row is None or row[1] <= self._watermark[namespace]:
             return None
         if any(after < row[1] <= until for after, until in self._hidden):
@@ -269,7 +164,7 @@ class ScoreCache:
         age = max(0.0, self._wall() - row[1])
         if namespace == "student" and self._timed and age >= self.config.ttl_s:
             return None
-        value = _decode(row[0])
+        value = decode(row[0])
         self._insert(key, value, namespace, age)
         return value
 
@@ -298,10 +193,7 @@ class ScoreCache:
                 # strictly after a clear's watermark and any hidden window, even with a coarse or frozen wall clock
                 floor = max([self._watermark[namespace]] + [until for _, until in self._hidden])
                 created = max(self._wall(), floor + 1e-6)
-                self._db.execute(
-                    "INSERT OR REPLACE INTO entries (ns, key, value, created) VALUES (?, ?, ?, ?)",
-                    (namespace, json.dumps(key), _encode(value), created),
-                )
+                self._db.write(namespace, key, value, created)
             return True
 
     def _insert(self, key, value, namespace, age):
@@ -314,7 +206,7 @@ class ScoreCache:
         old = store.get(key)
         if old is not None:
             counts.bytes -= old.nbytes
-        entry = _Entry(value, self._timer() - age, next(self._tick), _approx_bytes(key, value))
+        entry = Entry(value, self._timer() - age, next(self._tick), approx_bytes(key, value))
         store[key] = entry
         counts.bytes += entry.nbytes
 
@@ -387,7 +279,7 @@ class ScoreCache:
                 live = sorted(((k, e) for k, e in live if e is not None), key=lambda ke: ke[1].used)
                 for k, _ in live:  # reading moved entries in the LRU order; put it back
                     store.get(k)
-                entries[ns] = [[list(k), json.loads(_encode(e.value)), max(0.0, now - e.born)] for k, e in live]
+                entries[ns] = [[list(k), json.loads(encode(e.value)), max(0.0, now - e.born)] for k, e in live]
             counts = {ns: asdict(self._counts[ns]) for ns in NAMESPACES}
             for c in counts.values():
                 c.pop("bytes")
@@ -402,14 +294,14 @@ class ScoreCache:
         if not isinstance(snap, dict) or snap.get("format") != 1:
             raise UserError("cache snapshot: unknown format (expected a dict with format 1)")
         with self._lock:
-            self._stores = {"student": self._new_student_store(), "reference": {}}
+            self._stores = {"student": student_store(self.config, self._counts["student"], self._timer), "reference": {}}
             for ns in NAMESPACES:
                 self._counts[ns].bytes = 0
                 if not self._keeps(ns):
                     continue
                 for key, value, age in snap["entries"].get(ns, []):
-                    self._insert(tuple(key), _decode(json.dumps(value)), ns, float(age))
-            names = {f.name for f in fields(_Counts)} - {"bytes"}
+                    self._insert(tuple(key), decode(json.dumps(value)), ns, float(age))
+            names = {f.name for f in fields(Counts)} - {"bytes"}
             for ns in NAMESPACES:
                 for k, v in snap["counts"].get(ns, {}).items():
                     if k in names:
@@ -426,30 +318,3 @@ class ScoreCache:
             self._db.close()
             self._db = None
 
-
-def _open_db(path) -> sqlite3.Connection:
-    # autocommit; one connection guarded by ScoreCache's lock; WAL lets readers in other
-    # processes proceed while one writes, busy_timeout makes writers wait instead of failing.
-    db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 30000")
-    # Switching a new file to WAL takes an exclusive lock and does not wait on busy_timeout: two
-    # processes opening one new file at once see "database is locked". Retry those two statements.
-    _while_locked(lambda: db.execute("PRAGMA journal_mode = WAL"))
-    db.execute("PRAGMA synchronous = NORMAL")
-    _while_locked(lambda: db.execute(
-        "CREATE TABLE IF NOT EXISTS entries (ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,"
-        " created REAL NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID"
-    ))
-    return db
-
-
-def _while_locked(statement, timeout_s=30.0):
-    deadline, delay = time.monotonic() + timeout_s, 0.005
-    while True:
-        try:
-            return statement()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(2 * delay, 0.25)

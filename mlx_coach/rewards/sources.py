@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mlx_coach.core.errors import UserError
-from mlx_coach.rewards.scoring.teacher import JudgeConfig
+from mlx_coach.rewards.scoring.http_judge import JudgeConfig
 from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.data.task import task_columns
 
@@ -201,16 +201,16 @@ def _whole_groups(results, g):
 
 def _make_scorer(r, cfg, cache, key):
     if r.type == "tests":
-        from mlx_coach.rewards.scoring.sandbox import SandboxScorer
+        from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
         return SandboxScorer(cfg.sandbox)
     if r.type == "http-judge":
-        from mlx_coach.rewards.scoring.teacher import HttpJudge
+        from mlx_coach.rewards.scoring.http_judge import HttpJudge
         from mlx_coach.rewards.teacher_server import point_at_served
 
         return HttpJudge(point_at_served(r, cfg, key), cache=cache, config_key=key)
     if r.type == "local-teacher":
-        from mlx_coach.rewards.scoring.teacher import LocalTeacher
+        from mlx_coach.rewards.scoring.local_teacher import LocalTeacher
 
         return LocalTeacher.from_spec(r.model, low=r.low, high=r.high, batch_size=r.batch_size)
     raise UserError(f"unknown reward type {r.type!r}")

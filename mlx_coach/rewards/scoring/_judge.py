@@ -9,7 +9,7 @@ worker that dies, hangs or sends malformed bytes is a failed call (CallFailed, a
 test cannot absorb: once one happened, the verdict is not passed whatever the test does next).
 
 Verdict lines to the trainer, over a socket the worker never had: `NONCE ready HEX(notes)` and
-`NONCE verdict STATUS PASSED TOTAL HEX(error)`, the same format sandbox.py has always parsed.
+`NONCE verdict STATUS PASSED TOTAL HEX(error)`, the format sandbox.py parses.
 """
 
 import builtins
@@ -17,7 +17,7 @@ import marshal
 import os
 import sys
 import time
-from _signal import SIGKILL, SIGXCPU, SIGXFSZ  # not `signal`: it imports enum (~3 ms)
+from _signal import SIGKILL, SIGXCPU, SIGXFSZ  # not `signal`: it imports enum, which lengthens the start
 
 import _confine
 import _errors

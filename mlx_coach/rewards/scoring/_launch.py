@@ -7,7 +7,7 @@ parent becomes the judge (_judge.py), which then reads the request. Forking one 
 far less than starting a second one.
 """
 
-import _socket  # not `socket`: its imports cost ~10 ms per sample
+import _socket  # not `socket`: its imports would lengthen every sample's start
 import os
 import sys
 

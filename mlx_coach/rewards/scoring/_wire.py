@@ -151,7 +151,7 @@ def _dec(view, pos, depth):
 
 
 # ---------------------------------------------------------------------------------------------
-# Frames on a socket descriptor (raw descriptors: the socket module costs ~10 ms of imports)
+# Frames on a socket descriptor (raw descriptors: the socket module's imports would lengthen every start)
 
 
 def frame(data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""What every scorer returns, and the one method every scorer has.
+"""What every scorer returns, the one method every scorer has, and the number check their settings share.
 
 A scorer turns (task, completion) pairs into `Score`s. Scores carry their own status so
 that a failure of the *scorer* (infrastructure, transport, a judge that answered noise) is
@@ -38,3 +38,8 @@ class Scorer(Protocol):
     def score_batch(self, items: Sequence[tuple]) -> list[Score]:
         """items: (task, completion) pairs; returns one Score per item, in order."""
         ...
+
+
+def is_number(v) -> bool:
+    """An int or a float, not a bool: what a scorer's numeric setting must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -1,4 +1,4 @@
-"""Run a completion against its task's tests in a sandbox: the "tests" scorer.
+"""Run one completion against its task's tests in a sandbox (the "tests" scorer is sandbox_scorer.py).
 
 Each sample is one interpreter, `_launch.py`, that forks into two processes (protocol in
 docs/ARCHITECTURE.md): a worker that runs prompt + completion and answers calls, and a judge that
@@ -13,26 +13,21 @@ hangs or sends malformed bytes, is a failed call and never passes. This (the par
 - gives both a private temporary working directory (HOME, TMPDIR; owned by the worker's user),
   deleted afterwards; stdin on /dev/null; stdout and stderr read concurrently with a size cap.
 
-The worker applies the rlimits (address space, or data segment on macOS; CPU seconds; file size;
-processes; open files; no core files) and, on Linux as root, an empty network namespace, uid
-`worker_uid` and no_new_privs; what held is reported in SampleRun.guards and logged once.
+The worker's rlimits and OS confinement come from sandbox_config.py; what held is reported in
+SampleRun.guards and logged once.
 
 Statuses: passed; failed (an assert failed); error (any other exception, a syntax error, a failed
 call, no verdict); timeout (the sample's or a call's deadline); killed (a resource limit:
 MemoryError, file size, SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and
 infra_error are not cacheable. With `partial_credit` the value is the fraction of check()'s
 top-level assert statements that passed (a loop of asserts is one statement). Samples see the
-standard library only unless `site_packages=True`. On Linux RLIMIT_NPROC counts every thread of
-the user and is not enforced for root; it is set to the system's thread count plus `max_procs`.
+standard library only unless `site_packages=True`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import marshal
-import math
 import os
 import secrets
 import selectors
@@ -43,13 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.rewards.scoring.base import Score
+from mlx_coach.rewards.scoring.sandbox_config import (SANDBOX_EXEC, SandboxConfig, confine_argv, rlimits_for,
+                                                      tasks_in_use, worker_uid)
 
 LAUNCHER = str(Path(__file__).with_name("_launch.py"))
 HELPERS = ("_judge.py", "_worker.py", "_wire.py", "_errors.py", "_confine.py", "_guards.py")
@@ -61,41 +55,6 @@ _KERNEL_KILLS = {signal.SIGKILL: "SIGKILL", signal.SIGXCPU: "SIGXCPU (CPU time l
 log = logging.getLogger("mlx_coach.sandbox")
 _unset_seen: set[str] = set()
 _guards_seen: set[tuple] = set()
-
-
-@dataclass
-class SandboxConfig:
-    """The `sandbox:` config section."""
-
-    timeout_s: float = setting(5.0, lo=0.0, lo_open=True, help="wall clock, from spawn to verdict, interpreter start included")
-    memory_mb: int = setting(1024, lo=16, help="address space (Linux) or data segment (macOS) of the worker")
-    cpu_s: Optional[int] = setting(None, lo=1, help="CPU seconds; null: ceil(timeout_s) + 1")
-    max_output_bytes: int = setting(64_000, lo=0, help="kept of each of stdout and stderr; the rest is read and dropped")
-    max_file_bytes: int = setting(10_000_000, lo=0)
-    max_procs: int = setting(64, lo=1, help="threads/processes the sample may add (Linux counts threads)")
-    max_open_files: int = setting(64, lo=8)
-    partial_credit: bool = setting(False, help="value = fraction of check()'s top-level asserts that passed")
-    workers: int = setting(0, lo=0, help="samples scored at once; 0 = CPU count")
-    site_packages: bool = setting(False, help="let samples import installed packages (slower start, ~+30 ms)")
-    python: Optional[str] = setting(None, help="interpreter for judge and worker; null: the one running mlx-coach")
-    call_timeout_s: Optional[float] = setting(None, lo=0.0, lo_open=True, help="per call of the candidate; null: timeout_s")
-    worker_uid: Optional[int] = setting(65534, lo=0, help="Linux, trainer running as root: the worker's user (null: stay root)")
-    isolate_network: bool = setting(True, help="Linux, as root: the worker gets an empty network namespace")
-    macos_profile: bool = setting(True, help="macOS: run judge and worker under sandbox-exec (no network, writes "
-                                             "only in the sample's directory)")
-
-    def __post_init__(self):
-        check_fields(self, "sandbox")
-
-    @property
-    def interpreter(self) -> str:
-        return self.python or sys.executable
-
-    def verdict_settings(self) -> dict:
-        """Every setting that can change a verdict (not workers, not the output cap): part of the cache key."""
-        keep = ("timeout_s", "memory_mb", "cpu_s", "max_file_bytes", "max_procs", "max_open_files", "partial_credit",
-                "site_packages", "call_timeout_s", "worker_uid", "isolate_network", "macos_profile")
-        return {name: getattr(self, name) for name in keep} | {"python": self.interpreter}
 
 
 @dataclass
@@ -116,45 +75,6 @@ def build_program(task, completion: str) -> str:
     return f"{task.prompt}{completion}\n{task.test}\ncheck({task.entry_point})\n"
 
 
-def rlimits_for(platform: str, cfg: SandboxConfig, tasks_in_use: int | None = None) -> dict:
-    """{RLIMIT_NAME: (soft, hard)} for the sandbox child, or a string saying why a limit is not set.
-
-    macOS refuses RLIMIT_AS, so memory is bounded there by RLIMIT_DATA, the closest limit it has
-    (`mlx-coach doctor` shows whether each limit could be set). RLIMIT_NPROC is per user, not per
-    process: it is set to the tasks in use now plus `max_procs`, left unset where that count is
-    unknown.
-    """
-    mem = cfg.memory_mb * 1024 * 1024
-    cpu = cfg.cpu_s if cfg.cpu_s is not None else math.ceil(cfg.timeout_s) + 1
-    limits = {"RLIMIT_DATA" if platform == "darwin" else "RLIMIT_AS": (mem, mem),
-              "RLIMIT_CPU": (cpu, cpu + 1),  # soft: SIGXCPU; hard, a second later: SIGKILL
-              "RLIMIT_FSIZE": (cfg.max_file_bytes, cfg.max_file_bytes),
-              "RLIMIT_NOFILE": (cfg.max_open_files, cfg.max_open_files),
-              "RLIMIT_CORE": (0, 0)}
-    if tasks_in_use is None:
-        limits["RLIMIT_NPROC"] = f"the user's process count is unknown on {platform}; not set"
-    else:
-        n = tasks_in_use + cfg.max_procs
-        limits["RLIMIT_NPROC"] = (n, n)
-    return limits
-
-
-def tasks_in_use() -> int | None:
-    """Threads on the whole system (>= the user's), from /proc/loadavg; None where there is none."""
-    try:
-        with open("/proc/loadavg") as f:
-            return int(f.read().split()[3].split("/")[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def worker_uid(cfg: SandboxConfig) -> int | None:
-    """The user the worker switches to: cfg.worker_uid on Linux when this process is root, else None."""
-    if cfg.worker_uid is None or not sys.platform.startswith("linux") or os.geteuid() != 0:
-        return None
-    return int(cfg.worker_uid)
-
-
 def _socket_fds() -> tuple[int, int]:
     a, b = socket.socketpair()
     return a.detach(), b.detach()
@@ -163,10 +83,6 @@ def _socket_fds() -> tuple[int, int]:
 def unset_limits() -> set[str]:
     """Every limit the sandbox could not set so far in this process (also logged once each)."""
     return set(_unset_seen)
-
-
-# ---------------------------------------------------------------------------------------------
-# One sample
 
 
 def _child_env(root: str) -> dict:
@@ -278,30 +194,6 @@ def _parse_channel(data: bytes, nonce: str):
         except ValueError:
             continue
     return ready, verdict
-
-
-SANDBOX_EXEC = "/usr/bin/sandbox-exec"
-
-
-def macos_profile(root: str) -> str:
-    """A sandbox-exec (SBPL) profile: everything the interpreter needs, but no network and no writes
-    outside the sample's private directory (and /dev/null)."""
-    quoted = root.replace("\\", "\\\\").replace('"', '\\"')
-    return ("(version 1)\n(allow default)\n(deny network*)\n(deny file-write*)\n"
-            f'(allow file-write* (subpath "{quoted}") (literal "/dev/null"))\n')
-
-
-def confine_argv(argv: list, root: str, cfg: SandboxConfig, platform: str, sandbox_exec: str | None):
-    """(argv, what held) for the sample's interpreter: on macOS, wrapped in sandbox-exec with
-    `macos_profile` (judge and worker both run under it: the judge needs neither network nor writes).
-    Elsewhere argv unchanged and None (Linux confines the worker itself, see _confine.py)."""
-    if platform != "darwin":
-        return argv, None
-    if not cfg.macos_profile:
-        return argv, "no: sandbox.macos_profile is off"
-    if not sandbox_exec:
-        return argv, f"no: {SANDBOX_EXEC} not found"
-    return [sandbox_exec, "-p", macos_profile(root), *argv], "yes: sandbox-exec, no network, writes only in its directory"
 
 
 def _log_guards_once(guards: dict) -> None:
@@ -431,40 +323,3 @@ def run_sample(task, completion: str, cfg: SandboxConfig | None = None) -> Score
         log.exception("sandbox failed")
         return Score(0.0, "infra_error", 0.0, f"sandbox failed: {type(e).__name__}: {e}"[:ERROR_CHARS],
                      cacheable=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# The scorer
-
-
-class SandboxScorer:
-    """Unit tests in the sandbox; `workers` threads each drive one child process at a time."""
-
-    name = "tests"
-    version = "2"  # 2: verdicts from the judge process (plain-data results; no custom __eq__ passes)
-
-    def __init__(self, cfg: SandboxConfig | None = None):
-        self.cfg = cfg or SandboxConfig()
-        # the cache key names every setting that can change a verdict (limits, partial credit, ...)
-        settings = json.dumps(self.cfg.verdict_settings(), sort_keys=True)
-        digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
-        self.version = f"2-{'partial-' if self.cfg.partial_credit else ''}{digest}"
-        self.workers = self.cfg.workers or os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
-
-    def submit(self, task, completion: str) -> Future:
-        """Future[Score]: scoring starts as soon as a worker is free, so callers can keep generating."""
-        return self._pool.submit(run_sample, task, completion, self.cfg)
-
-    def score_batch(self, items) -> list[Score]:
-        futures = [self.submit(task, completion) for task, completion in items]
-        return [f.result() for f in futures]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -1,29 +1,24 @@
-"""Teacher scorers: an OpenAI-compatible HTTP judge and a local MLX teacher.
+"""The http-judge scorer: an OpenAI-compatible chat endpoint grades each completion.
 
-HttpJudge asks a chat model to grade each completion and parses one strict grade line,
-`SCORE: N/10`. A request that fails (timeout, connection error, HTTP error, malformed reply) is
-retried with exponential backoff and jitter; consecutive failures open a circuit breaker. Any
-sample the judge could not judge gets the configured fallback value, fallback=True and
-cacheable=False, so it is never cached and never mistaken for a grade. Every request has an overall
-deadline (`deadline_s`): a reply that trickles in byte by byte is cut there, however short each
-socket read. A reference solution is pinned only when it parses as Python and defines the task's
-entry point. When the judge is unreachable (`on_outage`): `fallback` scores with the fallback value,
-`pause` waits for it to answer again, `stop` raises JudgeOutage; the breaker's openings and
-closings are kept as events for the trainer to alert on.
-
-LocalTeacher scores a completion by its mean per-token log-probability under a second model.
+HttpJudge asks a chat model to grade each completion (prompts and parsers: grading.py). A request that
+fails (timeout, connection error, HTTP error, malformed reply) is retried with exponential backoff and
+jitter; consecutive failures open a circuit breaker. Any sample the judge could not judge gets the
+configured fallback value, fallback=True and cacheable=False, so it is never cached and never mistaken
+for a grade. Every request has an overall deadline (`deadline_s`): a reply that trickles in byte by
+byte is cut there, however short each socket read. A reference solution is pinned only when it parses
+as Python and defines the task's entry point. When the judge is unreachable (`on_outage`): `fallback`
+scores with the fallback value, `pause` waits for it to answer again, `stop` raises JudgeOutage; the
+breaker's openings and closings are kept as events for the trainer to alert on.
 """
 
 from __future__ import annotations
 
-import ast
 import http.client
 import json
-import sys
 import os
 import random
-import re
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,102 +28,11 @@ from urllib.parse import urlsplit
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
-from mlx_coach.rewards.scoring.base import Score
-
-PROMPT_VERSION = "grade-v1"
-DIGIT_PROMPT_VERSION = "grade-digit-v1"
-SOLVE_VERSION = "solve-v1"
-
-GRADE_SYSTEM = "You are a strict reviewer of Python code. You judge whether code solves a task correctly."
-_GRADE_TASK = """Task: complete this Python function.
-```python
-{prompt}
-```
-
-Candidate completion (the code that follows the task above):
-```python
-{completion}
-```
-{reference}
-"""
-GRADE_TEMPLATE = _GRADE_TASK + """How likely is it that the candidate is correct, from 0 (certainly wrong) to 10 (certainly correct)?
-Reply with exactly one line and nothing else, in this format:
-SCORE: <an integer from 0 to 10>/10"""
-# grade: digit -- for judges too small to follow a format (a tiny local model): the reply's first
-# character is the grade; with logit_bias on the ten digit tokens and max_tokens 1 the judge can say
-# nothing else, and at a temperature > 0 its grade of one program is a draw from a distribution
-GRADE_DIGIT_TEMPLATE = _GRADE_TASK + """How likely is it that the candidate is correct, from 0 (certainly wrong) to 9 (certainly correct)?
-Reply with one digit and nothing else."""
-REFERENCE_BLOCK = """
-A reference solution, for comparison (it may itself be imperfect):
-```python
-{code}
-```
-"""
-SOLVE_SYSTEM = "You are an expert Python programmer."
-SOLVE_TEMPLATE = """Complete this Python function. Reply with the complete function in one ```python code block and nothing else.
-```python
-{prompt}
-```"""
-
-_GRADE_LINE = re.compile(r"SCORE:[ \t]*(\d{1,2})[ \t]*/[ \t]*10")
-_GRADE_MENTION = re.compile(r"score\s*:", re.IGNORECASE)
-_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
-
-
-def parse_grade(text: str) -> float:
-    """The grade in a judge's reply, in [0, 1]. Strict: the reply must contain exactly one
-    `score:` (any case) and its last non-empty line must be exactly `SCORE: N/10` with N an
-    integer 0..10 (spaces around N and '/' allowed). Reasoning lines above it are allowed.
-    Anything else raises ValueError."""
-    if not isinstance(text, str):
-        raise ValueError("reply content is not a string")
-    n = len(_GRADE_MENTION.findall(text))
-    if n != 1:
-        raise ValueError(f"expected exactly one 'SCORE: N/10' line, found {n}")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    m = _GRADE_LINE.fullmatch(lines[-1])
-    if m is None:
-        raise ValueError(f"last line is not 'SCORE: N/10': {lines[-1][:80]!r}")
-    grade = int(m.group(1))
-    if grade > 10:
-        raise ValueError(f"grade {grade} is out of 0..10")
-    return grade / 10
-
-
-def parse_digit_grade(text: str) -> float:
-    """The grade of a `grade: digit` reply, in [0, 1]: its first non-blank character must be a
-    digit d (0..9), read as d / 9; what follows is ignored. Anything else raises ValueError."""
-    if not isinstance(text, str):
-        raise ValueError("reply content is not a string")
-    head = text.lstrip()[:1]
-    if not head or head not in "0123456789":
-        raise ValueError(f"reply does not start with a digit: {text[:40]!r}")
-    return int(head) / 9
-
-
-def check_reference(code: str, task) -> None:
-    """A reference solution worth pinning: Python that parses and defines the task's entry point.
-    An empty reply or "upstream overloaded, try again" is not; raises _Failure("parse_error")."""
-    if not code.strip():
-        raise _Failure("parse_error", "reference solution is empty", retryable=False)
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError) as e:
-        raise _Failure("parse_error", f"reference solution is not Python ({e})", retryable=False) from None
-    names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    if task.entry_point and task.entry_point not in names:
-        raise _Failure("parse_error", f"reference solution does not define {task.entry_point}", retryable=False)
-
-
-def extract_code(text: str) -> str:
-    """The first fenced code block of a reply, or the whole reply when there is none."""
-    m = _FENCE.search(text)
-    return (m.group(1) if m else text).strip("\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP judge
+from mlx_coach.rewards.scoring.base import Score, is_number
+from mlx_coach.rewards.scoring.grading import (DIGIT_PROMPT_VERSION, GRADE_DIGIT_TEMPLATE, GRADE_SYSTEM,
+                                               GRADE_TEMPLATE, PROMPT_VERSION, REFERENCE_BLOCK, SOLVE_SYSTEM,
+                                               SOLVE_TEMPLATE, SOLVE_VERSION, check_reference, extract_code,
+                                               parse_digit_grade, parse_grade)
 
 
 @dataclass
@@ -166,7 +70,7 @@ class JudgeConfig:
         check_fields(self, prefix)
         if self.logit_bias is not None:
             ok = isinstance(self.logit_bias, dict) and all(
-                str(k).isdigit() and _num(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())
+                str(k).isdigit() and is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())
             if not ok:
                 raise UserError(f"config key '{prefix}.logit_bias' must map token ids to biases in -100..100; "
                                 f"got {self.logit_bias!r}")
@@ -180,10 +84,6 @@ class JudgeConfig:
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):
             raise UserError(f"config key '{prefix}.api_key_env': environment variable {self.api_key_env} is not set")
         return self
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # failures that say the judge could not be reached, as opposed to a reply that was not a grade
@@ -347,9 +247,12 @@ class HttpJudge:
                 return code
             try:
                 code = extract_code(self._chat(SOLVE_SYSTEM, SOLVE_TEMPLATE.format(prompt=task.prompt.rstrip("\n"))))
-                check_reference(code, task)  # never pin a failure: the namespace is never evicted
             except _Failure as f:
                 return f
+            try:
+                check_reference(code, task)  # never pin a failure: the namespace is never evicted
+            except ValueError as e:
+                return _Failure("parse_error", str(e), retryable=False)
             with self._lock:
                 self._counts["references"] += 1
             self.cache.put(key, code, "reference")
@@ -470,78 +373,3 @@ class HttpJudge:
     def drain_events(self) -> list:
         """Breaker transitions since the last call: ("open" | "closed", consecutive failures)."""
         return self.breaker.drain()
-
-
-# ---------------------------------------------------------------------------------------------
-# Local MLX teacher
-
-
-class LocalTeacher:
-    """Scores a completion by its mean per-token log-probability under a teacher model given
-    the prompt, mapped to [0, 1] by clip((mean_logp - low) / (high - low), 0, 1).
-
-    The teacher tokenizes prompt and prompt + completion with its own tokenizer; the completion's
-    tokens are those after the two token sequences' common prefix. Items are sorted by length and
-    scored `batch_size` at a time, one padded forward pass per batch.
-    """
-
-    name = "local-teacher"
-
-    def __init__(self, model, tokenizer, *, model_id: str = "model", low: float = -6.0, high: float = 0.0,
-                 batch_size: int = 8, max_tokens: int = 4096):
-        if not (_num(low) and _num(high) and low < high):
-            raise UserError(f"config key 'teacher.low' must be < 'teacher.high'; got low={low!r}, high={high!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"config key 'teacher.batch_size' must be an integer >= 1; got {batch_size!r}")
-        self.model, self.tokenizer = model, tokenizer
-        self.low, self.high, self.batch_size, self.max_tokens = float(low), float(high), batch_size, max_tokens
-        self.version = f"logp-v1:{model_id}:{self.low:g}:{self.high:g}"
-
-    @classmethod
-    def from_spec(cls, spec: str, **kwargs) -> "LocalTeacher":
-        from mlx_coach.models.loader import load_policy
-
-        model, tokenizer, _ = load_policy(spec)
-        model.eval()
-        return cls(model, tokenizer, model_id=spec, **kwargs)
-
-    def split(self, task, completion) -> tuple[list, list]:
-        """(prompt ids, completion ids) from the teacher's tokenization of prompt + completion."""
-        p = list(self.tokenizer.encode(task.prompt))
-        full = list(self.tokenizer.encode(task.prompt + completion))[: self.max_tokens]
-        n = 0
-        while n < min(len(p), len(full)) and p[n] == full[n]:
-            n += 1
-        n = max(n, 1)  # the first token has no prediction
-        return full[:n], full[n:]
-
-    def mean_logprobs(self, items) -> list:
-        """Mean log-prob per completion token for each (task, completion); None when empty."""
-        import mlx.core as mx
-
-        from mlx_coach.engine.logprobs import sequence_logprobs
-
-        pairs = [self.split(t, c) for t, c in items]
-        out = [None] * len(pairs)
-        order = sorted((i for i, (_, c) in enumerate(pairs) if c), key=lambda i: sum(map(len, pairs[i])))
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
-            logp, mask, _ = sequence_logprobs(self.model, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
-            mean = logp.sum(axis=1) / mask.sum(axis=1)
-            mx.eval(mean)
-            for i, v in zip(idx, mean.tolist()):
-                out[i] = v
-        return out
-
-    def score_batch(self, items) -> list[Score]:
-        items = list(items)
-        t0 = time.perf_counter()
-        means = self.mean_logprobs(items)
-        per_item = (time.perf_counter() - t0) / max(1, len(items))
-        out = []
-        for m in means:
-            if m is None:
-                out.append(Score(0.0, "ok", per_item, "empty completion"))
-            else:
-                out.append(Score(min(1.0, max(0.0, (m - self.low) / (self.high - self.low))), "ok", per_item))
-        return out
