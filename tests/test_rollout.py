@@ -7,7 +7,10 @@ from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
 from mlx_coach.models.builtin_tiny import save_builtin_tiny
 from mlx_coach.engine.logprobs import sequence_logprobs
-from mlx_coach.engine.rollout import DEFAULT_STOPS, Rollout, RolloutBatch, RolloutConfig, _Seq, closed_block_end, encode_prompt, extract_code, generate_rollouts, sample, token_bytes
+from mlx_coach.engine.decoding import _Seq
+from mlx_coach.engine.rollout import DEFAULT_STOPS, Rollout, RolloutBatch, RolloutConfig, generate_rollouts
+from mlx_coach.engine.sampling import sample
+from mlx_coach.engine.text import closed_block_end, encode_prompt, extract_code, token_bytes
 
 PROMPTS = [
     "def add(a, b):\n",

@@ -5,6 +5,8 @@ rows that share it."""
 
 import mlx.core as mx
 
+from mlx_coach.engine.buckets import round_up
+
 
 # mlx-lm models whose __call__ is exactly `head(self.model(inputs))`: for these only the
 # completion positions go through the (vocab-sized) output layer.
@@ -25,11 +27,7 @@ def padded_length(prompt_ids, completion_ids, bucket=0):
     """Columns of the batch sequence_logprobs builds: the longest prompt + completion, rounded up to a
     multiple of bucket (0: not rounded)."""
     longest = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    return -(-longest // bucket) * bucket if bucket else longest
-
-
-def _round_up(n, bucket):
-    return -(-n // bucket) * bucket if bucket else n
+    return round_up(longest, bucket)
 
 
 def logprob_inputs(prompt_ids, completion_ids, *, bucket=0, share_prompts=False):
@@ -50,12 +48,12 @@ def logprob_inputs(prompt_ids, completion_ids, *, bucket=0, share_prompts=False)
     clen = [len(c) for c in completion_ids]
     if min(plen) < 1:
         raise ValueError("every prompt needs at least one token")
-    T = _round_up(max(1, max(clen)), bucket)
+    T = round_up(max(1, max(clen)), bucket)
     targets = mx.array([list(c) + [0] * (T - len(c)) for c in completion_ids], dtype=mx.int32)
     mask = (mx.arange(T)[None, :] < mx.array(clen)[:, None]).astype(mx.float32)
     out = {"targets": targets, "mask": mask}
     if not share_prompts:
-        L = _round_up(max(p + c for p, c in zip(plen, clen)), bucket)
+        L = round_up(max(p + c for p, c in zip(plen, clen)), bucket)
         out["inputs"] = mx.array([list(p) + list(c) + [0] * (L - len(p) - len(c))
                                   for p, c in zip(prompt_ids, completion_ids)], dtype=mx.int32)
         # logits at position i predict token i + 1; positions past a row's end are masked anyway
@@ -67,7 +65,7 @@ def logprob_inputs(prompt_ids, completion_ids, *, bucket=0, share_prompts=False)
         if key not in index:
             index[key] = len(unique)
             unique.append(list(p))
-    P = _round_up(max(len(u) for u in unique), bucket)
+    P = round_up(max(len(u) for u in unique), bucket)
     out["prompt"] = mx.array([u + [0] * (P - len(u)) for u in unique], dtype=mx.int32)
     out["prompt_len"] = mx.array([len(u) for u in unique], dtype=mx.int32)
     out["group"] = mx.array([index[tuple(p)] for p in prompt_ids], dtype=mx.int32)
@@ -169,7 +167,7 @@ def sequence_logprobs(model, prompt_ids, completion_ids, *, with_entropy=False, 
 
     prompt_ids, completion_ids: B lists of token ids. T is the longest completion (at least 1).
     Returns (logp [B, T], mask [B, T], entropy [B, T] or None), float32, under softmax(logits /
-    temperature) without top-p (the distribution `rollout.sample` reports for its tokens at the same
+    temperature) without top-p (the distribution `sampling.sample` reports for its tokens at the same
     temperature): mask is 1.0 for real completion tokens, and logp/entropy are 0 where mask is 0.
     Differentiable with respect to the model's trainable parameters. bucket > 0 right-pads the rows to
     a multiple of it (fewer distinct shapes for MLX's buffer cache); causal attention keeps the padding
