@@ -177,9 +177,9 @@ def test_stop_string_trims_text_tokens_and_logprobs(policy):
     cfg.stop = [stop, "\x00never"]
     r = generate_rollouts(model, tok, PROMPTS[:1], cfg).rollouts[0]
     assert r.finish_reason == "stop"
-    # byte-level tokenizer: one token per byte, so exactly the tokens before the stop remain
-    assert r.token_ids == full.token_ids[:cut]
-    assert r.logprobs == pytest.approx(full.logprobs[:cut], abs=1e-5) and len(r.entropies) == cut
+    # byte-level tokenizer: one token per byte, so the tokens before the stop and the stop's own remain
+    assert r.token_ids == full.token_ids[:cut + 1]
+    assert r.logprobs == pytest.approx(full.logprobs[:cut + 1], abs=1e-5) and len(r.entropies) == cut + 1
     assert stop not in r.text and r.text == tok.decode(full.token_ids[:cut])
 
 
@@ -196,21 +196,23 @@ def _run_seq(pieces, stops, max_new=100):
 
 def test_a_completion_that_compiles_before_a_stop_still_compiles_after_trimming():
     """Llama-3 / Qwen2 style pieces: ")\n" straddles the start of "\ndef ". The scored text keeps
-    every byte before the stop; the straddling token stays in the trained sequence (it was sampled)."""
+    every byte before the stop; the trained sequence keeps every sampled token through " g", the one
+    that completes the stop (it was sampled, and it ends the answer)."""
     pieces = [b"    return", b" sorted", b"(x", b")\n", b"def", b" g", b"():"]
     seq, text = _run_seq(pieces, [b"\ndef "])
     assert seq.reason == "stop" and text == b"    return sorted(x)"
     compile("def f(x):\n" + text.decode(), "<t>", "exec")
-    assert seq.keep == 4  # "    return", " sorted", "(x", ")\n": the last one straddles the stop
-    stop_at_start = _Seq(0, 0)
+    assert seq.keep == 6
+    stop_at_start = _Seq(0, 0)  # a stop at byte 0 still leaves the token that spelled it to train
     stop_at_start.add(1, -1.0, 2.0, [b"", b"\ndef f"], set(), [b"\ndef "], 5, 10)
-    assert stop_at_start.reason == "stop" and stop_at_start.keep == 0
+    assert stop_at_start.reason == "stop" and stop_at_start.keep == 1 and stop_at_start.cut == 0
 
 
 def test_stop_trimming_property_over_random_tokenizations():
     """Property: however a text is cut into tokens, the scored text is exactly the bytes before the
-    first stop string, the kept tokens are exactly those that start before it, and a program that
-    compiles before the stop compiles after trimming."""
+    first stop string (it never contains the stop), the trained tokens run through the one that
+    completes the stop (they decode to a text that contains it, and none follows that token), and a
+    program that compiles before the stop compiles after trimming."""
     rng = np.random.default_rng(0)
     bodies = [b"    return sorted(x)", b"    y = [i * 2 for i in x]\n    return y", b"    return {'a': (1, 2)}"]
     stops = [b"\ndef ", b"\nclass ", b"\n#"]
@@ -223,14 +225,15 @@ def test_stop_trimming_property_over_random_tokenizations():
         seq, text = _run_seq(pieces, stops)
         assert seq.reason == "stop" and text == body, (pieces, text)
         compile("def f(x):\n" + text.decode(), "<t>", "exec")
-        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-        assert seq.keep == int((starts < len(body)).sum()), (pieces, seq.keep)
+        trained = b"".join(pieces[: seq.keep])
+        assert stop in trained and stop not in text, (pieces, seq.keep)
+        assert stop not in b"".join(pieces[: seq.keep - 1])  # the last kept token completes it
 
 
 def test_stop_after_code_ends_at_the_closing_fence_over_random_tokenizations():
     """Property: with rollout.stop_after_code, however the answer is cut into tokens, the scored text
     ends exactly after the first block's closing fence, the code extracted from it is the code of the
-    answer's first block, and the kept tokens are those that start before the cut."""
+    answer's first block, and the kept tokens run through the one where the closed block is seen."""
     rng = np.random.default_rng(1)
     blocks = [b"```python\ndef f(x):\n    return x\n```", b"```\nprint(1)\n```", b"```py\n```"]
     bodies = ["def f(x):\n    return x\n", "print(1)\n", ""]
@@ -250,8 +253,9 @@ def test_stop_after_code_ends_at_the_closing_fence_over_random_tokenizations():
                 break
         assert seq.reason == "stop" and bytes(seq.buf[: seq.cut]) == answer, pieces
         assert extract_code(answer.decode()) == bodies[(trial // 3) % 3]  # the first block, whatever follows
-        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-        assert seq.keep == int((starts < len(answer)).sum())
+        trained = b"".join(pieces[: seq.keep])
+        assert trained.startswith(answer) and closed_block_end(trained) == len(answer)
+        assert closed_block_end(b"".join(pieces[: seq.keep - 1])) is None
     assert closed_block_end(b"```python\ndef f():") is None and closed_block_end(b"no code") is None
     assert closed_block_end(b"x = '```'\n") is None  # an open fence alone closes nothing
 

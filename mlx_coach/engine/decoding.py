@@ -8,7 +8,6 @@ with rollout.continuous (the default) waiting prompts take their place at once: 
 together, their cache rows are appended to the running batch (`BatchKVCache.extend`).
 """
 
-import bisect
 import time
 
 import mlx.core as mx
@@ -50,10 +49,11 @@ class _Seq:
         self.fence = False  # rollout.stop_after_code
 
     def _finish_at(self, cut):
-        """Stop with the scored text ending at byte `cut`; keep every token that starts before it
-        (token k starts at ends[k-1]), so a token straddling the cut stays: it was sampled."""
+        """Stop with the scored text ending at byte `cut`. Every sampled token is kept, through the one
+        that completed the stop string (or the closing fence): the model is trained to end its answer
+        the way it did, as an answer ended by EOS trains its EOS token."""
         self.cut, self.reason = cut, "stop"
-        self.keep = bisect.bisect_left(self.ends, cut) + 1 if cut > 0 else 0
+        self.keep = len(self.tokens)
 
     def add(self, token, lp, ent, table, eos, stops, max_stop, max_new):
         self.tokens.append(token)

@@ -2,10 +2,9 @@
 G completions per prompt (batched decoding in `decoding`) and turns them into what is trained on and scored.
 
 What a Rollout holds:
-- token_ids: the sampled ids (never re-tokenized). A finishing EOS token is included.
-  On a stop string, every token that starts before the stop string is kept, including one
-  that straddles its start (Llama-3 and Qwen2 tokenizers have pieces like `")\n"`): it was
-  sampled, so it is trained on. Tokens that start at or after the stop string are dropped.
+- token_ids: the sampled ids (never re-tokenized). A finishing EOS token is included, and so are
+  the tokens that spell a stop string (through the one that completes it) or close the code block
+  of rollout.stop_after_code: they were sampled and end the answer, so they are trained on.
 - text: the completion's bytes cut exactly where the stop string starts (EOS excluded), so it
   never contains the stop string and never loses a byte before it: this is what gets scored.
 - logprobs / entropies: per kept token, under softmax(logits / temperature) before top-p (see
