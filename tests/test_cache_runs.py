@@ -14,7 +14,8 @@ from mlx_coach.rl.loop import train
 
 def greedy_cfg(tmp_path, policy):
     """Greedy decoding and zero-std groups: the policy does not change, so every epoch repeats the
-    same completions and a cache that keeps them must serve them."""
+    same completions and a cache that keeps them must serve them. A group's two greedy samples are
+    one text: the second is a copy ("duplicate") of the first."""
     return tiny_cfg(
         tmp_path, data={"tasks": "builtin", "limit": 10, "val_fraction": 0.2},
         rollout={"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 8, "temperature": 0.0},
@@ -28,19 +29,19 @@ def test_cache_policy_changes_provenance_not_rewards(tmp_path, policy):
     train(greedy_cfg(tmp_path, policy), run)
     rows = step_rows(run)
     assert len(rows) == 6  # 8 training tasks, 4 per step: 2 steps per epoch, 3 epochs
-    for r in rows:
-        assert r["reward/fresh_count"] + r["reward/cached_count"] == r["reward/count"] == 8
-    first_epoch, later = rows[:2], rows[2:]
-    assert all(r["reward/cached_count"] == 0 for r in first_epoch)
+    by_origin = [(r["reward/fresh_count"], r["reward/cached_count"], r["reward/duplicate_count"]) for r in rows]
+    assert all(sum(counts) == r["reward/count"] == 8 for counts, r in zip(by_origin, rows))
+    later = rows[2:]
+    assert by_origin[:2] == [(4, 0, 4)] * 2  # 4 texts scored, each copied once
     events = read_jsonl(run / "events.jsonl") if (run / "events.jsonl").exists() else []
     clears = [e for e in events if e["kind"] == "cache/clear"]
     if policy == "lru":
-        assert all(r["reward/cached_count"] == 8 and r["cache/hit_rate"] == 1.0 for r in later)
+        assert by_origin[2:] == [(0, 4, 4)] * 4 and all(r["cache/hit_rate"] == 1.0 for r in later)
         assert all(np.isfinite(r["reward/cached_mean"]) for r in later)
         assert not any(e["removed"] for e in clears)
     else:
         # the old behaviour: every epoch starts cold, so nothing is ever served across steps
-        assert all(r["reward/cached_count"] == 0 and r["cache/hit_rate"] == 0.0 for r in rows)
+        assert by_origin == [(4, 0, 4)] * 6 and all(r["cache/hit_rate"] == 0.0 for r in rows)
         # one greedy program per training task is dropped at each of the three epoch ends
         assert [e["removed"] for e in clears if e["removed"]] == [8, 8, 8]
     # the reward itself does not depend on where it came from
@@ -59,7 +60,8 @@ def test_resume_restores_the_cache(tmp_path):
     assert len(snapshot["entries"]["student"]) == 8
     train(cfg, run, resume=True, steps=4)
     rows = step_rows(run)
-    assert [r["reward/cached_count"] for r in rows] == [0, 0, 8, 8]  # hits right after the resume
+    assert [r["reward/cached_count"] for r in rows] == [0, 0, 4, 4]  # hits right after the resume
+    assert [r["reward/fresh_count"] for r in rows] == [4, 4, 0, 0]  # (each group: one text, and its copy)
 
 
 def test_run_survives_the_judge_server_stopping(tmp_path):

@@ -175,7 +175,7 @@ def test_rank_0_alone_logs_every_sample_of_both_ranks_once(two_runs):
     assert [r["step"] for r in steps2] == [1, 2, 3]  # one row per step: only rank 0 writes
     for r1, r2 in zip(steps1, steps2):
         assert r2["reward/count"] == r1["reward/count"] == 8  # 4 prompts x 2 samples, both ranks' together
-        assert r2["reward/fresh_count"] + r2["reward/cached_count"] == 8
+        assert r2["reward/fresh_count"] + r2["reward/cached_count"] + r2["reward/duplicate_count"] == 8
         assert r2["cache/step_hits"] + r2["cache/step_misses"] == r1["cache/step_hits"] + r1["cache/step_misses"]
         for tag in ("reward/mean", "gen/completion_len_mean", "kl/mean", "grad/norm"):
             assert r2[tag] == pytest.approx(r1[tag], rel=1e-3, abs=1e-6), tag

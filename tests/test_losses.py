@@ -48,12 +48,14 @@ def np_aggregate(x, mask, mode, max_len=None):
 
 
 def np_kl(logp, ref, kind):
-    logp, ref = logp.astype(np.float64), ref.astype(np.float64)
+    d = np.clip(ref.astype(np.float64) - logp.astype(np.float64), -L.LOG_RATIO_CLAMP, L.LOG_RATIO_CLAMP)
     if kind == "k1":
-        return logp - ref
-    if kind == "k2":
-        return 0.5 * (logp - ref) ** 2
-    return np.exp(ref - logp) - (ref - logp) - 1.0
+        kl = -d
+    elif kind == "k2":
+        kl = 0.5 * d**2
+    else:
+        kl = np.exp(d) - d - 1.0
+    return np.clip(kl, -L.KL_CLAMP, L.KL_CLAMP)
 
 
 # ---------------------------------------------------------------- advantages
@@ -155,13 +157,27 @@ def test_mask_truncated(data):
 
 
 @pytest.mark.parametrize("kind", L.KL_KINDS)
-def test_kl_penalized_rewards(data, kind):
+def test_kl_penalized_advantages(data, kind):
     kl = np_kl(data["logp"], data["ref"], kind)
-    expected = data["rewards"] - 0.05 * (kl * data["mask"]).sum(1)
-    got = L.kl_penalized_rewards(
-        mx.array(data["rewards"]), mx.array(data["logp"]), mx.array(data["ref"]), mx.array(data["mask"]), 0.05, kind
+    expected = data["adv"] - 0.05 * (kl * data["mask"]).sum(1)
+    got = L.kl_penalized_advantages(
+        mx.array(data["adv"]), mx.array(data["logp"]), mx.array(data["ref"]), mx.array(data["mask"]), 0.05, kind
     )
     close(got, expected)
+
+
+def test_one_outlier_token_gives_a_bounded_kl_and_gradient():
+    """p = 1e-4 under the policy, 0.5 under the reference: unclamped k3 is ~4990 for that one token."""
+    logp = mx.array([[math.log(1e-4), math.log(0.5), math.log(0.4)]])
+    ref = mx.array([[math.log(0.5), math.log(0.5), math.log(0.5)]])
+    mask = mx.ones((1, 3))
+    assert float(mx.exp(ref - logp)[0, 0] - (ref - logp)[0, 0] - 1) > 4000  # what the clamp exists for
+    kl = L.kl_estimate(logp, ref, "k3")
+    assert float(kl[0, 0]) == L.KL_CLAMP
+    grad = mx.grad(lambda lp: L.aggregate(L.kl_estimate(lp, ref, "k3"), mask))(logp)
+    assert float(grad[0, 0]) == 0.0  # saturated: the outlier pushes nothing
+    assert float(mx.max(mx.abs(grad))) < 1.0  # the other tokens keep their ordinary gradients
+    assert float(grad[0, 2]) != 0.0
 
 
 # ---------------------------------------------------------------- policy loss
@@ -213,11 +229,11 @@ def test_kl_mean_reported_when_beta_is_zero(data):
     assert float(stats["kl_loss"].item()) == 0.0 and float(stats0["kl_mean"].item()) == 0.0
     with pytest.raises(ValueError):
         L.policy_loss(*args, beta=0.1)
-    # an overflowing k3 shows in the stats but must not reach a beta=0 loss as 0 * inf = NaN
+    # a far reference shows in the stats at the clamp and does not reach a beta=0 loss
     far_ref = mx.array(data["logp"] + 100.0)
     loss, stats = L.policy_loss(*args, ref_logp=far_ref)
     close(loss, float(without.item()))
-    assert math.isinf(float(stats["kl_mean"].item()))
+    assert float(stats["kl_mean"].item()) == L.KL_CLAMP
 
 
 def test_asymmetric_clipping_changes_clip_frac():
@@ -401,11 +417,13 @@ def test_kl_estimators_as_losses_have_these_expected_gradients(seed):
     """Exact expectations over a categorical policy (every token weighted by its probability, the
     weights held fixed as a sample would be): as a loss, k1's expected gradient is zero, k2's is the
     gradient of the reverse KL(policy || ref), k3's the gradient of the forward KL(ref || policy).
-    So k1 only makes sense in the reward, and both k2 and k3 pull the policy toward the reference."""
+    So k1 only makes sense in the reward, and both k2 and k3 pull the policy toward the reference.
+    (Within the clamp: here no token's log-ratio comes near where k3 reaches KL_CLAMP.)"""
     key = mx.random.key(seed)
-    logits = mx.random.normal((7,), key=key)
-    ref_logp = mx.random.normal((7,), key=mx.random.split(key)[0])
+    logits = 0.5 * mx.random.normal((7,), key=key)
+    ref_logp = 0.5 * mx.random.normal((7,), key=mx.random.split(key)[0])
     ref_logp = ref_logp - mx.logsumexp(ref_logp)
+    assert float(mx.max(L.kl_estimate(logits - mx.logsumexp(logits), ref_logp, "k3"))) < L.KL_CLAMP / 2
 
     def expected_loss(z, kind):
         logp = z - mx.logsumexp(z)

@@ -15,18 +15,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STEP_TAGS = [
     # trainer (issue: RL loop)
-    "reward/mean", "reward/std", "loss/policy", "loss/kl", "kl/mean", "policy/clip_frac", "grad/norm", "lr",
+    "reward/mean", "reward/std", "loss/total", "loss/policy", "loss/kl", "kl/mean", "kl/max", "policy/clip_frac",
+    "policy/sampler_mismatch", "grad/norm", "lr",
     "gen/tokens_per_sec", "gen/completion_len_mean", "time/generate_s", "time/score_s", "time/update_s",
     "time/rewards_s",
     # cache (issue: score cache)
     "reward/fresh_mean", "reward/cached_mean", "reward/fresh_count", "reward/cached_count", "cache/hit_rate",
-    "reward/timeout_count", "reward/infra_error_count",
+    "reward/timeout_count", "reward/infra_error_count", "reward/duplicate_count", "reward/fallback_count",
+    "reward/unjudged_count",
     "cache/hits", "cache/misses", "cache/evictions", "cache/expirations", "cache/size",
     # memory, phases, health (issue: telemetry)
     "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/cache_share", "memory/clear_events",
     "memory/freed_gb", "reward/ema", "reward/frac_zero_std", "gen/truncated_frac", "policy/entropy",
     "grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters", "grad/update_ratio",
-    "loss/policy_ema", "memory/distinct_shapes", "memory/new_shapes", "memory/clear_ms", "gen/padding_frac",
+    "loss/total_ema", "memory/distinct_shapes", "memory/new_shapes", "memory/clear_ms", "gen/padding_frac",
     "update/padding_frac", "gen/rows_per_forward", "gen/refills",
 ] + (["memory/footprint_gb"] if sys.platform.startswith("linux") else [])
 PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/cache_share_by_phase/{}"]
@@ -54,8 +56,22 @@ def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
     for r in steps:
         missing = [t for t in STEP_TAGS if t not in r]
         assert not missing, (r["step"], missing)
-        # every scored sample is either fresh or cached; 4 prompts x group 4 (3 prompts at an epoch's end)
-        assert r["reward/fresh_count"] + r["reward/cached_count"] == r["reward/count"] in (12, 16)
+        # every sample has one provenance; 4 prompts x group 4 (3 prompts at an epoch's end)
+        provenances = ("fresh", "cached", "duplicate", "fallback", "unjudged")
+        assert sum(r[f"reward/{p}_count"] for p in provenances) in (12, 16)
+        assert r["reward/count"] == r["reward/fresh_count"] + r["reward/cached_count"] + r["reward/duplicate_count"]
+        assert r["loss/total"] == pytest.approx(r["loss/policy"] + r["loss/kl"], abs=1e-5)  # no entropy bonus
+        # one iteration: pi_old is the update's own forward, so nothing is clipped on-policy
+        assert abs(r["policy/ratio_mean"] - 1.0) < 1e-6 and r["policy/clip_frac"] == 0.0
+        assert 0.0 <= r["policy/sampler_mismatch"] < 1e-3  # float32 on the CPU: sampler and update agree
+        assert r["kl/max"] >= r["kl/mean"] >= 0.0
+    # step 1 samples from the reference itself (LoRA starts at zero); every later step has moved away
+    assert steps[0]["kl/mean"] < 1e-6 and all(r["kl/mean"] > 0 for r in steps[1:])
+    # the rate follows the schedule: a 2-step warmup to optim.lr, then a cosine that only falls
+    lrs = [r["lr"] for r in steps]
+    peak = lrs.index(max(lrs))
+    assert peak <= 2 and lrs[peak] == pytest.approx(5e-4) and lrs[0] < lrs[peak]
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])) and lrs[-1] > 0
     for phase in ("early", "mid", "late"):
         assert any(tag.format(phase) in r for r in steps for tag in PHASE_TAGS)
     tables = [r for r in rows if "epoch_table" in r]

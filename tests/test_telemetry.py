@@ -95,7 +95,7 @@ def test_run_directory_files_and_tensorboard_contents(tmp_path):
     assert charts["tok/s: per step and by epoch phase"] == ["^gen/tokens_per_sec$", "^gen/tokens_per_sec_by_phase/"]
     assert charts["cache hit rate: per step and by epoch phase"] == ["^cache/hit_rate$", "^cache/hit_rate_by_phase/"]
     assert charts["reward: fresh vs cached"] == ["^reward/fresh_mean$", "^reward/cached_mean$", "^reward/mean$"]
-    assert charts["loss"] == ["^loss/policy$", "^loss/kl$", "^loss/policy_ema$"]
+    assert charts["loss"] == ["^loss/total$", "^loss/policy$", "^loss/kl$", "^loss/total_ema$"]
     assert charts["memory (GB): process footprint vs MLX active and cache"] == [
         "^memory/footprint_gb$", "^memory/active_gb$", "^memory/cache_gb$"]
 

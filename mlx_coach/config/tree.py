@@ -67,13 +67,22 @@ class AlgoConfig:
     epsilon: float = _f(0.2, lo=0.0)
     epsilon_high: Optional[float] = _f(None, lo=0.0)
     num_iterations: int = _f(1, lo=1)
-    aggregation: str = _f("token", choices=("token", "sequence", "constant"))
+    aggregation: str = _f("auto", choices=("auto", "token", "sequence", "constant"),
+                          help="what the policy loss averages over; auto: constant (B x max_new_tokens) under "
+                               "advantage dr_grpo, token otherwise")
+    importance_level: str = _f("token", choices=("token", "sequence"),
+                               help="the PPO ratio per token, or per sequence as GSPO (length-normalised, "
+                                    "clipped per sequence; GSPO uses a much smaller epsilon, e.g. 3e-4 / 4e-4)")
+    sampler_correction: str = _f("none", choices=("none", "tis"),
+                                 help="tis: weigh each token by min(pi_train / pi_sampler, algo.tis_cap) for the "
+                                      "gap between the sampler's log-probs and the training forward's")
+    tis_cap: float = _f(3.0, lo=1.0, help="sampler_correction tis: the largest importance weight")
     beta: float = _f(0.04, lo=0.0)
     kl_estimator: str = _f("k3", choices=("k1", "k2", "k3"))
     kl_in: str = _f("loss", choices=("loss", "reward"))
     kl_target: Optional[float] = _f(None, lo=0.0, lo_open=True, help="adaptive beta toward this KL")
     kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
-    entropy_coef: float = _f(0.0)
+    entropy_coef: float = _f(0.0, lo=0.0, help="weight of the entropy bonus (raises entropy); 0 = off")
     mask_truncated: bool = _f(False)
     # signal in every batch (rl.dynamic_sampling)
     dynamic_sampling: bool = _f(False, help="drop prompt groups whose rewards are all equal and draw more prompts "

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_coach.core.errors import UserError
@@ -79,20 +80,51 @@ def unfreeze_all(model):
 
 @contextlib.contextmanager
 def adapters_disabled(model):
-    """Run the base model: every LoRA layer's scale is 0 inside the block, restored after.
+    """Run the base model: inside the block every LoRA layer is replaced by the base layer it wraps
+    (its `linear` or `embedding`), so the adapters are not computed at all; restored after. A LoRA
+    layer without one falls back to scale 0.
 
-    Only Python attributes change, so do not call this inside an `mx.compile`d function
-    (compiled graphs bake in the scale); compute reference log-probs outside of it.
+    Only Python attributes change, so do not call this inside an `mx.compile`d function (compiled
+    graphs bake in the modules); compute reference log-probs outside of it.
     """
-    layers = [m for _, m in model.named_modules() if isinstance(m, _lora_layer_types())]
-    saved = [m.scale for m in layers]
+    swapped, scaled = [], []
+    lora_types = _lora_layer_types()
+    for parent_name, parent in [("", model)] + list(model.named_modules()):
+        for key, child in list(_children(parent)):
+            if not isinstance(child, lora_types):
+                continue
+            base = getattr(child, "linear", None) or getattr(child, "embedding", None)
+            if base is None:
+                scaled.append((child, child.scale))
+                child.scale = 0.0
+            else:
+                swapped.append((parent, key, child))
+                _set_child(parent, key, base)
     try:
-        for m in layers:
-            m.scale = 0.0
         yield model
     finally:
-        for m, s in zip(layers, saved):
-            m.scale = s
+        for parent, key, child in swapped:
+            _set_child(parent, key, child)
+        for child, scale in scaled:
+            child.scale = scale
+
+
+def _children(module):
+    """(key, child module) of a module's direct children; a list's items as ((name, index), child)."""
+    for name, value in module.items():
+        if isinstance(value, nn.Module):
+            yield name, value
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, nn.Module):
+                    yield (name, i), item
+
+
+def _set_child(parent, key, child):
+    if isinstance(key, tuple):
+        parent[key[0]][key[1]] = child
+    else:
+        setattr(parent, key, child)
 
 
 def frozen_copy(model):

@@ -29,7 +29,7 @@ class AfterStep:
         state = self.state
         fresh = [v for v, f in zip(columns["total"], columns["fresh"]) if f]
         metrics["reward/ema"] = state.reward_ema.update(metrics["reward/mean"])
-        metrics["loss/policy_ema"] = state.loss_ema.update(float(np.mean(result.loss)))
+        metrics["loss/total_ema"] = state.loss_ema.update(metrics["loss/total"])
         metrics.update({"lr": float(self.optimizer.learning_rate.item()), "lr/scale": state.lr_scale,
                         "train/skipped_steps": state.skipped_steps})
         tokens_per_sec = metrics["gen/tokens_per_sec"]

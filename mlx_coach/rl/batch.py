@@ -17,7 +17,10 @@ class StepBatch:
     reference_logp: mx.array  # [B, T] the reference policy's log-probs at the sampling temperature
     behaviour_logp: mx.array = None  # [B, T] the sampler's, at the same temperature: pi_old
     advantages: mx.array = None  # [B]
-    loss_mask: np.ndarray = None  # [B, T] float32: real tokens, without truncated rows under algo.mask_truncated
+    token_mask: np.ndarray = None  # [B, T] float32: each row's sampled tokens
+    loss_mask: np.ndarray = None  # [B, T] float32: the trained ones: unjudged rows and, under
+    # algo.mask_truncated, truncated rows have none
+    forwards: list = None  # each micro-batch's (rows, log-prob inputs), built once (rl.update)
     rank_weight: float = 1.0  # several ranks: size x this rank's share of the loss normaliser
     inject_nan: bool = False  # train.debug_nan_steps
     # what the step reports
@@ -26,7 +29,8 @@ class StepBatch:
     scores: list = field(default_factory=list)  # rewards.sources scores of this rank's rows
     rollout_stats: object = None  # engine.rollout.RolloutBatch (its rollouts' statistics)
     truncated: list = field(default_factory=list)  # rows cut off by the length limit
-    kl_observed: float = 0.0
+    kl_observed: float = 0.0  # token mean of KL(behaviour || reference)
+    kl_max: float = 0.0  # its largest token
     beta: float = 0.0
     phase: str = "early"  # epoch phase of the step's first prompt
     times: dict = field(default_factory=dict)  # seconds of the step's phases: generate, score, rewards, reference

@@ -46,7 +46,9 @@ class DifficultyTracker:
         self.counts: dict[str, list[int]] = {}  # task_id -> [fresh samples, passes]
 
     def observe(self, task_ids, passed, provenance):
-        """Count the fresh verdicts among one round's samples (cached and fallback ones are skipped)."""
+        """Count the fresh verdicts among one round's samples: each distinct (task, completion) the round
+        scored counts once. Skipped: "cached" (an earlier verdict), "duplicate" (a copy of a sample counted here),
+        "fallback" and "unjudged" (no verdict)."""
         for task_id, ok, prov in zip(task_ids, passed, provenance):
             if prov != "fresh":
                 continue

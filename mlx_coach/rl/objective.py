@@ -22,6 +22,9 @@ from mlx_coach.engine.logprobs import logprobs_from_inputs
 AGGREGATIONS = ("token", "sequence", "constant")
 KL_KINDS = ("k1", "k2", "k3")
 ADV_SCALES = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0
 
 
 def _f32(x):
@@ -42,11 +45,17 @@ def _groups(rewards, group_size):
 # ---------------------------------------------------------------------------- advantages
 
 
-def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
-    """(r - group mean) / (std + eps), std of the group ("group"), of all rewards ("batch"), or 1 ("none")."""
+def grpo_advantages(rewards, group_size, scale="group", eps=1e-4, valid=None):
+    """(r - group mean) / (std + eps), std of the group ("group"), of all rewards ("batch"), or 1 ("none").
+
+    valid: [B] bool, False for a sample the scorers could not judge: it gets advantage 0 and no place
+    in its group's mean and std (nor in the batch's), so the others' advantages are those of the
+    group without it."""
     if scale not in ADV_SCALES:
         raise ValueError(f"advantage scale must be one of {ADV_SCALES}, got {scale!r}")
     g = _groups(rewards, group_size)
+    if valid is not None and not all(bool(v) for v in valid):
+        return _masked_group_advantages(g, _f32(mx.array(valid)).reshape(g.shape), scale, eps).reshape(-1)
     # float32 rounding makes mean([0.2]*3) != 0.2, and dividing by (0 + eps) would blow that
     # residue up to ~1e-4; a group of equal rewards carries no signal, so force it to 0.
     flat = mx.max(g, axis=1, keepdims=True) == mx.min(g, axis=1, keepdims=True)
@@ -58,21 +67,47 @@ def grpo_advantages(rewards, group_size, scale="group", eps=1e-4):
     return adv.reshape(-1)
 
 
-def dr_grpo_advantages(rewards, group_size):
+def _masked_group_advantages(g, keep, scale, eps):
+    """grpo_advantages over the kept members of each group (keep: [groups, G] of 0/1)."""
+    n = mx.maximum(mx.sum(keep, axis=1, keepdims=True), 1.0)
+    safe = mx.where(keep > 0, g, 0.0)  # an unjudged reward may be anything, NaN included
+    mean = mx.sum(safe, axis=1, keepdims=True) / n
+    big = mx.array(float("inf"))
+    flat = mx.max(mx.where(keep > 0, g, -big), axis=1, keepdims=True) == mx.min(mx.where(keep > 0, g, big), axis=1,
+                                                                                keepdims=True)
+    adv = mx.where(flat | (keep == 0), 0.0, safe - mean)
+    if scale == "group":
+        adv = adv / (mx.sqrt(mx.sum(keep * (safe - mean) ** 2, axis=1, keepdims=True) / n) + eps)
+    elif scale == "batch":
+        total = mx.maximum(mx.sum(keep), 1.0)
+        batch_mean = mx.sum(safe) / total
+        adv = adv / (mx.sqrt(mx.sum(keep * (safe - batch_mean) ** 2) / total) + eps)
+    return adv
+
+
+def dr_grpo_advantages(rewards, group_size, valid=None):
     """Dr. GRPO: reward minus its group mean, no std division (removes the difficulty bias)."""
-    return grpo_advantages(rewards, group_size, scale="none")
+    return grpo_advantages(rewards, group_size, scale="none", valid=valid)
 
 
-def reinforce_advantages(rewards, baseline, decay):
+def reinforce_advantages(rewards, baseline, decay, valid=None):
     """REINFORCE with a moving-average baseline. Returns (adv, new_baseline).
 
     adv = r - baseline, using the baseline *before* this batch updates it (so a batch is never
     its own baseline, except on the first call, when baseline is None and starts at the batch
-    mean). new_baseline = decay * baseline + (1 - decay) * mean(r).
+    mean). new_baseline = decay * baseline + (1 - decay) * mean(r). Samples that are not `valid`
+    (unjudged) get advantage 0 and stay out of the mean; a batch with none leaves the baseline.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"baseline decay must be in [0, 1], got {decay}")
     r = _f32(rewards)
+    if valid is not None and not all(bool(v) for v in valid):
+        keep = mx.array([bool(v) for v in valid])
+        if not any(bool(v) for v in valid):
+            return mx.zeros_like(r), baseline
+        batch_mean = float((mx.sum(mx.where(keep, r, 0.0)) / mx.sum(keep)).item())
+        start = batch_mean if baseline is None else baseline
+        return mx.where(keep, r - start, 0.0), decay * float(start) + (1.0 - decay) * batch_mean
     batch_mean = float(mx.mean(r).item())
     if baseline is None:
         baseline = batch_mean
@@ -97,15 +132,21 @@ def kl_estimate(logp, ref_logp, kind="k3"):
     k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased and always >= 0). As the *value* of KL(policy || ref)
     k1 and k3 are unbiased. As a *loss* on on-policy samples their expected gradients differ: k1's is
     zero, k2's is the gradient of KL(policy || ref), k3's that of KL(ref || policy).
+
+    The log-ratio is clamped to +-LOG_RATIO_CLAMP and the estimate to +-KL_CLAMP (as verl does), so one
+    token the policy finds very unlikely cannot dominate the mean, the controller or the gradient (the
+    clamp passes no gradient beyond its bounds).
     """
-    d = ref_logp - logp
+    d = mx.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1":
-        return -d
-    if kind == "k2":
-        return 0.5 * d * d
-    if kind == "k3":
-        return mx.exp(d) - d - 1.0
-    raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+        kl = -d
+    elif kind == "k2":
+        kl = 0.5 * d * d
+    elif kind == "k3":
+        kl = mx.exp(d) - d - 1.0
+    else:
+        raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+    return mx.clip(kl, -KL_CLAMP, KL_CLAMP)
 
 
 def _is_zero(coef):
@@ -153,16 +194,6 @@ def mask_truncated(mask, truncated):
     return mask * keep[:, None]
 
 
-def kl_penalized_rewards(rewards, logp, ref_logp, mask, beta, kind="k3"):
-    """"KL in reward" mode: r - beta * sum over real tokens of the per-token KL estimate.
-
-    The result is a reward, a constant for the policy gradient, so no gradient flows through it.
-    """
-    kl = kl_estimate(_f32(logp), _f32(ref_logp), kind)
-    penalty = mx.sum(_masked(kl, mask), axis=1)
-    return mx.stop_gradient(_f32(rewards) - beta * penalty)
-
-
 # ---------------------------------------------------------------------------- loss
 
 
@@ -181,11 +212,16 @@ def policy_loss(
     kl_kind="k3",
     entropy=None,
     entropy_coef=0.0,
+    importance="token",
+    token_weight=None,
 ):
     """PPO-style clipped surrogate with optional KL penalty and entropy bonus.
 
-    loss = -agg(min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)) + beta * agg(kl)
-           - entropy_coef * agg(entropy),  ratio = exp(logp - old_logp).
+    loss = -agg(w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)) + beta * agg(kl)
+           - entropy_coef * agg(entropy),  ratio = exp(logp - old_logp) per token ("token"), or
+    GSPO's ("sequence") exp(mean over the sequence's tokens of (logp - old_logp)), the same for every
+    token of a sequence, so clipping acts on whole sequences. w: `token_weight` (gradient-free, e.g.
+    a truncated importance weight), 1 by default.
     Returns (loss, stats); stats are gradient-free scalars and their token means ignore
     ``aggregation``: clip_frac, ratio_mean, kl_mean, pg_loss, kl_loss, entropy_mean.
     """
@@ -195,10 +231,18 @@ def policy_loss(
     mask = _f32(mask)
     adv = _f32(advantages)[:, None]
 
-    ratio = mx.exp(logp - _f32(old_logp))
+    log_ratio = logp - _f32(old_logp)
+    if importance == "sequence":
+        lengths = mx.maximum(mx.sum(mask, axis=1, keepdims=True), 1.0)
+        log_ratio = mx.broadcast_to(mx.sum(_masked(log_ratio, mask), axis=1, keepdims=True) / lengths, logp.shape)
+    elif importance != "token":
+        raise ValueError(f"importance level must be one of {IMPORTANCE_LEVELS}, got {importance!r}")
+    ratio = mx.exp(log_ratio)
     unclipped = ratio * adv
     clipped = mx.clip(ratio, 1.0 - epsilon, 1.0 + eps_high) * adv
     objective = mx.minimum(unclipped, clipped)
+    if token_weight is not None:
+        objective = objective * mx.stop_gradient(_f32(token_weight))
     pg_loss = -aggregate(objective, mask, aggregation, max_len)
     loss = pg_loss
 
@@ -248,46 +292,75 @@ def micro_batch_weight(chunk_mask, batch_mask, aggregation):
     return float(normaliser(chunk_mask, aggregation) / max(normaliser(batch_mask, aggregation), 1))
 
 
-def observed_kl(behaviour_logp, reference_logp, token_mask, estimator, all_sum=None):
-    """Token mean of the KL estimate over every sampled token: the distance the KL controller,
-    `kl/mean` and the kl_high alert see, whatever `algo.kl_in` is. With `all_sum` (several ranks)
-    the mean runs over every rank's tokens."""
+def observed_kl(behaviour_logp, reference_logp, token_mask, estimator, world=None):
+    """(token mean, max) of the KL estimate over every sampled token: the distance the KL controller,
+    `kl/mean`, `kl/max` and the kl_high alert see, whatever `algo.kl_in` is. With `world` (several
+    ranks) both run over every rank's tokens."""
     per_token = kl_estimate(behaviour_logp, reference_logp, estimator)
-    if all_sum is None:
-        return float(aggregate(per_token, token_mask).item())
-    total, count = all_sum([float(mx.sum(mx.where(token_mask > 0, per_token, 0.0)).item()),
-                            float(token_mask.sum().item())])
-    return total / max(count, 1.0)
+    real = token_mask > 0
+    largest = float(mx.max(mx.where(real, per_token, -mx.inf)).item()) if bool(mx.any(real).item()) else 0.0
+    if world is None:
+        return float(aggregate(per_token, token_mask).item()), largest
+    total, count = world.all_sum([float(mx.sum(mx.where(real, per_token, 0.0)).item()),
+                                  float(token_mask.sum().item())])
+    return total / max(count, 1.0), world.all_max([largest])[0]
 
 
-def advantages(rewards, algo, group_size, baseline):
-    """(advantages [B], the moving baseline after this batch) under `algo.advantage`."""
+def advantages(rewards, algo, group_size, baseline, valid=None):
+    """(advantages [B], the moving baseline after this batch) under `algo.advantage`; samples that are
+    not `valid` (unjudged) get 0 and no place in the statistics."""
     if algo.advantage == "grpo":
-        return grpo_advantages(rewards, group_size, scale=algo.scale_rewards), baseline
+        return grpo_advantages(rewards, group_size, scale=algo.scale_rewards, valid=valid), baseline
     if algo.advantage == "dr_grpo":
-        return dr_grpo_advantages(rewards, group_size), baseline
-    return reinforce_advantages(rewards, baseline, algo.baseline_decay)
+        return dr_grpo_advantages(rewards, group_size, valid=valid), baseline
+    return reinforce_advantages(rewards, baseline, algo.baseline_decay, valid=valid)
 
 
-def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, inject_nan=False):
+def kl_penalized_advantages(adv, logp, ref_logp, token_mask, beta, kind="k3"):
+    """`kl_in: reward`: the advantages minus beta x each sample's KL estimate summed over its sampled
+    tokens (truncated or not). Applied after the rewards' normalisation, so beta means the same under
+    every advantage and scaling. A constant for the policy gradient: no gradient flows through it."""
+    kl = kl_estimate(_f32(logp), _f32(ref_logp), kind)
+    penalty = mx.sum(_masked(kl, _f32(token_mask)), axis=1)
+    return mx.stop_gradient(_f32(adv) - beta * penalty)
+
+
+def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, first_iteration=True, inject_nan=False):
     """(loss, stats) of one micro-batch: `x` holds its log-prob inputs (engine.logprobs) and the
-    batch's columns cut to its width: old_logp (behaviour), ref_logp, loss_mask, adv.
+    batch's columns cut to its width: sampler_logp (the sampler's numbers), old_logp (pi_old from the
+    training forward, for iterations after the first), ref_logp, loss_mask, adv.
 
-    Tokens outside the loss mask take their own detached log-prob as pi_old, so their ratio is 1.
-    The KL term enters the loss only with `algo.kl_in: loss`; with `reward` it was already
-    subtracted from the rewards (`kl_penalized_rewards`)."""
+    pi_old at the first iteration is this forward's own log-probs, detached (as TRL does): the ratio
+    is exactly 1 whatever LoRA dropout or the sampler's kernels do. `algo.sampler_correction: tis`
+    weighs each token by min(pi_train / pi_sampler, algo.tis_cap) for the gap between the sampler's
+    numbers and the training forward. The KL term enters the loss only with `algo.kl_in: loss`; with
+    `reward` it is part of the advantages (`kl_penalized_advantages`)."""
     logp, mask, entropy = logprobs_from_inputs(model, x, with_entropy=algo.entropy_coef > 0,
                                                temperature=temperature)
     mask = mask * x["loss_mask"]
-    old = mx.where(mask > 0, x["old_logp"], mx.stop_gradient(logp))
+    detached = mx.stop_gradient(logp)
+    old = detached if first_iteration else mx.where(mask > 0, x["old_logp"], detached)
+    gap = detached - x["sampler_logp"]
+    weight = mx.minimum(mx.exp(gap), algo.tis_cap) if algo.sampler_correction == "tis" else None
     in_loss = algo.kl_in == "loss"
     loss, stats = policy_loss(
         logp, old, x["adv"], mask, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-        aggregation=algo.aggregation, max_len=max_len, ref_logp=x["ref_logp"] if in_loss else None,
-        beta=beta if in_loss else 0.0, kl_kind=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef)
+        aggregation=loss_aggregation(algo), max_len=max_len, ref_logp=x["ref_logp"] if in_loss else None,
+        beta=beta if in_loss else 0.0, kl_kind=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
+        importance=algo.importance_level, token_weight=weight)
+    # how far the sampler's log-probs are from this forward's: |pi_train / pi_sampler - 1| per token
+    stats["sampler_mismatch"] = mx.stop_gradient(_token_mean(mx.abs(mx.exp(gap) - 1.0), mask))
     if inject_nan:  # train.debug_nan_steps: exercises the non-finite guard
         loss = loss * mx.array(float("nan"))
     return loss, stats
+
+
+def loss_aggregation(algo):
+    """algo.aggregation, where "auto" is Dr. GRPO's constant normaliser under advantage: dr_grpo (the
+    length bias it exists to remove would stay under a token mean) and the token mean otherwise."""
+    if algo.aggregation != "auto":
+        return algo.aggregation
+    return "constant" if algo.advantage == "dr_grpo" else "token"
 
 
 def token_entropy(logits):

@@ -49,17 +49,20 @@ def schedule_steps(cfg):
     return cfg.optim.schedule_steps or cfg.train.steps
 
 
-def make_optimizer(optim_cfg, total_updates, scale=lambda: 1.0):
-    """AdamW with warmup + constant/cosine; `scale()` multiplies the scheduled rate at every update
-    (health adjustments lower the rate itself: with Adam, scaling gradients would change nothing)."""
-    decay_steps = max(1, total_updates - optim_cfg.warmup_steps)
+def make_optimizer(optim_cfg, steps, iterations=1, scale=lambda: 1.0):
+    """AdamW with warmup + constant/cosine over `steps` x `iterations` optimizer updates (the schedule
+    counts updates, so warmup_steps, given in steps, is scaled by the iterations too); `scale()`
+    multiplies the scheduled rate at every update (health adjustments lower the rate itself: with
+    Adam, scaling gradients would change nothing)."""
+    total, warmup = steps * iterations, optim_cfg.warmup_steps * iterations
+    decay_steps = max(1, total - warmup)
     if optim_cfg.schedule == "cosine":
         base = optim.cosine_decay(optim_cfg.lr, decay_steps, end=optim_cfg.lr * optim_cfg.min_lr_ratio)
     else:
         base = lambda _: mx.array(optim_cfg.lr)  # noqa: E731
-    if optim_cfg.warmup_steps:
-        warm = optim.linear_schedule(optim_cfg.lr / optim_cfg.warmup_steps, optim_cfg.lr, optim_cfg.warmup_steps)
-        base = optim.join_schedules([warm, base], [optim_cfg.warmup_steps])
+    if warmup:
+        warm = optim.linear_schedule(optim_cfg.lr / warmup, optim_cfg.lr, warmup)
+        base = optim.join_schedules([warm, base], [warmup])
     return optim.AdamW(learning_rate=lambda step: base(step) * scale(), weight_decay=optim_cfg.weight_decay)
 
 

@@ -11,17 +11,19 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from mlx_coach.rewards.scoring.base import UNJUDGED_STATUSES as STATUSES_APART
+from mlx_coach.rewards.sources import PROVENANCES
 from mlx_coach.rl.objective import zero_std_fraction
 
-STATUSES_APART = ("timeout", "infra_error")  # a sandbox that could not judge: counted, not a failing program
+UNJUDGED = ("fallback", "unjudged")  # no reward to learn from: no gradient, no place in group statistics
 
 
 def sample_columns(batch, sources):
     """This rank's per-sample columns, to be gathered over ranks in rank order."""
     scores = batch.scores
     return {
-        "total": [s.total for s in scores], "fresh": [s.provenance == "fresh" for s in scores],
-        "cached": [s.provenance == "cached" for s in scores], "fallback": [s.provenance == "fallback" for s in scores],
+        "total": [s.total for s in scores],
+        **{provenance: [s.provenance == provenance for s in scores] for provenance in PROVENANCES},
         "passed": [s.passed for s in scores], "truncated": batch.truncated,
         "comp_len": [len(c) for c in batch.completion_ids],
         **{f"status/{st}": [st in s.statuses.values() for s in scores] for st in STATUSES_APART},
@@ -36,24 +38,27 @@ def step_metrics(batch, result, columns, entropies, gen, group_size, source_name
     rewards = np.array(columns["total"], dtype=np.float32)
     fresh = [v for v, f in zip(columns["total"], columns["fresh"]) if f]
     cached = [v for v, c in zip(columns["total"], columns["cached"]) if c]
-    n_fallback = int(sum(columns["fallback"]))
+    counts = {provenance: int(sum(columns[provenance])) for provenance in PROVENANCES}
     stats = batch.rollout_stats
     computed = sum(rows * cols for rows, cols in result.shapes)
     metrics = {
         "reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
-        # count = graded samples (fresh + cached); samples with a judge's fallback are apart
-        "reward/count": len(fresh) + len(cached), "reward/fresh_count": len(fresh),
-        "reward/cached_count": len(cached), "reward/fallback_count": n_fallback,
-        "reward/fallback_frac": n_fallback / len(columns["total"]),
+        # count = graded samples (fresh + cached + duplicate); fresh = scorer calls; fallback and unjudged
+        # samples are apart: they carry no gradient
+        "reward/count": counts["fresh"] + counts["cached"] + counts["duplicate"],
+        **{f"reward/{provenance}_count": counts[provenance] for provenance in PROVENANCES},
+        "reward/fallback_frac": counts["fallback"] / len(columns["total"]),
         "reward/frac_zero_std": float(zero_std_fraction(mx.array(rewards), group_size)),
         # the mean of no samples is undefined: NaN, never a made-up 0
         "reward/fresh_mean": float(np.mean(fresh)) if fresh else float("nan"),
         "reward/cached_mean": float(np.mean(cached)) if cached else float("nan"),
         **{f"reward/{status}_count": sum(bool(v) for v in columns[f"status/{status}"]) for status in STATUSES_APART},
-        "loss/policy": float(np.mean(result.loss)), "loss/kl": float(np.mean(result.kl_loss or [0.0])),
-        "kl/mean": batch.kl_observed, "kl/beta": batch.beta,
-        "policy/clip_frac": float(np.mean(result.clip_frac or [0.0])),
-        "policy/ratio_mean": float(np.mean(result.ratio_mean or [1.0])),
+        "loss/total": float(np.mean(result.loss)), "loss/policy": float(np.mean(result.pg_loss)),
+        "loss/kl": float(np.mean(result.kl_loss)),
+        "kl/mean": batch.kl_observed, "kl/max": batch.kl_max, "kl/beta": batch.beta,
+        "policy/sampler_mismatch": result.sampler_mismatch,
+        "policy/clip_frac": float(np.mean(result.clip_frac)),
+        "policy/ratio_mean": float(np.mean(result.ratio_mean)),
         "policy/entropy": float(np.mean(entropies)) if entropies else 0.0,
         "grad/norm": float(result.grad_norm[-1]),
         "grad/update_ratio": float(np.mean(result.update_ratio)) if result.update_ratio else 0.0,

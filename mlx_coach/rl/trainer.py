@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlx_coach.config.tree import Config, save_config
 from mlx_coach.core.errors import UserError
-from mlx_coach.engine.logprobs import can_share_prompts, logprob_inputs, logprobs_from_inputs
+from mlx_coach.engine.logprobs import can_share_prompts, logprobs_from_inputs
 from mlx_coach.engine.rollout import generate_rollouts
 from mlx_coach.models import base_identity
 from mlx_coach.models.loader import load_policy
@@ -28,13 +28,13 @@ from mlx_coach.models.lora import adapter_config, adapters_disabled, apply_lora,
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.rewards.sources import RewardSet
 from mlx_coach.rl import dynamic_sampling, objective
-from mlx_coach.rl.batch import StepBatch, fit_width, micro_batches, pad_rows, token_mask
+from mlx_coach.rl.batch import StepBatch, fit_width, pad_rows, token_mask
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
 from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, make_optimizer, schedule_steps,
                                 select_tasks, step_seed)
 from mlx_coach.rl.state import TrainerState
-from mlx_coach.rl.step_metrics import sample_columns, step_metrics
+from mlx_coach.rl.step_metrics import UNJUDGED, sample_columns, step_metrics
 from mlx_coach.rl.update import Updater
 from mlx_coach.runtime.checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
 from mlx_coach.runtime.distributed import shard_bounds, world
@@ -111,8 +111,8 @@ class Trainer(AfterStep):
         self.adapter_cfg[base_identity.KEY] = base_identity.identity(self.model_info)
         # log-probs at the sampling temperature; greedy sampling (0) has none, so it uses 1
         self.temperature = cfg.rollout.temperature or 1.0
-        total_updates = schedule_steps(cfg) * cfg.algo.num_iterations
-        self.optimizer = make_optimizer(cfg.optim, total_updates, scale=lambda: self.state.lr_scale)
+        self.optimizer = make_optimizer(cfg.optim, schedule_steps(cfg), cfg.algo.num_iterations,
+                                        scale=lambda: self.state.lr_scale)
         self.optimizer.init(self.model.trainable_parameters())
         self.share_prompts = cfg.optim.share_prompts and can_share_prompts(self.model)
         self.updater = Updater(self.model, self.optimizer, algo=cfg.algo, optim=cfg.optim, bucket=cfg.rollout.bucket,
@@ -230,7 +230,7 @@ class Trainer(AfterStep):
         self.memory.sample("generate")
         self.memory.note_shapes("generate", rollout_stats.shapes)
         row_tasks = [tasks[r.prompt_index] for r in rollout_stats.rollouts]
-        scoring = self.pool.submit(_timed, lambda *args: self.rewards.score(*args, group_size=rollout_cfg.group_size),
+        scoring = self.pool.submit(_timed, self.rewards.score,
                                    row_tasks, [t.prompt for t in row_tasks], [r.completion for r in rollout_stats.rollouts])
         return dynamic_sampling.Round(tasks, rollout_stats, scoring, generate_s)
 
@@ -255,8 +255,9 @@ class Trainer(AfterStep):
         else:
             rollout_stats, rollouts, generate_s = first.batch, first.batch.rollouts, first.gen_s
         prompt_ids, completion_ids = [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts]
+        forwards = self.updater.forwards(prompt_ids, completion_ids)
         t_ref = time.perf_counter()
-        reference_logp = self.reference_logprobs(prompt_ids, completion_ids)
+        reference_logp = self.reference_logprobs(prompt_ids, completion_ids, forwards)
         mx.eval(reference_logp)
         reference_s = time.perf_counter() - t_ref
         if not algo.dynamic_sampling:
@@ -265,6 +266,7 @@ class Trainer(AfterStep):
         score_s = time.perf_counter() - t0 - (generate_s - first.gen_s)  # extra rounds' generation apart
         self.memory.sample("score")
         batch = StepBatch(prompt_ids=prompt_ids, completion_ids=completion_ids, reference_logp=reference_logp,
+                          forwards=forwards,
                           tasks=self.step_tasks, rollouts=rollouts, scores=scores, rollout_stats=rollout_stats,
                           sampling=sampling, times={"generate": generate_s, "score": score_s, "rewards": rewards_s,
                                                     "reference": reference_s})
@@ -286,15 +288,14 @@ class Trainer(AfterStep):
             provenance = ["fresh" if f else "cached" for f in columns["fresh"]]
         self.state.difficulty.observe(ids, passed, provenance)
 
-    def reference_logprobs(self, prompt_ids, completion_ids):
+    def reference_logprobs(self, prompt_ids, completion_ids, forwards=None):
         """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
         (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward. With
-        optim.share_prompts each group's prompt is computed once for its G samples."""
+        optim.share_prompts each group's prompt is computed once for its G samples. LoRA: the base
+        layers alone (the adapters are taken out, not computed at scale 0)."""
         width = max(1, max(len(c) for c in completion_ids))
         parts = []
-        for rows in micro_batches(len(completion_ids), self.cfg.optim.grad_accum):
-            x = logprob_inputs([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
-                               bucket=self.cfg.rollout.bucket, share_prompts=self.share_prompts)
+        for _, x in forwards or self.updater.forwards(prompt_ids, completion_ids):
             if self.ref_model is not None:
                 logp, _, _ = logprobs_from_inputs(self.ref_model, x, temperature=self.temperature)
             else:
@@ -306,40 +307,48 @@ class Trainer(AfterStep):
         return mx.stop_gradient(mx.concatenate(parts, axis=0))
 
     def observe_kl(self, batch):
-        """Behaviour log-probs, the loss mask, and KL(behaviour || reference) over every sampled token."""
+        """Behaviour log-probs, the loss mask, and KL(behaviour || reference) over every sampled token.
+
+        A sample the scorers could not judge (`UNJUDGED` provenances) has no trained token."""
         algo = self.cfg.algo
         width = max(1, max(len(c) for c in batch.completion_ids))
         batch.behaviour_logp = pad_rows([r.logprobs for r in batch.rollouts], width)
         batch.truncated = [r.finish_reason == "length" for r in batch.rollouts]
-        sampled = token_mask(batch.completion_ids, width)
-        batch.loss_mask = sampled
-        if algo.mask_truncated:
-            batch.loss_mask = np.array(objective.mask_truncated(mx.array(sampled), mx.array(batch.truncated)))
+        batch.token_mask = token_mask(batch.completion_ids, width)
+        judged = np.array([s.provenance not in UNJUDGED for s in batch.scores], dtype=np.float32)
+        dropped = np.array(batch.truncated, dtype=np.float32) if algo.mask_truncated else 0.0
+        batch.loss_mask = batch.token_mask * (judged * (1.0 - dropped))[:, None]
         batch.beta = self.state.kl_controller.beta
-        batch.kl_observed = objective.observed_kl(batch.behaviour_logp, batch.reference_logp, mx.array(sampled),
-                                                  algo.kl_estimator,
-                                                  all_sum=self.world.all_sum if self.world.size > 1 else None)
+        batch.kl_observed, batch.kl_max = objective.observed_kl(
+            batch.behaviour_logp, batch.reference_logp, mx.array(batch.token_mask), algo.kl_estimator,
+            world=self.world if self.world.size > 1 else None)
 
     def compute_advantages(self, batch):
-        """Advantages on the global batch (as on one rank); each rank keeps its rows, a contiguous slice
-        since its prompts' groups are whole. The KL penalty enters the rewards under kl_in: reward."""
+        """Advantages on the global batch (as on one rank), unjudged samples out of the statistics;
+        each rank keeps its rows, a contiguous slice since its prompts' groups are whole. Under
+        kl_in: reward the KL penalty is subtracted after the normalisation."""
         algo, group_size = self.cfg.algo, self.cfg.rollout.group_size
-        rewards = mx.array(np.array([s.total for s in batch.scores], dtype=np.float32))
-        if algo.kl_in == "reward" and batch.beta > 0:
-            rewards = objective.kl_penalized_rewards(rewards, batch.behaviour_logp, batch.reference_logp,
-                                                     mx.array(batch.loss_mask), batch.beta, algo.kl_estimator)
+        rewards = np.array([s.total for s in batch.scores], dtype=np.float32)
+        judged = np.array([s.provenance not in UNJUDGED for s in batch.scores], dtype=np.float32)
         if self.world.size > 1:
             lo, hi = shard_bounds(len(batch.tasks), self.world.size, self.world.rank)
-            rewards = mx.array(self.world.gather(np.array(rewards)[:, None]).ravel())
-        batch.advantages, self.state.baseline = objective.advantages(rewards, algo, group_size, self.state.baseline)
+            both = self.world.gather(np.stack([rewards, judged], axis=1))
+            rewards, judged = both[:, 0], both[:, 1]
+        adv, self.state.baseline = objective.advantages(mx.array(rewards), algo, group_size, self.state.baseline,
+                                                        valid=[bool(v) for v in judged])
         if self.world.size > 1:
-            batch.advantages = batch.advantages[lo * group_size: hi * group_size]
+            adv = adv[lo * group_size: hi * group_size]
+        if algo.kl_in == "reward" and batch.beta > 0:
+            adv = objective.kl_penalized_advantages(adv, batch.behaviour_logp, batch.reference_logp, batch.token_mask,
+                                                    batch.beta, algo.kl_estimator)
+        batch.advantages = adv
+        if self.world.size > 1:
             batch.rank_weight = self.updater.rank_weight(batch.loss_mask)
         batch.inject_nan = self.state.step + 1 in self.cfg.train.debug_nan_steps
 
     def update(self, batch):
         """num_iterations optimizer steps on the batch (rl.update), its shapes noted for the memory manager."""
-        shapes, real_tokens = self.updater.shapes(batch.prompt_ids, batch.completion_ids)
+        shapes, real_tokens = self.updater.shapes(batch)
         self.memory.note_shapes("update", shapes)
         t0 = time.perf_counter()
         result = self.updater.run(batch, batch.beta)

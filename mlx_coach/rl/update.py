@@ -15,9 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_coach.engine.logprobs import logprob_inputs
+from mlx_coach.engine.logprobs import logprob_inputs, logprobs_from_inputs
 from mlx_coach.rl.batch import fit_width, micro_batches
-from mlx_coach.rl.objective import micro_batch_loss, micro_batch_weight, normaliser
+from mlx_coach.rl.objective import loss_aggregation, micro_batch_loss, micro_batch_weight, normaliser
 from mlx_coach.telemetry.health import grad_norms_by_group, update_ratio
 
 
@@ -32,6 +32,8 @@ class UpdateResult:
     pg_loss: list = field(default_factory=list)
     kl_loss: list = field(default_factory=list)
     ratio_mean: list = field(default_factory=list)
+    entropy_mean: list = field(default_factory=list)
+    sampler_mismatch: float = 0.0  # token mean of |pi_train / pi_sampler - 1| before the update
     update_ratio: list = field(default_factory=list)
     group_norms: dict = field(default_factory=dict)  # gradient norms by module group, last step taken
     seconds: float = 0.0
@@ -43,38 +45,55 @@ class Updater:
     def __init__(self, model, optimizer, *, algo, optim, bucket, share_prompts, temperature, max_len, world):
         self.model, self.optimizer, self.world = model, optimizer, world
         self.algo, self.optim, self.bucket, self.share_prompts = algo, optim, bucket, share_prompts
+        self.temperature = temperature
         loss = partial(micro_batch_loss, algo=algo, temperature=temperature, max_len=max_len)
-        self.loss_and_grad = nn.value_and_grad(model, lambda m, x, beta, nan: loss(m, x, beta, inject_nan=nan))
+        self.loss_and_grad = nn.value_and_grad(
+            model, lambda m, x, beta, first, nan: loss(m, x, beta, first_iteration=first, inject_nan=nan))
 
     def inputs(self, prompt_ids, completion_ids):
         return logprob_inputs(prompt_ids, completion_ids, bucket=self.bucket, share_prompts=self.share_prompts)
 
-    def micro_inputs(self, batch, rows):
-        """One micro-batch's arrays: its log-prob inputs, and the batch's per-token columns cut or
-        padded to their width (rollout.bucket may round it up; the extra columns are masked)."""
-        x = self.inputs([batch.prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows])
+    def forwards(self, prompt_ids, completion_ids):
+        """Each micro-batch's (rows, log-prob inputs): built once a step, for the reference pass, the
+        memory manager's shapes and every iteration of the update."""
+        return [(rows, self.inputs([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]))
+                for rows in micro_batches(len(completion_ids), self.optim.grad_accum)]
+
+    def micro_inputs(self, batch, rows, x):
+        """One micro-batch's log-prob inputs `x` with the batch's per-token columns cut or padded to
+        their width (rollout.bucket may round it up; the extra columns are masked)."""
+        x = dict(x)
         width, index = x["targets"].shape[1], mx.array(rows)
-        for key, column in (("old_logp", batch.behaviour_logp), ("ref_logp", batch.reference_logp),
+        for key, column in (("sampler_logp", batch.behaviour_logp), ("ref_logp", batch.reference_logp),
                             ("loss_mask", mx.array(batch.loss_mask))):
             x[key] = fit_width(column[index], width)
         x["adv"] = batch.advantages[index]
         return x
 
+    def old_logprobs(self, x):
+        """pi_old for the iterations after the first: the training forward before any update (eval
+        mode: no dropout), the same arrays as the update's own forward."""
+        logp, _, _ = logprobs_from_inputs(self.model, x, temperature=self.temperature)
+        return mx.stop_gradient(logp)
+
     def rank_weight(self, loss_mask):
         """size x this rank's share of the objective's normaliser over all ranks."""
-        mine = float(normaliser(loss_mask, self.algo.aggregation))
+        mine = float(normaliser(loss_mask, loss_aggregation(self.algo)))
         return self.world.size * max(mine, 1.0) / max(self.world.all_sum(mine), 1.0)
 
-    def accumulate(self, batch, beta, chunks):
+    def accumulate(self, batch, beta, chunks, inputs=None, first_iteration=True):
         """(grads, loss, stats) of the whole batch, summed over micro-batches each weighted by its
         share of the batch's normaliser, so they equal the full batch's; no update. On several ranks
-        gradients, loss and stats are averaged, so every rank then clips and applies the same step."""
+        gradients, loss and stats are averaged, so every rank then clips and applies the same step.
+        inputs: each chunk's `micro_inputs`, built once per update and reused by every iteration."""
         rank_weight = batch.rank_weight if self.world.size > 1 else 1.0
+        aggregation = loss_aggregation(self.algo)
+        inputs = inputs or [self.micro_inputs(batch, rows, x) for rows, x in self.forwards(batch.prompt_ids,
+                                                                                          batch.completion_ids)]
         grads_sum, loss_sum, stats_sum = None, 0.0, {}
-        for rows in chunks:
-            weight = micro_batch_weight(batch.loss_mask[rows], batch.loss_mask, self.algo.aggregation) * rank_weight
-            (loss, stats), grads = self.loss_and_grad(self.model, self.micro_inputs(batch, rows), beta,
-                                                      batch.inject_nan)
+        for rows, x in zip(chunks, inputs):
+            weight = micro_batch_weight(batch.loss_mask[rows], batch.loss_mask, aggregation) * rank_weight
+            (loss, stats), grads = self.loss_and_grad(self.model, x, beta, first_iteration, batch.inject_nan)
             grads = tree_map(lambda g: g * weight, grads)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             loss_sum += loss * weight
@@ -102,19 +121,26 @@ class Updater:
 
     def run(self, batch, beta):
         """algo.num_iterations optimizer steps on one batch (the model in training mode meanwhile)."""
-        chunks = micro_batches(len(batch.completion_ids), self.optim.grad_accum)
+        forwards = batch.forwards or self.forwards(batch.prompt_ids, batch.completion_ids)
+        chunks = [rows for rows, _ in forwards]
+        inputs = [self.micro_inputs(batch, rows, x) for rows, x in forwards]
+        if self.algo.num_iterations > 1:
+            for x in inputs:
+                x["old_logp"] = self.old_logprobs(x)
+                mx.eval(x["old_logp"])
         result = UpdateResult()
         self.model.train()
         try:
-            for _ in range(self.algo.num_iterations):
+            for iteration in range(self.algo.num_iterations):
                 before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
-                grads, loss, stats = self.accumulate(batch, beta, chunks)
+                grads, loss, stats = self.accumulate(batch, beta, chunks, inputs, first_iteration=iteration == 0)
                 clipped, norm, finite = self.apply(grads, loss)
                 result.grad_norm.append(norm.item())
                 result.loss.append(loss.item())
-                for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean"):
-                    if k in stats:
-                        getattr(result, k).append(stats[k].item())
+                for k in ("clip_frac", "pg_loss", "kl_loss", "ratio_mean", "entropy_mean"):
+                    getattr(result, k).append(stats[k].item())
+                if iteration == 0:  # before any update: the sampler against the training forward
+                    result.sampler_mismatch = stats["sampler_mismatch"].item()
                 if not finite:
                     result.skipped += 1
                     continue
@@ -124,19 +150,19 @@ class Updater:
             self.model.eval()
         return result
 
-    def shapes(self, prompt_ids, completion_ids):
+    def shapes(self, batch):
         """(rows, columns) of the update's forwards, and the real token positions among them."""
         shapes, real = [], 0
-        for rows in micro_batches(len(completion_ids), self.optim.grad_accum):
-            x = self.inputs([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows])
+        for rows, x in batch.forwards or self.forwards(batch.prompt_ids, batch.completion_ids):
             if "prompt" in x:
                 shapes += [tuple(x["prompt"].shape), (x["targets"].shape[0], x["targets"].shape[1] - 1)]
             else:
                 shapes.append(tuple(x["inputs"].shape))
             if self.share_prompts:  # each distinct prompt of a micro-batch computed once
-                real += sum(len(p) for p in {tuple(prompt_ids[i]) for i in rows}) + sum(len(completion_ids[i]) for i in rows)
+                real += (sum(len(p) for p in {tuple(batch.prompt_ids[i]) for i in rows})
+                         + sum(len(batch.completion_ids[i]) for i in rows))
         if not self.share_prompts:
-            real = sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+            real = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         return shapes, real
 
 

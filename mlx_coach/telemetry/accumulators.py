@@ -6,7 +6,7 @@ is below 1/3 is "early", below 2/3 "mid", else "late" (telemetry.phase_bounds mo
 sum(hits) / sum(hits + misses) over the phase's steps, not a mean of ratios.
 
 `ema_step` is the one exponential-moving-average rule: `Ema` applies it to a logged series (reward/ema,
-loss/policy_ema), and the alert rules apply it to the floats they keep in `AlertState`.
+loss/total_ema), and the alert rules apply it to the floats they keep in `AlertState`.
 """
 
 import math

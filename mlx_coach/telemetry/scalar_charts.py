@@ -39,7 +39,7 @@ def custom_scalar_layout():
                 "Multiline",
                 exact("reward/fresh_mean", "reward/cached_mean", "reward/mean"),
             ],
-            "loss": ["Multiline", exact("loss/policy", "loss/kl", "loss/policy_ema")],
+            "loss": ["Multiline", exact("loss/total", "loss/policy", "loss/kl", "loss/total_ema")],
             # one unit (GB): what the OS charges the process next to what MLX holds
             "memory (GB): process footprint vs MLX active and cache": [
                 "Multiline", exact("memory/footprint_gb", "memory/active_gb", "memory/cache_gb")],
