@@ -173,7 +173,7 @@ def replay(trace, a) -> list[dict]:
         avoided = n_samples - scorer.items
         rows.append(dict(policy=policy, maxsize=kw.get("maxsize", 100_000) if policy != "none" else 0,
                          samples=n_samples, scorer_calls=scorer.items, avoided=avoided,
-                         avoided_pct=100 * avoided / n_samples, cached=st["cached"], deduped=st["deduped"],
+                         avoided_pct=100 * avoided / n_samples, cached=st["cached"], duplicate=st["duplicate"],
                          saved_s=avoided * a.cost_ms / 1e3, evictions=s["evictions"],
                          expirations=s["expirations"], cleared=s["cleared"], final_size=s["size"],
                          overhead_us_per_sample=1e6 * overhead / n_samples))
@@ -226,11 +226,11 @@ def main(argv=None):
           f"({info['samples']:,} samples, {info['steps_per_epoch']} steps/epoch); p_new {a.p_start} -> {a.p_floor} "
           f"(tau {a.tau:g} steps); {info['distinct_texts']:,} distinct texts (cache keys) of "
           f"{info['distinct_programs']:,} distinct programs; scoring cost {a.cost_ms:g} ms/sample; ttl {a.ttl_s:g} s at {a.step_s:g} s/step")
-    print(f"{'policy':<12} {'maxsize':>8} {'scorer calls':>12} {'avoided':>8} {'%':>6} {'cached':>7} {'dedup':>6} "
+    print(f"{'policy':<12} {'maxsize':>8} {'scorer calls':>12} {'avoided':>8} {'%':>6} {'cached':>7} {'dup':>6} "
           f"{'saved s':>8} {'evict':>6} {'expire':>7} {'cleared':>8} {'us/sample':>9}")
     for r in rows:
         print(f"{r['policy']:<12} {r['maxsize']:>8} {r['scorer_calls']:>12,} {r['avoided']:>8,} {r['avoided_pct']:6.1f} "
-              f"{r['cached']:>7,} {r['deduped']:>6,} {r['saved_s']:8.0f} {r['evictions']:>6,} {r['expirations']:>7,} "
+              f"{r['cached']:>7,} {r['duplicate']:>6,} {r['saved_s']:8.0f} {r['evictions']:>6,} {r['expirations']:>7,} "
               f"{r['cleared']:>8,} {r['overhead_us_per_sample']:9.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -449,14 +449,14 @@ def test_cached_scorer_provenance_and_dedup():
     batch = [(t0, good0), (t0, "    return x+1  # same\n"), (t0, bad), (t1, good1), (t0, good0)]
     out = cs.score_batch(batch)
     assert [s.status for s, _ in out] == ["passed", "passed", "failed", "passed", "passed"]
-    assert [p for _, p in out] == ["fresh"] * 5
+    assert [p for _, p in out] == ["fresh"] * 4 + ["duplicate"]  # the last is the first's text again
     assert (scorer.calls, scorer.items) == (1, 4)  # one call, four distinct texts (keys are exact)
 
-    out = cs.score_batch([(t0, bad), (t1, "    return 1 + x\n"), (t0, "    return  x  # same as bad\n")])
-    assert [p for _, p in out] == ["cached", "fresh", "fresh"]
-    assert [s.value for s, _ in out] == [0.0, 1.0, 0.0]
+    out = cs.score_batch([(t0, bad), (t1, "    return 1 + x\n"), (t0, "    return  x  # same as bad\n"), (t0, bad)])
+    assert [p for _, p in out] == ["cached", "fresh", "fresh", "duplicate"]  # a copy of a cached text too
+    assert [s.value for s, _ in out] == [0.0, 1.0, 0.0, 0.0]
     assert (scorer.calls, scorer.items) == (2, 6)
-    assert cs.stats() == dict(items=8, fresh=7, cached=1, scored=6, deduped=1, calls=2)
+    assert cs.stats() == dict(items=9, fresh=6, cached=1, duplicate=2, calls=2)  # fresh = the scorer's items
     assert cache.stats()["student"]["hits"] == 1  # duplicates are looked up once
 
     # bypass: all fresh, the wrapped scorer sees them, and the cache is untouched
@@ -472,6 +472,16 @@ def test_cached_scorer_never_caches_failures_of_the_scorer():
     cs = CachedScorer(scorer, cache)
     for _ in range(3):
         out = cs.score_batch([(task(), BASE), (task(), BASE)])
-        assert [p for _, p in out] == ["fresh", "fresh"]
+        assert [p for _, p in out] == ["fresh", "duplicate"]
     assert scorer.items == 3 and cache.size() == 0
     assert cache.stats()["student"]["rejected"] == 3
+
+
+def test_copies_of_a_text_in_a_batch_are_scored_once_and_marked_duplicate():
+    scorer = ExecScorer()
+    cs = CachedScorer(scorer, ScoreCache("none"))  # no cache: the batch alone dedups
+    out = cs.score_batch([(task(), BASE)] * 4)
+    assert [p for _, p in out] == ["fresh", "duplicate", "duplicate", "duplicate"]
+    assert {s.status for s, _ in out} == {"passed"}
+    assert (scorer.calls, scorer.items) == (1, 1)
+    assert cs.stats() == dict(items=4, fresh=1, cached=0, duplicate=3, calls=1)

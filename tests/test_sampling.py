@@ -142,6 +142,28 @@ def test_tracker_counts_fresh_scores_only_and_reports_the_distribution():
     u = DifficultyTracker()
     u.load(json.loads(json.dumps(t.state_dict())))
     assert u.counts == t.counts
+    t.observe(["d"] * 5, [True] * 4 + [False], ["fresh", "duplicate", "duplicate", "unjudged", "fallback"])
+    assert t.counts["d"] == [1, 1]  # copies, and samples with no verdict, are not counted
+
+
+def test_tracker_counts_copies_of_a_text_in_a_batch_once():
+    """Four identical completions of a task: the sandbox runs one, the tracker counts one sample."""
+    from mlx_coach.config.tree import from_dict
+    from mlx_coach.data.tasks import builtin_tasks
+    from mlx_coach.rewards.cache import ScoreCache
+    from mlx_coach.rewards.sources import RewardSet
+
+    task = builtin_tasks()[0]
+    rs = RewardSet(from_dict({"rewards": [{"type": "tests"}], "sandbox": {"workers": 1}}), ScoreCache("none"))
+    try:
+        scores = rs.score([task] * 4, [task.prompt] * 4, [task.canonical_solution] * 4)
+        stats = rs.tests.impl.stats()
+    finally:
+        rs.close()
+    t = DifficultyTracker()
+    t.observe([task.task_id] * 4, [s.passed for s in scores], [s.provenance for s in scores])
+    assert t.counts == {task.task_id: [1, 1]}
+    assert (stats["calls"], stats["fresh"], stats["duplicate"]) == (1, 1, 3)  # the sandbox ran one of the four
 
 
 def test_weighted_walk_passes_over_tasks_always_failed(tmp_path):

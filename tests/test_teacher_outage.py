@@ -8,25 +8,58 @@ import time
 
 import pytest
 import yaml
-from test_teacher import ScriptedServer, completion, grade_from, judge, server, task  # noqa: F401 (fixture)
+from test_teacher import Clock, ScriptedServer, completion, grade_from, judge, server, task  # noqa: F401 (fixture)
 from test_trainer import step_rows, tiny_cfg
+from waiting import HOLD_S
 
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.config.tree import to_dict
-from mlx_coach.rewards.sources import RewardSet
-from mlx_coach.rewards.scoring.http_judge import HttpJudge, JudgeConfig
+from mlx_coach.rewards.scoring.http_judge import HttpJudge
+from mlx_coach.rewards.scoring.judge_config import JudgeConfig
 from mlx_coach.rl.trainer import Trainer
 
 
+class DeadlineTimers(list):
+    """Stands in for the judge's deadline timer: the test says when each request's deadline comes."""
+
+    def __call__(self, seconds, callback):
+        timer = ManualTimer(seconds, callback)
+        self.append(timer)
+        return timer
+
+
+class ManualTimer:
+    def __init__(self, seconds, callback):
+        self.seconds, self.callback, self.started, self.cancelled = seconds, callback, False, False
+
+    def start(self):
+        self.started = True
+
+    def cancel(self):
+        self.cancelled = True
+
+    def fire(self):
+        if self.started and not self.cancelled:
+            self.callback()
+
+
 def test_a_reply_that_trickles_is_cut_at_the_overall_deadline(server):
-    s = server([("trickle", 0.3, "SCORE: 7/10")])  # ~200 bytes: a minute, though no read waits 0.3 s
-    j = judge(s.url, timeout_s=2.0, deadline_s=1.5)
-    t0 = time.monotonic()
+    begun = threading.Event()
+    s = server([("trickle", 0.3, "SCORE: 7/10", begun)])  # ~200 bytes: a minute, though no read waits 0.3 s
+    timers = DeadlineTimers()
+    j = judge(s.url, timeout_s=HOLD_S, deadline_s=1.5, deadline_timer=timers)
+
+    def deadline_comes_mid_reply():
+        if begun.wait(HOLD_S):
+            timers[0].fire()
+
+    threading.Thread(target=deadline_comes_mid_reply, daemon=True).start()
     [score] = j.score_batch([(task(), completion(7))])
-    elapsed = time.monotonic() - t0
+    # no single read waits anywhere near timeout_s: only the whole-request deadline can end this reply early
     assert score.status == "timeout" and score.fallback and "deadline" in score.error
-    assert elapsed < 20  # generous: the whole reply would take ~60 s
+    assert [t.seconds for t in timers] == [1.5] and timers[0].cancelled  # armed with deadline_s, then let go
     assert [sc.value for sc in j.score_batch([(task(), completion(7))])] == [0.7]  # a normal reply still fits
+    assert len(timers) == 2 and timers[1].started and timers[1].cancelled  # each request has its own deadline
 
 
 @pytest.mark.parametrize("junk", ["", "upstream overloaded, try again",
@@ -48,14 +81,19 @@ def judge_reward(url, **extra):
             "breaker_threshold": 2, "breaker_reset_s": 0.2, **extra}
 
 
-def test_an_outage_never_splits_a_group(tmp_path, server):
-    s = server([None, ("drop",), None, None])  # one of group A's two requests fails
-    cfg = tiny_cfg(tmp_path, rewards=[judge_reward(s.url, breaker_threshold=10, concurrency=1)])
-    rewards = RewardSet(cfg, ScoreCache("lru"))
-    t = [task(0), task(0), task(1), task(1)]
-    out = rewards.score(t, [x.prompt for x in t], [completion(g) for g in (2, 4, 6, 8)], group_size=2)
-    assert [r.provenance for r in out] == ["fallback", "fallback", "fresh", "fresh"]
-    assert [r.parts["http-judge"] for r in out] == [0.3, 0.3, 0.6, 0.8]  # group A all fallback, B all graded
+def test_a_judge_failure_in_one_sample_leaves_its_group_graded_in_training(tmp_path, server):
+    """The trainer's scoring: one failed request is one fallback; its group mate keeps its grade."""
+    s = server([None, ("drop",)])  # the step's second request fails, every other one is answered
+    cfg = tiny_cfg(tmp_path, rollout={"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8},
+                   rewards=[{"type": "function", "function": "reward_fns:target_share"},
+                            judge_reward(s.url, breaker_threshold=10, concurrency=1)], train={"steps": 1})
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        metrics = trainer.run_step()
+    finally:
+        trainer.close()
+    assert len(s.requests) == 4  # four distinct texts, each graded once
+    assert metrics["reward/fallback_count"] == 1 and metrics["reward/count"] == 3
 
 
 def test_an_outage_is_alerted_both_ways_and_fallbacks_are_their_own_provenance(tmp_path, server):
@@ -93,25 +131,36 @@ def test_on_outage_pause_waits_for_the_judge(server):
     s.stop()
     cfg = JudgeConfig(base_url=s.url, model="m", timeout_s=2.0, max_retries=0, breaker_threshold=1,
                       breaker_reset_s=0.2, fallback=0.3, on_outage="pause")
-    j = HttpJudge(cfg)
-    threading.Timer(1.0, lambda: server(port=port)).start()
-    scores = j.score_batch([(task(i), completion(i + 1)) for i in range(3)])
+    clock, pauses = Clock(), []
+
+    def pause(seconds):  # the judge's clock moves on by the pause; during the second one the judge comes back
+        pauses.append(seconds)
+        clock.advance(seconds)
+        if len(pauses) == 2:
+            server(port=port)
+
+    j = HttpJudge(cfg, sleep=pause, timer=clock)
+    backstop = threading.Timer(HOLD_S, lambda: pauses or server(port=port))  # a judge that never pauses fails
+    backstop.start()
+    try:
+        scores = j.score_batch([(task(i), completion(i + 1)) for i in range(3)])
+    finally:
+        backstop.cancel()
     assert [(sc.value, sc.fallback) for sc in scores] == [(0.1, False), (0.2, False), (0.3, False)]
+    # it waited out the breaker each time, and asked again until every sample was graded
+    assert len(pauses) >= 2 and set(pauses) == {0.2}
 
 
 def test_on_outage_stop_ends_the_run_with_its_finished_steps_checkpointed(tmp_path):
     run = tmp_path / "run"
-    alive = threading.Event()
-    alive.set()
-    s = ScriptedServer(default=lambda request: grade_from(request) if alive.is_set() else ("drop",))
+    answered, lock = [], threading.Lock()
 
-    def kill_the_judge_after_two_steps():
-        while len(step_rows(run) if (run / "metrics.jsonl").exists() else []) < 2:
-            time.sleep(0.02)
-        alive.clear()
+    def judge_dies_after_two_steps(request):  # a step asks at most 4 grades (2 prompts x 2 samples, no retry)
+        with lock:
+            answered.append(len(answered) < 8)
+            return grade_from(request) if answered[-1] else ("drop",)
 
-    watcher = threading.Thread(target=kill_the_judge_after_two_steps, daemon=True)
-    watcher.start()
+    s = ScriptedServer(default=judge_dies_after_two_steps)
     try:
         cfg = tiny_cfg(tmp_path, rollout={"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8},
                        rewards=[{"type": "function", "function": "reward_fns:target_share"},
@@ -122,7 +171,6 @@ def test_on_outage_stop_ends_the_run_with_its_finished_steps_checkpointed(tmp_pa
 
         rc = main(["train", "-c", str(path), "--output", str(run)])
     finally:
-        alive.set()
         s.stop()
     assert rc == 3
     steps = [r["step"] for r in step_rows(run)]

@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_exited
 
 from mlx_coach.config.tree import from_dict, validate
 from mlx_coach.core.errors import UserError
@@ -16,6 +16,10 @@ from mlx_coach.rewards.scoring.grading import parse_digit_grade
 from mlx_coach.rewards.scoring.http_judge import HttpJudge
 from mlx_coach.data.task import Task
 from mlx_coach.rewards.teacher_server import point_at_served, serve
+from mlx_coach.models.base_identity import fingerprint
+from mlx_coach.models.loader import load_policy
+from mlx_coach.rewards.cache import ScoreCache
+from mlx_coach.rewards.sources import RewardSet
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = Task("T/0", "def inc(x):\n    \"\"\"Return x + 1.\"\"\"\n", "inc", "def check(f):\n    assert f(1) == 2\n")
@@ -54,12 +58,17 @@ def test_served_tiny_teacher_grades_vary_with_temperature_and_the_server_stops_o
     items = [(TASK, "    return x + 1\n")] * 24
     with pytest.raises(RuntimeError, match="boom"):
         with serve(cfg) as served:
-            r = point_at_served(cfg.rewards[0], cfg, "rewards[0]")
+            r, identity = point_at_served(cfg.rewards[0], cfg, "rewards[0]")
             # the byte-level tiny tokenizer: digits are bytes 48..57, each biased so only digits come out
             assert r.base_url == served.url and r.model == "default_model"
             assert r.logit_bias == {str(48 + d): 100.0 for d in range(10)}
-            hot = HttpJudge(r).score_batch(items)
-            cold = HttpJudge(point_at_served(served_config(temperature=0.0).rewards[0], cfg, "k")).score_batch(items)
+            # its cache keys name the served model and its weights, not the port
+            folder = load_policy("builtin:tiny@1")[2]["path"]
+            assert identity == served.identity == f"builtin:tiny@1@{fingerprint(folder)}"
+            rewards = RewardSet(cfg, ScoreCache("none"))
+            assert rewards.sources[0].impl.version == HttpJudge(r, served=identity).version != HttpJudge(r).version
+            hot = HttpJudge(r, served=identity).score_batch(items)
+            cold = HttpJudge(point_at_served(served_config(temperature=0.0).rewards[0], cfg, "k")[0]).score_batch(items)
             proc = served.process
             raise RuntimeError("boom")
     assert proc.poll() is not None  # stopped on the way out, error or not
@@ -96,12 +105,9 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
         assert alive(server_pid)
         proc.send_signal(signal.SIGKILL)  # no cleanup runs in the parent: the watchdog must act
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while alive(server_pid):
-            if time.monotonic() > deadline:
-                os.kill(server_pid, signal.SIGKILL)
-                pytest.fail("the judge server outlived the process that started it")
-            time.sleep(0.1)
+        if not wait_exited(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail("the judge server outlived the process that started it")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,7 +6,8 @@ position among that task's samples), status, passed, score, duration_s, error, p
 
 With `--cache PATH` the samples go through the same SQLite score cache and keys that training uses
 (`cache.sqlite_path`): a sample whose exact text was scored before, under the same sandbox settings,
-is read back ("cached"); the others are run and stored ("fresh").
+is read back ("cached"); the others are run and stored ("fresh"). A text that comes again in the file
+is run once; its later rows are "duplicate".
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def run(args) -> int:
           f"({len(samples) / seconds:.1f} samples/s, {scorer.workers} workers)")
     print("status: " + " ".join(f"{st}={statuses[st]}" for st in TEST_STATUSES))
     if args.cache:
-        print(f"cache {args.cache}: cached={provenance['cached']} fresh={provenance['fresh']}")
+        print(f"cache {args.cache}: cached={provenance['cached']} fresh={provenance['fresh']} "
+              f"duplicate={provenance['duplicate']}")
     print(" ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
           + (f" mean_score={sum(values) / len(values):.4f}" if cfg.partial_credit else ""))
     if statuses["infra_error"]:

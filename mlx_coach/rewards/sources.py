@@ -1,29 +1,37 @@
 """Reward sources named in the config's `rewards:` list, combined as a weighted sum.
 
-Scorer-backed sources (sandboxed tests, HTTP judge, local teacher) sit behind the shared
-ScoreCache, so each of their values is either *fresh* (computed now) or *cached*. A sample's
-reward is "cached" only when every cache-backed source served it from the cache; user
-functions are always called and do not change the provenance. A sample where some source gave
-its fallback instead of a judgement has provenance "fallback", kept out of both. With
-`group_size`, a source's fallback is applied to a whole group or to none of it, so an outage
-never splits a group between real grades and fallbacks. A source that gives no value for a
-sample (a function returning None) contributes 0 and is counted.
+Scorer-backed sources (sandboxed tests, HTTP judge, local teacher) sit behind the shared ScoreCache.
+Each sample's reward has one provenance (PROVENANCES), decided in this order:
+  "fallback"   some judge could not grade it and gave its configured fallback value;
+  "unjudged"   the sandbox could not judge it (status timeout or infra_error): its 0 is no verdict;
+  "duplicate"  its (task, completion) already came earlier in the same batch: that sample's scores,
+               computed (or read) once, are copied;
+  "cached"     every cache-backed source read its score from the cache;
+  "fresh"      a scorer judged it now (or only user functions score it).
+A sample that is both a judge's fallback and unjudged by the sandbox is "fallback" (its statuses still
+say timeout or infra_error). The trainer gives "fallback" and "unjudged" samples no gradient and no
+place in their group's statistics, so they are decided per sample: the others in the group keep their
+real grades. User functions are always called and do not change the provenance; a source that gives
+no value for a sample (a function returning None) contributes 0.
 """
 
 import asyncio
 import importlib
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field
 
 from typing import Optional
 
 from mlx_coach.core.errors import UserError
-from mlx_coach.rewards.scoring.http_judge import JudgeConfig
+from mlx_coach.rewards.scoring.judge_config import JudgeConfig
+from mlx_coach.rewards.scoring.base import UNJUDGED_STATUSES
 from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.data.task import task_columns
 
 REWARD_TYPES = ("tests", "function", "http-judge", "local-teacher")
+PROVENANCES = ("fresh", "cached", "duplicate", "fallback", "unjudged")
 
 
 @dataclass
@@ -56,11 +64,10 @@ class RewardConfig(JudgeConfig):
 @dataclass
 class SampleReward:
     total: float
-    provenance: str  # "fresh" | "cached" | "fallback"
+    provenance: str  # one of PROVENANCES
     parts: dict = field(default_factory=dict)  # source name -> value (None = no value)
     statuses: dict = field(default_factory=dict)  # source name -> scorer status
     passed: bool = False  # the tests source said "passed"
-    flagged: bool = False  # some source returned a fallback instead of a judgement
 
 
 def load_function(spec, key="rewards[].function"):
@@ -122,12 +129,13 @@ class RewardSet:
             self.sources.append(Source(name, r.weight, "scorer", CachedScorer(scorer, cache)))
         self.tests = next((s for s in self.sources if s.kind == "scorer" and s.impl.scorer.name == "tests"), None)
 
-    def score(self, tasks, prompts, completions, *, bypass_cache=False, group_size=None):
+    def score(self, tasks, prompts, completions, *, bypass_cache=False):
         n = len(completions)
         parts = [dict() for _ in range(n)]
         statuses = [dict() for _ in range(n)]
-        cached = [None] * n  # None: no cache-backed source yet
-        flagged = [False] * n
+        origins = [set() for _ in range(n)]  # what the cache-backed sources said: fresh, cached, duplicate
+        fallback = [False] * n
+        unjudged = [False] * n
         for src in self.sources:
             if src.kind == "function":
                 values = _call_function(src.impl, prompts, completions, tasks)
@@ -135,13 +143,12 @@ class RewardSet:
                     parts[i][src.name] = v
                 continue
             results = src.impl.score_batch(list(zip(tasks, completions)), bypass=bypass_cache)
-            if group_size:
-                results = _whole_groups(results, group_size)
-            for i, (score, prov) in enumerate(results):
+            for i, (score, origin) in enumerate(results):
                 parts[i][src.name] = score.value
                 statuses[i][src.name] = score.status
-                flagged[i] |= score.fallback
-                cached[i] = (prov == "cached") if cached[i] is None else (cached[i] and prov == "cached")
+                fallback[i] |= score.fallback
+                unjudged[i] |= not score.fallback and score.status in UNJUDGED_STATUSES
+                origins[i].add(origin)
         out = []
         for i in range(n):
             total = 0.0
@@ -152,8 +159,8 @@ class RewardSet:
                 elif v is not None:
                     total = float("nan")  # a non-finite reward is surfaced, never hidden
             passed = self.tests is not None and statuses[i].get(self.tests.name) == "passed"
-            provenance = "fallback" if flagged[i] else "cached" if cached[i] else "fresh"
-            out.append(SampleReward(total, provenance, parts[i], statuses[i], passed, flagged[i]))
+            out.append(SampleReward(total, provenance(fallback[i], unjudged[i], origins[i]), parts[i], statuses[i],
+                                    passed))
         return out
 
     def stats(self):
@@ -181,22 +188,27 @@ class RewardSet:
                 scorer.close()
 
 
-def _whole_groups(results, g):
-    """A source's (score, provenance) per sample with each group of g consecutive samples all
-    judged or all fallback: one fallback in a group turns the group's real grades into that
-    fallback too (those grades stay in the cache; only this step's rewards use the fallback)."""
-    from dataclasses import replace
+def provenance(fallback, unjudged, origins):
+    """A sample's provenance (module docstring) from its scores: whether some judge gave its fallback,
+    whether the sandbox could not judge it, and the cache-backed sources' origins. A copy is a copy in
+    every source (each source's first occurrence of a (task, completion) is the same sample)."""
+    if fallback:
+        return "fallback"
+    if unjudged:
+        return "unjudged"
+    if "duplicate" in origins:
+        return "duplicate"
+    return "cached" if origins == {"cached"} else "fresh"
 
-    out = list(results)
-    for start in range(0, len(out), g):
-        group = out[start:start + g]
-        failed = next((s for s, _ in group if s.fallback), None)
-        if failed is None or all(s.fallback for s, _ in group):
-            continue
-        for j, (s, prov) in enumerate(group):
-            if not s.fallback:
-                out[start + j] = (replace(failed, duration_s=s.duration_s), prov)
-    return out
+
+_WARNED: set = set()  # what _warn_once has said in this process
+
+
+def _warn_once(what, line):
+    """line on stderr the first time `what` comes up in this process."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        print(line, file=sys.stderr, flush=True)
 
 
 def _make_scorer(r, cfg, cache, key):
@@ -208,7 +220,14 @@ def _make_scorer(r, cfg, cache, key):
         from mlx_coach.rewards.scoring.http_judge import HttpJudge
         from mlx_coach.rewards.teacher_server import point_at_served
 
-        return HttpJudge(point_at_served(r, cfg, key), cache=cache, config_key=key)
+        judge_cfg, served = point_at_served(r, cfg, key)
+        judge = HttpJudge(judge_cfg, cache=cache, config_key=key, served=served)
+        if judge_cfg.temperature > 0 and cache.config.policy != "none":
+            _warn_once(judge.version, f"warning: {key}: the http-judge samples at temperature "
+                                      f"{judge_cfg.temperature:g} and cache.policy is {cache.config.policy}: each "
+                                      f"text keeps the one grade first drawn for it (cache.policy: none draws one "
+                                      f"per sample)")
+        return judge
     if r.type == "local-teacher":
         from mlx_coach.rewards.scoring.local_teacher import LocalTeacher
 

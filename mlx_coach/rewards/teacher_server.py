@@ -8,6 +8,8 @@ until GET /health answers 200, and stops it on the way out, error or not. Every 
 whose `base_url` is null then asks that server (`point_at_served`), with `model: default_model`
 (the server's loaded model) unless one is named, and, for `grade: digit`, a logit_bias of +100 on
 the served tokenizer's ten digit tokens unless one is given, so that every reply starts with a digit.
+Such a judge is named in its cache keys by the served model's spec and the fingerprint of its
+weights (`Served.identity`), not by its loopback URL, whose port changes from run to run.
 
 The server runs in its own session so that a Ctrl-C at the terminal reaches only the trainer, which
 finishes its step (with the judge still answering) and checkpoints. Its watchdog ends it when the
@@ -24,13 +26,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
+from mlx_coach.models.base_identity import fingerprint
+from mlx_coach.runtime.watchdog import watch_parent
 
 DIGIT_BIAS = 100.0
 
@@ -52,6 +55,7 @@ class TeacherServerConfig:
 class Served:
     url: str  # base_url for the judge: http://127.0.0.1:PORT/v1
     digit_bias: dict  # token id (str) -> DIGIT_BIAS for the served tokenizer's digits 0-9
+    identity: str  # the served model: its spec and the fingerprint of its folder's weights, "SPEC@FINGERPRINT"
     process: subprocess.Popen = dataclasses.field(repr=False)
 
 
@@ -113,6 +117,7 @@ def start(tc: TeacherServerConfig) -> Served:
     """Start the server for tc.model and wait until it answers; UserError (one line) if it does not."""
     folder, tokenizer = _model_folder(tc.model)
     bias = {str(i): DIGIT_BIAS for i in digit_token_ids(tokenizer)}
+    identity = f"{tc.model}@{fingerprint(folder)}"
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="mlx-coach-teacher-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "mlx_coach.rewards.teacher_server", str(os.getpid()), "--model", folder,
@@ -136,7 +141,7 @@ def start(tc: TeacherServerConfig) -> Served:
         os.unlink(log.name)
         raise
     os.unlink(log.name)  # the open descriptor keeps the server's output going nowhere visible
-    return Served(f"http://127.0.0.1:{port}/v1", bias, proc)
+    return Served(f"http://127.0.0.1:{port}/v1", bias, identity, proc)
 
 
 def stop(proc, grace_s=10.0):
@@ -166,28 +171,21 @@ def serve(cfg):
 
 
 def point_at_served(r, cfg, key):
-    """An http-judge reward config aimed at the running teacher_server when its base_url is null."""
+    """(config, served) for an http-judge reward: when its base_url is null, the config aimed at the
+    running teacher_server and that server's `identity` (HttpJudge's `served`); else (r, None)."""
     if r.base_url is not None:
-        return r
+        return r, None
     served = _LIVE.get(id(cfg.teacher_server))
     if served is None:
         raise UserError(f"config key '{key}.base_url' is null and no teacher_server is running "
                         f"(set teacher_server.model, or a base_url)")
     bias = r.logit_bias if r.logit_bias is not None else (served.digit_bias if r.grade == "digit" else None)
-    return dataclasses.replace(r, base_url=served.url, model=r.model or "default_model", logit_bias=bias)
-
-
-def _watch_parent(parent_pid):
-    """End this process when the one that started it is gone (its parent changes on reparenting)."""
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-        time.sleep(0.5)
+    aimed = dataclasses.replace(r, base_url=served.url, model=r.model or "default_model", logit_bias=bias)
+    return aimed, served.identity
 
 
 if __name__ == "__main__":  # python -m mlx_coach.rewards.teacher_server PARENT_PID SERVER_ARGS...
-    parent = int(sys.argv[1])
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    watch_parent(int(sys.argv[1]), lambda: os._exit(0))  # the server holds nothing worth a clean exit
     from mlx_lm import server
 
     sys.argv = ["mlx_lm.server", *sys.argv[2:]]

@@ -1,2 +1,3 @@
 """Scorers: one sample in, a `Score` out (base); the sandbox (sandbox_config, sandbox, sandbox_scorer and the
-`_*.py` scripts it runs), the teachers (grading, http_judge, local_teacher), and the caching wrapper (cached)."""
+`_*.py` scripts it runs), the teachers (grading, judge_config, http_judge, local_teacher), and the caching
+wrapper (cached)."""

@@ -10,6 +10,8 @@ from typing import Protocol, Sequence
 
 # Statuses of the sandboxed test scorer. Only "passed" counts as a pass.
 TEST_STATUSES = ("passed", "failed", "error", "timeout", "killed", "infra_error")
+# Test statuses that are no verdict on the program: the sandbox ran out of time or failed itself.
+UNJUDGED_STATUSES = ("timeout", "infra_error")
 # Statuses of judge-style scorers (HTTP judge, local teacher).
 JUDGE_STATUSES = ("ok", "parse_error", "transport_error", "timeout", "circuit_open")
 

@@ -1,10 +1,12 @@
 """A scorer behind a ScoreCache, reporting where each score came from.
 
-Provenance per item: "cached" when the score was read from the cache (memory or SQLite),
-"fresh" when it was computed by the wrapped scorer during this call. Duplicates within one
-batch (same cache key) are scored once and all get that fresh score, labelled "fresh".
+Provenance per item: "fresh" when the wrapped scorer computed it during this call, "cached" when it
+was read from the cache (memory or SQLite), "duplicate" when an earlier item of the same batch has
+the same cache key: the key is looked up and scored once, at its first item, and every later item
+gets a copy of that score, whether it was fresh or cached. So the fresh items are exactly the
+scorer's work, one per distinct text.
 
-bypass=True (the validation set each epoch) scores everything fresh and leaves the cache exactly
+bypass=True (the validation set each epoch) scores every distinct text fresh and leaves the cache exactly
 as it was: no reads, no writes, no stats. A measurement pass then cannot change what training
 later sees, nor the numbers two cache policies are compared on.
 """
@@ -24,9 +26,9 @@ class CachedScorer:
         self.name = scorer.name
         self.version = scorer.version
         self._lock = threading.Lock()
-        # items: requested; fresh/cached: by provenance; scored: items the wrapped scorer saw;
-        # deduped: fresh items that shared another item's score in the same batch
-        self._counts = dict(items=0, fresh=0, cached=0, scored=0, deduped=0, calls=0)
+        # items: requested; fresh, cached, duplicate: items by provenance (fresh = items the wrapped
+        # scorer saw); calls: score_batch calls made to the wrapped scorer
+        self._counts = dict(items=0, fresh=0, cached=0, duplicate=0, calls=0)
 
     def score_batch(self, items, *, bypass: bool = False) -> list[tuple[Score, str]]:
         items = list(items)
@@ -50,20 +52,21 @@ class CachedScorer:
             if not bypass:
                 for key, score in fresh.items():
                     self.cache.put(key, score)  # refuses fallbacks and non-cacheable scores
-        out = [(found[k], "cached") if k in found else (fresh[k], "fresh") for k in keys]
+        out, seen = [], set()
+        for key in keys:
+            origin = "duplicate" if key in seen else "cached" if key in found else "fresh"
+            seen.add(key)
+            out.append((found[key] if key in found else fresh[key], origin))
         with self._lock:
             c = self._counts
             c["items"] += len(items)
-            n_fresh = sum(1 for _, p in out if p == "fresh")
-            c["fresh"] += n_fresh
-            c["cached"] += len(out) - n_fresh
-            c["scored"] += len(todo)
-            c["deduped"] += n_fresh - len(todo)
+            for _, origin in out:
+                c[origin] += 1
             c["calls"] += 1 if todo else 0
         return out
 
     def stats(self) -> dict:
-        """Cumulative counts: items, fresh, cached, scored (sent to the wrapped scorer), deduped,
-        calls (score_batch calls made to the wrapped scorer)."""
+        """Cumulative counts: items, and of them fresh (sent to the wrapped scorer), cached and
+        duplicate; calls (score_batch calls made to the wrapped scorer)."""
         with self._lock:
             return dict(self._counts)

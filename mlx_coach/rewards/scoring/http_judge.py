@@ -22,69 +22,16 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
-from mlx_coach.core.errors import UserError
-from mlx_coach.core.settings import check_fields, setting
-from mlx_coach.rewards.scoring.base import Score, is_number
+from mlx_coach.rewards.scoring.base import Score
 from mlx_coach.rewards.scoring.grading import (DIGIT_PROMPT_VERSION, GRADE_DIGIT_TEMPLATE, GRADE_SYSTEM,
                                                GRADE_TEMPLATE, PROMPT_VERSION, REFERENCE_BLOCK, SOLVE_SYSTEM,
                                                SOLVE_TEMPLATE, SOLVE_VERSION, check_reference, extract_code,
                                                parse_digit_grade, parse_grade)
-
-
-@dataclass
-class JudgeConfig:
-    """An OpenAI-compatible judge's settings: the fields of an `http-judge` item under `rewards:`."""
-
-    base_url: Optional[str] = setting(None, help="POST {base_url}/chat/completions, e.g. http://127.0.0.1:8080/v1")
-    model: Optional[str] = setting(None, help="judge model name (http-judge) or teacher model path (local-teacher)")
-    api_key_env: Optional[str] = setting(None, help="name of the env var holding the API key; null = no key")
-    timeout_s: float = setting(30.0, lo=0.0, lo_open=True, help="per socket operation (connect, each read)")
-    deadline_s: float = setting(120.0, lo=0.0, lo_open=True, help="per request, whole: connect, send and the full reply")
-    max_retries: int = setting(2, lo=0)
-    backoff_s: float = setting(0.5, lo=0.0, help="first retry waits ~backoff_s, then doubling, capped at max_backoff_s")
-    max_backoff_s: float = setting(8.0, lo=0.0)
-    concurrency: int = setting(4, lo=1, help="max requests in flight")
-    breaker_threshold: int = setting(5, lo=1, help="consecutive failed requests that open the circuit")
-    breaker_reset_s: float = setting(30.0, lo=0.0, lo_open=True, help="open this long, then one half-open trial")
-    fallback: float = setting(0.0, lo=0.0, hi=1.0, help="value of a sample the judge could not judge")
-    use_reference: bool = setting(False, help="ask the judge for a reference solution per task (pinned in the cache)")
-    max_tokens: int = setting(256, lo=1)
-    temperature: float = setting(0.0, lo=0.0, help="the judge's sampling temperature")
-    on_outage: str = setting("fallback", choices=("fallback", "pause", "stop"),
-                             help="judge unreachable: score with `fallback`, pause until it answers, or stop the run")
-    grade: str = setting("line", choices=("line", "digit"),
-                         help="line: the reply's last line is `SCORE: N/10`; digit: its first character is a "
-                              "digit d, grade d/9 (for small judges; see parse_digit_grade)")
-    logit_bias: Optional[dict] = setting(None, help="OpenAI logit_bias sent with each request: token id -> bias "
-                                                    "(-100..100); a served teacher with grade: digit fills it")
-    price_per_call: float = setting(0.0, lo=0.0, help="cost of one judge request (any currency); "
-                                                      "teacher/cost = requests x price")
-
-    def validate(self, prefix: str = "judge", served: bool = False) -> "JudgeConfig":
-        """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}".
-        served: a `teacher_server` will provide base_url and model when they are null."""
-        check_fields(self, prefix)
-        if self.logit_bias is not None:
-            ok = isinstance(self.logit_bias, dict) and all(
-                str(k).isdigit() and is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())
-            if not ok:
-                raise UserError(f"config key '{prefix}.logit_bias' must map token ids to biases in -100..100; "
-                                f"got {self.logit_bias!r}")
-        if served and self.base_url is None:
-            return self
-        u = urlsplit(self.base_url or "")
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise UserError(f"config key '{prefix}.base_url' must be an http:// or https:// URL; got {self.base_url!r}")
-        if not self.model:
-            raise UserError(f"config key '{prefix}.model' must be a model name; got {self.model!r}")
-        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
-            raise UserError(f"config key '{prefix}.api_key_env': environment variable {self.api_key_env} is not set")
-        return self
-
+from mlx_coach.rewards.scoring.judge_config import (GRADE_FIELDS, REPLY_FIELDS, JudgeConfig, judge_digest,
+                                                    request_bias)
 
 # failures that say the judge could not be reached, as opposed to a reply that was not a grade
 OUTAGE_STATUSES = ("transport_error", "timeout", "circuit_open")
@@ -146,26 +93,41 @@ class CircuitBreaker:
             return out
 
 
+def _daemon_timer(seconds, callback):
+    timer = threading.Timer(seconds, callback)
+    timer.daemon = True
+    return timer
+
+
 class HttpJudge:
     """Scorer grading completions with an OpenAI-compatible chat endpoint.
 
     cache: a ScoreCache whose pinned "reference" namespace holds the judge's reference solution
-    per task (use_reference); a private one is made when None. sleep, rng and timer are
-    injectable for tests (backoff sleeps, jitter, breaker clock). config_key prefixes the field
-    names in config errors.
+    per task (use_reference); a private one is made when None. sleep, rng, timer and deadline_timer
+    are injectable for tests (backoff sleeps, jitter, breaker clock, and the factory
+    `(seconds, callback) -> object with start() and cancel()` that cuts a request at deadline_s).
+    config_key prefixes the field names in config errors. served: the model a teacher_server answers
+    with at base_url (its spec and weights' fingerprint), which names the judge in place of the
+    loopback URL.
+
+    version: the prompt's version, the model, and a digest of every GRADE_FIELDS value, so two judges
+    that could grade one text differently never share a cache key. reference_owner: the same for the
+    reference solution (a digest of REPLY_FIELDS), the first part of its pinned key.
     """
 
     name = "http-judge"
 
     def __init__(self, config: JudgeConfig, cache=None, *, sleep=time.sleep, rng=None, timer=time.monotonic,
-                 config_key: str = "judge"):
+                 config_key: str = "judge", served: Optional[str] = None, deadline_timer=None):
         from mlx_coach.rewards.cache import ScoreCache
 
         self.config = c = config.validate(config_key)
         prompt_version = DIGIT_PROMPT_VERSION if c.grade == "digit" else PROMPT_VERSION
-        self.version = f"{prompt_version}:{c.model}:ref={int(c.use_reference)}"
+        self.version = f"{prompt_version}:{c.model}:{judge_digest(c, GRADE_FIELDS, served)}"
+        self.reference_owner = f"{self.name}:{SOLVE_VERSION}:{c.model}:{judge_digest(c, REPLY_FIELDS, served)}"
         self.cache = cache if cache is not None else ScoreCache("none")
         self._sleep, self._rng = sleep, rng or random.Random()
+        self._deadline_timer = _daemon_timer if deadline_timer is None else deadline_timer
         self.breaker = CircuitBreaker(c.breaker_threshold, c.breaker_reset_s, timer)
         self._slots = threading.BoundedSemaphore(c.concurrency)
         self._api_key = os.environ.get(c.api_key_env) if c.api_key_env else None
@@ -238,7 +200,7 @@ class HttpJudge:
         """The pinned reference solution of a task, asked for once; a _Failure if that failed."""
         from mlx_coach.rewards.cache import reference_key
 
-        key = reference_key(f"{self.name}:{SOLVE_VERSION}:{self.config.model}", task)
+        key = reference_key(self.reference_owner, task)
         with self._lock:
             lock = self._ref_locks.setdefault(key, threading.Lock())
         with lock:  # one request per task, even with concurrent score_batch calls
@@ -268,7 +230,7 @@ class HttpJudge:
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         }
         if c.logit_bias:
-            request["logit_bias"] = {str(k): float(v) for k, v in c.logit_bias.items()}
+            request["logit_bias"] = request_bias(c.logit_bias)
         body = json.dumps(request).encode()
         for attempt in range(c.max_retries + 1):
             if not self.breaker.allow():
@@ -319,8 +281,7 @@ class HttpJudge:
                 except OSError:
                     pass
 
-        timer = threading.Timer(self.config.deadline_s, at_deadline)
-        timer.daemon = True
+        timer = self._deadline_timer(self.config.deadline_s, at_deadline)
         timer.start()
         try:
             conn.request("POST", self._path, body, headers)

@@ -26,7 +26,9 @@ class SandboxConfig:
 
     timeout_s: float = setting(5.0, lo=0.0, lo_open=True, help="wall clock, from spawn to verdict, interpreter start included")
     memory_mb: int = setting(1024, lo=16, help="address space (Linux) or data segment (macOS) of the worker")
-    cpu_s: Optional[int] = setting(None, lo=1, help="CPU seconds; null: ceil(timeout_s) + 1")
+    cpu_s: Optional[int] = setting(None, lo=1, help="CPU seconds; null: half of timeout_s, at least 1, so a program "
+                                   "that computes past its budget is killed (a verdict) before the wall deadline, "
+                                   "which is left for a worker the machine starved (unjudged)")
     max_output_bytes: int = setting(64_000, lo=0, help="kept of each of stdout and stderr; the rest is read and dropped")
     max_file_bytes: int = setting(10_000_000, lo=0)
     max_procs: int = setting(64, lo=1, help="threads/processes the sample may add (Linux counts threads)")
@@ -64,7 +66,7 @@ def rlimits_for(platform: str, cfg: SandboxConfig, tasks_in_use: int | None = No
     unknown.
     """
     mem = cfg.memory_mb * 1024 * 1024
-    cpu = cfg.cpu_s if cfg.cpu_s is not None else math.ceil(cfg.timeout_s) + 1
+    cpu = cfg.cpu_s if cfg.cpu_s is not None else max(1, math.floor(cfg.timeout_s / 2))
     limits = {"RLIMIT_DATA" if platform == "darwin" else "RLIMIT_AS": (mem, mem),
               "RLIMIT_CPU": (cpu, cpu + 1),  # soft: SIGXCPU; hard, a second later: SIGKILL
               "RLIMIT_FSIZE": (cfg.max_file_bytes, cfg.max_file_bytes),
