@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlx_coach.core.errors import UserError
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def available():
