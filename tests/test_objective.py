@@ -244,3 +244,34 @@ def test_log_prob_inputs_are_built_once_per_micro_batch_per_step(tmp_path, monke
 
 def test_token_mask_marks_each_rows_sampled_tokens():
     assert token_mask([[5, 6], [], [7]], 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 0]]
+
+
+def test_the_reference_pass_runs_the_base_layers_without_the_adapters(tmp_path):
+    """Inside adapters_disabled no LoRA layer is left in the model (their matrix products are not
+    computed at all), the log-probs are the base model's, and the adapters are back afterwards."""
+    from mlx_coach.models.lora import _lora_layer_types, adapters_disabled
+
+    trainer = Trainer(tiny_cfg(tmp_path), tmp_path / "run")
+    try:
+        perturb(trainer)
+        model, lora = trainer.model, _lora_layer_types()
+        count = lambda: sum(isinstance(m, lora) for _, m in model.named_modules())  # noqa: E731
+        before = count()
+        x = mx.array([[5, 6, 7, 8]])
+        adapted = model(x)
+        layers = [m for _, m in model.named_modules() if isinstance(m, lora)]
+        with adapters_disabled(model):
+            assert count() == 0
+            base = model(x)
+        scales = [m.scale for m in layers]
+        for m in layers:  # the same numbers as scaling every adapter by 0
+            m.scale = 0.0
+        zero_scale = model(x)
+        for m, scale in zip(layers, scales):
+            m.scale = scale
+        assert before > 0 and count() == before
+        np.testing.assert_allclose(np.array(base), np.array(zero_scale), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(np.array(adapted), np.array(base), atol=1e-4)  # the adapters do act outside
+        np.testing.assert_allclose(np.array(model(x)), np.array(adapted), rtol=1e-6, atol=1e-6)
+    finally:
+        trainer.close()
