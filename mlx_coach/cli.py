@@ -1,15 +1,21 @@
 """Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor}` (also `python -m mlx_coach`).
 
-User errors (bad config, dataset, arguments, model path) print one line and exit 2; a run stopped
-on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished steps.
+Every stop is one line on stderr and an exit code: bad input (config, dataset, arguments, model path)
+exits 2; a run stopped on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished
+steps; a write that failed (disk full, read-only, no permission; runtime/stops.py) exits 4; a stop
+signal exits 128 + its number (Ctrl-C 130, SIGHUP 129, SIGTERM 143; `train` checkpoints its last
+finished step first).
 Each command's module is imported only when that command runs, so `--help` stays fast.
 """
 
 import argparse
+import signal
 import sys
+import threading
 
 from mlx_coach.commands.argtypes import count, number_at_least, positive_int, positive_number
 from mlx_coach.core.errors import RunStopped, UserError
+from mlx_coach.runtime.stops import WRITE_FAILED_EXIT, SignalStop, WriteFailed, raise_signal_stop
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,11 +90,21 @@ def _dispatch(args):
     return run_from_args(args)
 
 
+def _stop_on_signals():
+    """SIGTERM and SIGHUP raise SignalStop as Ctrl-C raises KeyboardInterrupt, so a command's cleanup
+    runs; one ignored at start (nohup) stays ignored. Returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers
+    return {sig: signal.signal(sig, raise_signal_stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(sig) == signal.SIG_DFL}
+
+
 def main(argv=None):
     if argv is None:
         from mlx_coach.runtime.blas import reexec_with_openblas
 
         reexec_with_openblas(["-m", "mlx_coach", *sys.argv[1:]])
+    previous = _stop_on_signals()
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args) or 0
@@ -98,9 +114,18 @@ def main(argv=None):
     except RunStopped as e:
         print(f"mlx-coach: stopped: {e}", file=sys.stderr)
         return 3
+    except WriteFailed as e:
+        print(f"mlx-coach: write failed: {e}", file=sys.stderr)
+        return WRITE_FAILED_EXIT
+    except SignalStop as e:
+        print(f"mlx-coach: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("mlx-coach: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mlx_coach.commands import ab
+from mlx_coach.commands.ab_report import METRICS
 from mlx_coach.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,17 @@ def _greedy_config(tmp_path):
     return path
 
 
+def _table_row(md, first_cell):
+    """(header cells, row cells) of the first markdown table row whose first cell is `first_cell`."""
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
+    top = i
+    while top > 0 and lines[top - 1].startswith("|"):
+        top -= 1
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    return cells(lines[top]), cells(lines[i])
+
+
 def _checkpoint_steps(run_dir):
     root = run_dir / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.is_dir() else []
@@ -125,7 +137,11 @@ def test_an_interrupted_ab_continues_without_redoing_finished_runs(tmp_path):
     assert summary["differences"]["arms"]["cache.policy=epoch-clear"]["scorer_calls"]["mean"] == 16
     for png in ("reward.png", "hit_rate.png", "toks_phase.png", "calls.png"):
         assert (out / png).stat().st_size > 1000
-    assert "| scorer calls (cache misses) | 8.0 | 24.0 |" in (out / "report.md").read_text()
+    # the report's table of arms shows each arm's scorer calls in its column
+    label = {k: text for k, text, _ in METRICS}["scorer_calls"]
+    header, row = _table_row((out / "report.md").read_text(), label)
+    shown = {arm: float(cell.split()[0]) for arm, cell in zip(header[1:], row[1:])}
+    assert shown == {"cache.policy=lru": 8.0, "cache.policy=epoch-clear": 24.0}
 
     # the same output folder with another grammar is refused in one line, before any run
     other = subprocess.run([*cmd, "--seeds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)

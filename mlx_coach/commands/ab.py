@@ -5,6 +5,8 @@ arms are the full product of the values, in the order given. Each arm runs `--se
 train.seed = the config's seed + i, so arm A's seed i and arm B's seed i sample from the same seed
 and can be compared pair by pair. Every run is a `mlx-coach train` process (its own MLX state, its
 own teacher_server if the config has one) writing `OUT/ARM/seedS/`; up to `--parallel P` at once.
+SIGINT, SIGTERM or SIGHUP to ab is passed on to its runs, which checkpoint and stop; a run stops the
+same way when ab is gone, even SIGKILLed (runtime/watchdog.py), so no run outlives it.
 
 Resumable: `OUT/ab.json` records what the A/B is (the resolved config, the varied keys, seeds,
 steps). Re-running the same command does only what is missing: a run whose last checkpoint is at
@@ -28,6 +30,8 @@ from mlx_coach.runtime.checkpoint import list_checkpoints
 from mlx_coach.config.tree import _parse_scalar, load_config, to_dict
 from mlx_coach.commands.ab_report import arm_label, write_report
 from mlx_coach.core.errors import UserError
+from mlx_coach.runtime.stops import raise_signal_stop
+from mlx_coach.runtime.watchdog import env_for_child
 
 MANIFEST = "ab.json"
 
@@ -209,8 +213,8 @@ def _last_line(path):
 
 
 def execute(runs, config, sets, steps, parallel, say=print):
-    """Run what is missing, up to `parallel` at once. Returns the runs that failed. Ctrl-C (or
-    SIGINT/SIGTERM to this process) is passed on to the runs, which checkpoint and stop."""
+    """Run what is missing, up to `parallel` at once. Returns the runs that failed. A stop signal
+    to this process (Ctrl-C, SIGTERM, SIGHUP) is passed on to the runs, which checkpoint and stop."""
     todo = [r for r in runs if r.checkpoint_step() < steps]
     for r in runs:
         if r not in todo:
@@ -228,9 +232,10 @@ def execute(runs, config, sets, steps, parallel, say=print):
                     log.write(f"\n$ {' '.join(cmd)}\n")
                     log.flush()
                     # own session: a Ctrl-C at the terminal reaches this process alone, which passes
-                    # exactly one SIGINT on (a second one would stop a run before its checkpoint)
+                    # exactly one signal on (a second one would stop a run before its checkpoint);
+                    # the run's watchdog stops it if this process is gone
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=env_for_child())
                     running[r] = (proc, time.monotonic())
             if failed and not running:
                 break
@@ -244,29 +249,26 @@ def execute(runs, config, sets, steps, parallel, say=print):
                 else:
                     failed.append((r, proc.returncode))
                     say(f"FAILED {r.name} (exit {proc.returncode}): {_last_line(r.log)}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         for proc, _ in running.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(getattr(e, "signum", signal.SIGINT))
         for proc, _ in running.values():
             proc.wait()
         raise
     return failed
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(args):
-
-
     vary, seeds, parallel = grammar(args)
     runs, steps, manifest = plan(args, vary, seeds)
     lock = claim_output(args.output, manifest)
-    # SIGINT and SIGTERM stop the A/B at the runs' checkpoints; SIGINT explicitly, since a process
-    # started in the background by a shell inherits it ignored
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # a stop signal stops the A/B at the runs' checkpoints; SIGINT even when ignored, as a process
+    # started in the background by a shell inherits it so; SIGHUP not when ignored (nohup)
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, raise_signal_stop) for sig in signals}
     try:
         print(f"A/B: {len(arms(vary))} arms x {seeds} seeds, {steps} steps each, {parallel} at a time -> {args.output}")
         failed = execute(runs, args.config, args.set, steps, parallel)

@@ -1,5 +1,6 @@
-"""Driving a run: `train()` (steps or a time budget, Ctrl-C, checkpoints) and `mlx-coach train`."""
+"""Driving a run: `train()` (steps or a time budget, stop signals, checkpoints) and `mlx-coach train`."""
 
+import os
 import signal
 import sys
 import threading
@@ -14,87 +15,143 @@ from mlx_coach.rl.setup import schedule_steps
 from mlx_coach.rl.trainer import Trainer
 from mlx_coach.runtime.checkpoint import latest_checkpoint
 from mlx_coach.runtime.distributed import world
+from mlx_coach.runtime.stops import DISK_ERRNOS, SignalStop, WriteFailed, signal_name
+from mlx_coach.runtime.watchdog import parent_from_env, watch_parent
 from mlx_coach.telemetry.progress import StepClock, format_eta, progress_line
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-class _DeferredInterrupt:
-    """While active, the first SIGINT (Ctrl-C) only sets `requested`: the step in progress finishes
-    and train() checkpoints it before stopping. A second SIGINT interrupts at once. Only the main
-    thread can handle signals; elsewhere this does nothing."""
+
+class _DeferredStop:
+    """While active, the first SIGINT (Ctrl-C), SIGTERM or SIGHUP only sets `signum`: the step in
+    progress finishes and train() checkpoints it before stopping. A second one stops at once. SIGTERM
+    and SIGHUP are left alone when ignored at entry (nohup); SIGINT is taken even then, as a process
+    started in the background by a shell inherits it ignored. Only the main thread can handle
+    signals; elsewhere this does nothing."""
 
     def __init__(self):
-        self.requested, self._old = False, None
+        self.signum, self._old = None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in STOP_SIGNALS:
+                if sig == signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
+        name = signal_name(signum)
+        if self.signum is not None:
+            raise SignalStop(signum, f"{name} again: stopped at once, without the step's checkpoint")
+        self.signum = signum
+        ctrl_c = signum == signal.SIGINT  # after the terminal's "^C", on a line of its own
+        print(("\n" if ctrl_c else "") + f"{name}: finishing this step, then saving a checkpoint "
+              f"({'Ctrl-C' if ctrl_c else name} again to stop now)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
 def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
     """Run (or continue) training until `steps` (default cfg.train.steps), or until the first step that
     ends after `deadline` (a time.monotonic() value; `mlx-coach bench learn --minutes`). Returns the
-    last metrics. Ctrl-C checkpoints the last finished step, then raises KeyboardInterrupt. A
-    `teacher_server` (the judge's own mlx_lm.server) runs for exactly as long as this call."""
+    last metrics. SIGINT, SIGTERM or SIGHUP checkpoint the last finished step, then raise SignalStop
+    (a KeyboardInterrupt); a write that fails raises WriteFailed. A `teacher_server` (the judge's own
+    mlx_lm.server) runs for exactly as long as this call."""
     with serve_teacher(cfg):
         return _train(cfg, run_dir, resume=resume, steps=steps, deadline=deadline)
 
 
 def _train(cfg, run_dir, *, resume, steps, deadline):
     trainer = Trainer(cfg, run_dir, resume=resume)
-    total = steps or cfg.train.steps
-    every = cfg.train.checkpoint_every
-    clock = StepClock()  # the step line's ETA: steps left x the mean of recent step times
-    last = {}
+    stopping = None
     try:
-        with _DeferredInterrupt() as interrupt:
-            while trainer.state.step < total and not interrupt.requested and (deadline is None or time.monotonic() < deadline):
-                try:
-                    last = trainer.run_step()
-                except JudgeOutage as e:  # on_outage: stop; keep every finished step
-                    path = trainer.save() if trainer.state.step else None
-                    raise RunStopped(f"{e}; stopped at step {trainer.state.step}"
-                                     + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
-                clock.add(last.get("time/step_s", 0.0))
-                if cfg.telemetry.progress and trainer.world.is_main:
-                    if deadline is None:
-                        eta = format_eta(clock.eta(total - trainer.state.step))
-                        line = progress_line(trainer.state.step, total, last)
-                    else:  # a time budget (bench learn --minutes): the steps are not known in advance
-                        eta = format_eta(max(0.0, deadline - time.monotonic()))
-                        line = progress_line(trainer.state.step, "budget", last)
-                    print(f"{line} | ETA {eta}", file=sys.stderr, flush=True)
-                val_every = cfg.train.val_every
-                if val_every and trainer.state.step % val_every == 0 and trainer.state.pos:  # pos 0: end_epoch validated
-                    trainer.validate_midway()
-                if every and trainer.state.step % every == 0:
-                    trainer.save()
-            path = latest_checkpoint(trainer.run_dir)
-            if trainer.state.step and (path is None or not every or trainer.state.step % every):
-                path = trainer.save()
-            if interrupt.requested:
-                if trainer.world.is_main:
-                    print(f"interrupted at step {trainer.state.step}: saved {path}; continue with --resume {trainer.run_dir}",
-                          file=sys.stderr, flush=True)
-                raise KeyboardInterrupt
+        with _DeferredStop() as stop:
+            try:
+                last = _steps(trainer, cfg, steps or cfg.train.steps, deadline, stop)
+            except WriteFailed as e:
+                raise _with_resume_hint(e, trainer) from None
+            except OSError as e:  # a write no writer of the run guards (the report's charts)
+                if e.errno not in DISK_ERRNOS:
+                    raise
+                where = f" {e.filename}" if e.filename else ""
+                raise _with_resume_hint(WriteFailed(f"cannot write{where} ({e.strerror})"), trainer) from None
+    except BaseException as e:
+        stopping = e
+        raise
     finally:
-        trainer.close()
+        try:
+            trainer.close()
+        except WriteFailed:
+            if stopping is None:  # else the first failure is the one to report
+                raise
     return last
 
 
+def _steps(trainer, cfg, total, deadline, stop):
+    every = cfg.train.checkpoint_every
+    clock = StepClock()  # the step line's ETA: steps left x the mean of recent step times
+    last = {}
+    while trainer.state.step < total and stop.signum is None and (deadline is None or time.monotonic() < deadline):
+        try:
+            last = trainer.run_step()
+        except JudgeOutage as e:  # on_outage: stop; keep every finished step
+            path = trainer.save() if trainer.state.step else None
+            raise RunStopped(f"{e}; stopped at step {trainer.state.step}"
+                             + (f", saved {path}; continue with --resume {trainer.run_dir}" if path else "")) from None
+        clock.add(last.get("time/step_s", 0.0))
+        if cfg.telemetry.progress and trainer.world.is_main:
+            if deadline is None:
+                eta = format_eta(clock.eta(total - trainer.state.step))
+                line = progress_line(trainer.state.step, total, last)
+            else:  # a time budget (bench learn --minutes): the steps are not known in advance
+                eta = format_eta(max(0.0, deadline - time.monotonic()))
+                line = progress_line(trainer.state.step, "budget", last)
+            print(f"{line} | ETA {eta}", file=sys.stderr, flush=True)
+        val_every = cfg.train.val_every
+        if val_every and trainer.state.step % val_every == 0 and trainer.state.pos:  # pos 0: end_epoch validated
+            trainer.validate_midway()
+        if every and trainer.state.step % every == 0:
+            trainer.save()
+    path = latest_checkpoint(trainer.run_dir)
+    if trainer.state.step and (path is None or not every or trainer.state.step % every):
+        path = trainer.save()
+    if stop.signum is not None:
+        detail = None
+        if trainer.world.is_main:
+            detail = (f"{signal_name(stop.signum)} at step {trainer.state.step}: saved {path}; "
+                      f"continue with --resume {trainer.run_dir}")
+        raise SignalStop(stop.signum, detail)
+    return last
+
+
+def _with_resume_hint(failure, trainer):
+    run_dir, newest = trainer.run_dir, latest_checkpoint(trainer.run_dir)
+    then = f"once {run_dir} can be written, " + (f"start again with --output {run_dir}" if newest is None
+                                                  else f"continue with --resume {run_dir}")
+    kept = "no checkpoint yet" if newest is None else f"the newest checkpoint is {newest.name}"
+    return WriteFailed(f"{failure}; stopped at step {trainer.state.step}, {kept}; {then}")
+
+
+def _stop_with_parent(parent_pid):
+    """A run started by `mlx-coach ab` stops as on SIGTERM once ab is gone, even SIGKILLed: it keeps its
+    finished steps, and its run directory's lock is free for the next ab."""
+
+    def stop():
+        print(f"the process that started this run (pid {parent_pid}) is gone: stopping as on SIGTERM",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watch_parent(parent_pid, stop)
+
+
 def run_from_args(args):
+    parent = parent_from_env()
+    if parent is not None:
+        _stop_with_parent(parent)
     if args.resume:
         for flag, value in (("-c/--config", args.config), ("--output", args.output)):
             if value:  # a resumed run keeps its own config and directory: say so rather than ignore it

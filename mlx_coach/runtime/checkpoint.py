@@ -4,7 +4,9 @@ A checkpoint folder holds mlx-lm-compatible `adapters.safetensors` + `adapter_co
 (for full fine-tuning: all trainable weights, `fine_tune_type: full`), `optimizer.safetensors`,
 `state.json` (step, epoch, data position, RNG, controllers) and `cache.json` (the score cache).
 It is written into a hidden temporary folder and renamed into place, so a crash leaves either
-the previous checkpoint or the new one, never half of one. `manifest.json`, written last, holds
+the previous checkpoint or the new one, never half of one. A write that fails (disk full,
+read-only, no permission) removes the temporary folder and raises WriteFailed naming the step and
+the folder: the previous checkpoint stays the newest. `manifest.json`, written last, holds
 each file's size and sha256: loading verifies them (and that the weights fit the model) before
 anything is applied, so a damaged checkpoint is refused whole and `load_latest_intact` falls back
 to the newest intact one.
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_coach.runtime.stops import WriteFailed
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -43,32 +47,55 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
+def _write_safetensors(path, arrays):
+    # through a Python file, so that a failed write is an OSError with its errno (a path gives
+    # MLX's RuntimeError with neither); the bytes are the same
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, arrays)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir, step, model, optimizer, state, adapter_config, cache_snapshot=None):
+    """Write `RUN/checkpoints/step-N/` whole, or raise WriteFailed and leave the folder as it was."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    for stale in root.glob(".*-step-*"):  # left by a run killed while writing (one writer per run dir)
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    tmp.mkdir()
-    trainable = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable)
-    _write_json(tmp / "adapter_config.json", adapter_config)
-    opt_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-    _write_json(tmp / "state.json", state)
-    if cache_snapshot is not None:
-        _write_json(tmp / "cache.json", cache_snapshot)
-    _write_json(tmp / MANIFEST, {p.name: _digest(p) for p in sorted(tmp.iterdir())})
-    if final.exists():  # re-saving a step after a resume: swap, then drop the old one
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".*-step-*"):  # left by a run killed while writing (one writer per run dir)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        _write_safetensors(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
+        _write_json(tmp / "adapter_config.json", adapter_config)
+        _write_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        _write_json(tmp / "state.json", state)
+        if cache_snapshot is not None:
+            _write_json(tmp / "cache.json", cache_snapshot)
+        _write_json(tmp / MANIFEST, {p.name: _digest(p) for p in sorted(tmp.iterdir())})
+        _put_in_place(tmp, final)
+    except BaseException as e:  # a failed write, or a second Ctrl-C mid-save: no half folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteFailed(f"cannot save checkpoint {final.name} in {root} ({e.strerror or e})") from None
+        raise
     _fsync_dir(root)
     return final
+
+
+def _put_in_place(tmp, final):
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # re-saving a step after a resume: swap, then drop the old one
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # what is left is swept by the next save
 
 
 def _fsync_dir(path):

@@ -15,6 +15,7 @@
 Files are only ever written under the claim; `release()` (or process exit) gives it back.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from mlx_coach.core.errors import UserError
+from mlx_coach.runtime.stops import write_failed
 
 MARKER = "run.json"
 LOCK = ".lock"
@@ -126,8 +128,13 @@ def _prepare_fresh(run_dir):
 
 def _write_marker(path):
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"format": 1, "created": time.time(), "pid": os.getpid()}) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps({"format": 1, "created": time.time(), "pid": os.getpid()}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_failed(path, e) from None
 
 
 def writable_dir(path, flag):

@@ -11,10 +11,14 @@ Files in the run directory:
 
 JSON has no NaN or infinity: non-finite floats are written as the strings "nan", "inf", "-inf"
 (`read_jsonl` turns them back into floats). TensorBoard receives the real non-finite value.
+A write that fails (disk full, read-only) raises WriteFailed naming the file, in the main thread, and
+leaves no part of a row: a JSONL row is written whole or cut off again, an event file ends on a whole
+record (event_files.py).
 Epoch phases and the per-phase table are computed in accumulators.py; the custom-scalar charts
 are declared in scalar_charts.py.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +32,8 @@ from tensorboardX.proto.summary_pb2 import Summary
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
+from mlx_coach.runtime.stops import write_failed
+from mlx_coach.telemetry import event_files
 from mlx_coach.telemetry.accumulators import as_float, epoch_phase
 from mlx_coach.telemetry.scalar_charts import custom_scalar_layout
 
@@ -107,11 +113,16 @@ def truncate_jsonl(path, purge_step):
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise write_failed(path, e) from None
     return dropped
 
 
@@ -156,21 +167,44 @@ class Telemetry:
             logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
             # Event files are named by the second; a resume within the same second would overwrite
             # the previous file, and readers apply purges in file-name order: suffix with the time in ns.
-            self.writer = SummaryWriter(
-                self.run_dir,
-                purge_step=purge_step,
-                flush_secs=10,
-                filename_suffix=f".{time.time_ns()}",
-            )
+            try:
+                self.writer = SummaryWriter(
+                    event_files.guarded_logdir(self.run_dir),
+                    purge_step=purge_step,
+                    flush_secs=10,
+                    filename_suffix=f".{time.time_ns()}",
+                )
+            except OSError as e:
+                event_files.forget(self.run_dir)
+                raise write_failed(f"TensorBoard events in {self.run_dir}", e) from None
 
     def _append(self, path, row):
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "a")
-        f.write(json.dumps(_finite_or_str(row)) + "\n")
-        f.flush()
+        """One row, whole or not at all: a failed write cuts the file back to where it was."""
+        data = (json.dumps(_finite_or_str(row)) + "\n").encode()
+        try:
+            fd = self._files.get(path)
+            if fd is None:
+                fd = self._files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            end = os.fstat(fd).st_size  # one writer per run directory (its lock)
+        except OSError as e:
+            raise write_failed(path, e) from None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise write_failed(path, e) from None
+
+    def check_event_files(self):
+        """WriteFailed if TensorBoard's writer thread failed to write an event file."""
+        failed = event_files.first_failure(self.run_dir)
+        if failed is not None:
+            raise write_failed(*failed)
 
     def log(self, step, metrics):
+        self.check_event_files()
         self._append(self.metrics_path, {"step": step, **metrics})
         if self.writer is not None:
             for tag, value in metrics.items():
@@ -237,18 +271,23 @@ class Telemetry:
             self.writer.add_custom_scalars(layout or custom_scalar_layout())
 
     def flush(self):
-        for f in self._files.values():
-            f.flush()
+        """Rows are written as they come; TensorBoard's events are flushed here."""
         if self.writer is not None:
             self.writer.flush()
+            self.check_event_files()
 
     def close(self):
-        for f in self._files.values():
-            f.close()
+        """Close every file, then raise WriteFailed if an event file could not be written."""
+        for fd in self._files.values():
+            os.close(fd)
         self._files = {}
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            try:
+                self.check_event_files()
+            finally:
+                event_files.forget(self.run_dir)
 
     def __enter__(self):
         return self
