@@ -3,7 +3,7 @@
 `template` holds what a template is, the random inputs templates draw and `build` (instance -> Task with
 tests that reject its near miss); `strings`, `lists`, `arithmetic`, `dicts`, `parsing` hold one family's
 templates each (levels 1 easiest .. 5 hardest); `split` holds the family registry and the seeded training
-and held-out splits.
+and held-out splits. Part of `data`: imports core and `data.task` only.
 """
 
 from mlx_coach.data.procedural.split import (DEFAULT_COUNT, DEFAULT_HELDOUT, FAMILIES, check_families, generate,
