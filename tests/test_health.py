@@ -180,11 +180,20 @@ def test_bucket_pass_rates():
         bucket_pass_rates(RESULTS, [500, 100])
 
 
-def test_rate_color():
-    assert rate_color(0.0) == (215, 48, 39)
-    assert rate_color(0.5) == (254, 224, 139)
-    assert rate_color(1.0) == (26, 152, 80)
-    assert rate_color(float("nan")) == (170, 170, 170)
+def test_rate_color_reads_from_red_to_green_and_sets_no_data_apart():
+    rates = [i / 100 for i in range(101)]
+    colours = [rate_color(r) for r in rates]
+    grey = rate_color(float("nan"))
+    for c in colours + [grey]:
+        assert len(c) == 3 and all(isinstance(x, int) and 0 <= x <= 255 for x in c)
+    low, high = colours[0], colours[-1]
+    assert low[0] > low[1] and high[1] > high[0]  # a zero rate reads red, a full one green
+    greenness = [g - r for r, g, _ in colours]
+    assert all(a < b for a, b in zip(greenness, greenness[1:]))  # each higher rate is greener: order reads off
+    assert math.dist(low, high) > 150  # the ends are far apart, not two shades of one colour
+    assert rate_color(-0.5) == low and rate_color(1.5) == high  # clamped to 0..1
+    assert rate_color(None) == grey and grey[0] == grey[1] == grey[2]  # no data: a neutral grey...
+    assert min(math.dist(grey, c) for c in colours) > 40  # ...unlike the colour of any rate
 
 
 def count_color(img, color):
@@ -197,14 +206,14 @@ def test_heatmap_image_draws_cells_and_labels():
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     h, w, _ = img.shape
     assert 60 < h < 400 and 150 < w < 800
-    grey, red, green = count_color(img, (170, 170, 170)), count_color(img, (215, 48, 39)), count_color(img, (26, 152, 80))
+    grey, red, green = (count_color(img, rate_color(r)) for r in (float("nan"), 0.0, 1.0))
     # three full-rate cells, one empty cell, one zero-rate cell: green > grey, and red ~ grey (one cell each)
     assert grey > 500 and red > 500 and green > 2 * red
     dark = np.all(img < 60, axis=-1).sum()
     assert dark > 100  # label text was drawn
     # a NaN-free matrix has no grey cells; a longer row label widens the image
     full = heatmap_image(np.array([[0.25]]), ["x"], ["all"])
-    assert count_color(full, (170, 170, 170)) == 0
+    assert count_color(full, rate_color(float("nan"))) == 0
     wide = heatmap_image(np.array([[0.25]]), ["a much longer category name"], ["all"])
     assert wide.shape[1] > full.shape[1] + 100
     with pytest.raises(ValueError):

@@ -38,7 +38,14 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
         assert change["fail_to_pass"] == gained and 0.0 <= change["mcnemar_p"] <= 1.0
         assert change["bootstrap_pass@1"]["delta"] == pytest.approx(after["pass@1"] - before["pass@1"])
     assert "sampled_pass@2" in report["sets"]["heldout"]["before"]
-    assert "| heldout (4 tasks) | pass@1 greedy |" in (out / "report.md").read_text()
+    # report.md has a greedy pass@1 row for each set, showing before and after as report.json holds them
+    md = [[c.strip() for c in line.strip().strip("|").split("|")] for line in
+          (out / "report.md").read_text().splitlines() if line.startswith("|")]
+    before_col, after_col = md[0].index("before"), md[0].index("after")
+    for name, block in report["sets"].items():
+        (row,) = [r for r in md[2:] if r[0].startswith(name) and "pass@1" in r[1] and "greedy" in r[1]]
+        shown = [float(row[col].rstrip("%")) for col in (before_col, after_col)]
+        assert shown == [pytest.approx(100 * block[when]["pass@1"], abs=0.05) for when in ("before", "after")], name
     assert (out / "learning_curve.png").stat().st_size > 0
     curve = learning_curve(out / "run")
     assert curve["fresh reward"][0] == [1, 2] and len(curve["KL"][1]) == 2 and len(curve["truncation share"][1]) == 2

@@ -16,9 +16,11 @@ from mlx_coach.core.errors import UserError
 from mlx_coach.rewards.scoring.base import Score
 from mlx_coach.rewards.scoring.cached import CachedScorer
 from mlx_coach.rewards.scoring.grading import SOLVE_VERSION, parse_grade
-from mlx_coach.rewards.scoring.http_judge import HttpJudge, JudgeConfig
+from mlx_coach.rewards.scoring.http_judge import HttpJudge
+from mlx_coach.rewards.scoring.judge_config import JudgeConfig
 from mlx_coach.rewards.scoring.local_teacher import LocalTeacher
 from mlx_coach.data.task import Task
+from waiting import GRACE_S, HOLD_S, wait_until
 
 
 class Clock:
@@ -63,11 +65,14 @@ def grade_from(request):
 class ScriptedServer:
     """Loopback server. `script` is a list of actions consumed one per request (then `default`):
     ("reply", content) | ("status", code) | ("raw", bytes) | ("json", obj) | ("drop",) |
-    ("delay", seconds, action) | ("trickle", seconds per byte, content) | None (= default(request))."""
+    ("hold", event, action): no answer until the test sets `event` (or HOLD_S passes), then `action` |
+    ("trickle", seconds per byte, content[, event set once the reply has begun]) | None (= default(request)).
+    `in_flight` counts requests not yet answered; wait_in_flight waits for it to reach a number."""
 
     def __init__(self, script=(), default=grade_from, port=0):
         self.script, self.default = list(script), default
         self.requests, self.lock = [], threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.in_flight = self.max_in_flight = 0
         outer = self
 
@@ -84,6 +89,7 @@ class ScriptedServer:
                     action = outer.script.pop(0) if outer.script else None
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                    outer.changed.notify_all()
                 self.counted = True
                 try:
                     self.act(action or outer.default(body), body)
@@ -97,11 +103,12 @@ class ScriptedServer:
                     if self.counted:
                         outer.in_flight -= 1
                         self.counted = False
+                        outer.changed.notify_all()
 
             def act(self, action, body):
                 kind = action[0]
-                if kind == "delay":
-                    time.sleep(action[1])
+                if kind == "hold":
+                    action[1].wait(HOLD_S)
                     return self.act(action[2] or outer.default(body), body)
                 if kind == "drop":
                     self.close_connection = True
@@ -128,6 +135,8 @@ class ScriptedServer:
                         for i in range(len(data)):
                             self.wfile.write(data[i:i + 1])
                             self.wfile.flush()
+                            if len(action) > 3:
+                                action[3].set()
                             time.sleep(action[1])
                     else:
                         self.wfile.write(data)
@@ -144,6 +153,11 @@ class ScriptedServer:
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def wait_in_flight(self, n, timeout):
+        """True once `n` requests are in flight at once, False if that has not happened within `timeout` s."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.in_flight >= n, timeout)
 
     def stop(self):
         self.httpd.shutdown()
@@ -173,13 +187,14 @@ class Sleeps(list):
         self.append(seconds)
 
 
-def judge(url, cache=None, timer=None, **overrides):
+def judge(url, cache=None, timer=None, deadline_timer=None, **overrides):
     cfg = JudgeConfig(base_url=url, model="m", timeout_s=5.0, max_retries=0, backoff_s=0.5, max_backoff_s=0.8,
                       concurrency=2, breaker_threshold=100, breaker_reset_s=10.0, fallback=0.25)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     sleeps = Sleeps()
-    j = HttpJudge(cfg, cache, sleep=sleeps, rng=random.Random(0), timer=timer or Clock())
+    j = HttpJudge(cfg, cache, sleep=sleeps, rng=random.Random(0), timer=timer or Clock(),
+                  deadline_timer=deadline_timer)
     j.sleeps = sleeps
     return j
 
@@ -239,11 +254,14 @@ def test_grades_come_back_in_order_with_the_api_key(server, monkeypatch):
 
 
 def test_timeout(server):
-    s = server([("delay", 1.0, None)] * 2)
+    answer = threading.Event()
+    s = server([("hold", answer, None)] * 2)  # both attempts: no reply until the judge has given up on them
     j = judge(s.url, timeout_s=0.2, max_retries=1)
-    t0 = time.perf_counter()
-    (sc,) = j.score_batch([(task(), completion(9))])
-    assert time.perf_counter() - t0 < 0.9
+    try:
+        (sc,) = j.score_batch([(task(), completion(9))])
+    finally:
+        answer.set()
+    # a judge that waited for the reply would get it only after HOLD_S, graded "ok" 0.9
     assert (sc.status, sc.value, sc.fallback, sc.cacheable) == ("timeout", 0.25, True, False)
     st = j.stats()
     assert (st["teacher/requests"], st["teacher/retries"], st["teacher/errors/timeout"]) == (2, 1, 1)
@@ -334,21 +352,45 @@ def test_circuit_breaker_opens_then_recovers_half_open(server):
 
 def test_half_open_allows_a_single_trial(server):
     clock = Clock()
-    s = server([("status", 500), ("delay", 0.5, None)])
-    j = judge(s.url, timer=clock, concurrency=2, breaker_threshold=1, breaker_reset_s=10.0)
+    trial_answer = threading.Event()
+    s = server([("status", 500), ("hold", trial_answer, None), ("hold", trial_answer, None)])
+    j = judge(s.url, timer=clock, concurrency=2, breaker_threshold=1, breaker_reset_s=10.0, timeout_s=2 * HOLD_S)
     assert j.score_batch([(task(), completion(1))])[0].status == "transport_error"
     clock.advance(10.0)
-    scores = j.score_batch([(task(), completion(2)), (task(), completion(3))])
+    scores = []
+    scoring = threading.Thread(target=lambda: scores.extend(j.score_batch([(task(), completion(2)),
+                                                                           (task(), completion(3))])))
+    scoring.start()
+    try:  # the trial is held unanswered until the other sample has been turned away (or sent a second request)
+        wait_until(lambda: j.stats()["teacher/errors/circuit_open"] == 1 or len(s.requests) == 3)
+    finally:
+        trial_answer.set()
+        scoring.join(HOLD_S)
     assert sorted(sc.status for sc in scores) == ["circuit_open", "ok"]  # the other waited on the trial
     assert len(s.requests) == 2 and j.stats()["teacher/circuit_open"] == 0
 
 
 def test_concurrency_limit_is_respected(server):
-    s = server([("delay", 0.15, None)] * 12)
-    j = judge(s.url, concurrency=3)
-    scores = j.score_batch([(task(i), completion(i % 11)) for i in range(12)])
-    assert [sc.value for sc in scores] == [(i % 11) / 10 for i in range(12)]
-    assert s.max_in_flight == 3
+    """concurrency bounds the judge's requests in flight, across concurrent score_batch calls too: the
+    server answers nothing until it has seen the judge fill its three slots and looked for a fourth."""
+    answer = threading.Event()
+    s = server([("hold", answer, None)] * 12)
+    j = judge(s.url, concurrency=3, timeout_s=2 * HOLD_S)  # a held request is never given up on
+    batches = [[(task(i), completion(i % 11)) for i in range(k, 12, 2)] for k in (0, 1)]
+    scores = [None, None]
+    callers = [threading.Thread(target=lambda k=k: scores.__setitem__(k, j.score_batch(batches[k]))) for k in (0, 1)]
+    for t in callers:
+        t.start()
+    try:
+        assert s.wait_in_flight(3, HOLD_S)  # three at once: the limit is used...
+        assert not s.wait_in_flight(4, GRACE_S)  # ...and not passed, though two batches want six
+    finally:
+        answer.set()
+        for t in callers:
+            t.join(HOLD_S)
+    assert [[sc.value for sc in batch] for batch in scores] == [[(i % 11) / 10 for i in range(k, 12, 2)]
+                                                                 for k in (0, 1)]
+    assert s.max_in_flight == 3 and len(s.requests) == 12
 
 
 def test_reference_solution_is_requested_once_per_task_and_pinned(server):
@@ -362,12 +404,13 @@ def test_reference_solution_is_requested_once_per_task_and_pinned(server):
             cache.put(("flood", str(rnd), "t", str(i)), Score(1.0, "passed"))
     assert s.count("solve") == 2 and s.count("grade") == 18
     assert j.stats()["teacher/references"] == 2
-    key = reference_key(f"http-judge:{SOLVE_VERSION}:m", task(1))
+    key = reference_key(j.reference_owner, task(1))
+    assert j.reference_owner.startswith(f"http-judge:{SOLVE_VERSION}:m:")
     assert cache.get(key, "reference") == "def inc1(x):\n    return x + 1"
     assert cache.stats()["reference"]["size"] == 2 and cache.stats()["student"]["evictions"] > 0
     grade_prompt = [r for r in s.requests if "# grade=" in r["body"]["messages"][-1]["content"]][-1]
     assert "A reference solution" in grade_prompt["body"]["messages"][-1]["content"]
-    assert "ref=1" in j.version and "m" in j.version
+    assert j.version != judge(s.url).version and ":m:" in j.version  # another judge: other keys
 
 
 def test_reference_failure_fails_the_samples_and_is_not_pinned(server):

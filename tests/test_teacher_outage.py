@@ -140,7 +140,13 @@ def test_on_outage_pause_waits_for_the_judge(server):
             server(port=port)
 
     j = HttpJudge(cfg, sleep=pause, timer=clock)
-    backstop = threading.Timer(HOLD_S, lambda: pauses or server(port=port))  # a judge that never pauses fails
+
+    def back_unpaused():  # a judge that never pauses: the judge comes back and its breaker can close, so the test ends
+        if not pauses:
+            clock.advance(cfg.breaker_reset_s)
+            server(port=port)
+
+    backstop = threading.Timer(HOLD_S, back_unpaused)
     backstop.start()
     try:
         scores = j.score_batch([(task(i), completion(i + 1)) for i in range(3)])
