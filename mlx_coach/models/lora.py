@@ -89,7 +89,7 @@ def adapters_disabled(model):
     """
     swapped, scaled = [], []
     lora_types = _lora_layer_types()
-    for parent_name, parent in [("", model)] + list(model.named_modules()):
+    for _, parent in model.named_modules():  # the model itself included
         for key, child in list(_children(parent)):
             if not isinstance(child, lora_types):
                 continue

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+UNJUDGED = ("fallback", "unjudged")  # no reward to learn from: no gradient, no place in group statistics
+
 
 @dataclass
 class StepBatch:
@@ -35,6 +37,11 @@ class StepBatch:
     phase: str = "early"  # epoch phase of the step's first prompt
     times: dict = field(default_factory=dict)  # seconds of the step's phases: generate, score, rewards, reference
     sampling: dict = field(default_factory=dict)  # dynamic sampling's sampling/* metrics
+
+
+def judged_rows(scores):
+    """[B] float32, 0 for a sample with an `UNJUDGED` provenance, 1 otherwise."""
+    return np.array([s.provenance not in UNJUDGED for s in scores], dtype=np.float32)
 
 
 def token_mask(completion_ids, width):

@@ -15,7 +15,6 @@ from mlx_coach.rewards.scoring.base import UNJUDGED_STATUSES as STATUSES_APART
 from mlx_coach.rewards.sources import PROVENANCES
 from mlx_coach.rl.objective import zero_std_fraction
 
-UNJUDGED = ("fallback", "unjudged")  # no reward to learn from: no gradient, no place in group statistics
 
 
 def sample_columns(batch, sources):

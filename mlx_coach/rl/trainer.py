@@ -28,13 +28,13 @@ from mlx_coach.models.lora import adapter_config, adapters_disabled, apply_lora,
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.rewards.sources import RewardSet
 from mlx_coach.rl import dynamic_sampling, objective
-from mlx_coach.rl.batch import StepBatch, fit_width, pad_rows, token_mask
+from mlx_coach.rl.batch import StepBatch, fit_width, judged_rows, pad_rows, token_mask
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
 from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, make_optimizer, schedule_steps,
                                 select_tasks, step_seed)
 from mlx_coach.rl.state import TrainerState
-from mlx_coach.rl.step_metrics import UNJUDGED, sample_columns, step_metrics
+from mlx_coach.rl.step_metrics import sample_columns, step_metrics
 from mlx_coach.rl.update import Updater
 from mlx_coach.runtime.checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
 from mlx_coach.runtime.distributed import shard_bounds, world
@@ -164,8 +164,8 @@ class Trainer(AfterStep):
         # rank 0 draws what a single process draws; other ranks draw from their own streams
         mx.random.seed((step_seed(self.cfg.train.seed, self.state.step) + 104_729 * self.world.rank) % 2**31)
         with self._giving_prompts_back_on_failure():
-            tasks, position = self.draw_prompts()
-            batch, rounds = self.roll_out_and_score(tasks)  # the reference pass overlaps the scoring
+            step_tasks, position = self.draw_prompts()
+            batch, rounds = self.roll_out_and_score(step_tasks)  # the reference pass overlaps the scoring
         self.track_difficulty(rounds)
         batch.phase = epoch_phase(position, tuple(self.cfg.telemetry.phase_bounds))
         self.observe_kl(batch)
@@ -189,11 +189,10 @@ class Trainer(AfterStep):
             raise
 
     def draw_prompts(self, n=None):
-        """This rank's share of the step's prompts, and the epoch fraction done before them."""
+        """The step's prompts (every rank's: advantages and sample counts span them), and the epoch
+        fraction done before them."""
         self.passed_over = 0
-        all_tasks, position = self.next_prompts(n)
-        self.step_tasks = all_tasks  # every rank's prompts: advantages and sample counts span them
-        return self.world.shard(all_tasks), position
+        return self.next_prompts(n)
 
     def next_prompts(self, n=None):
         """Up to n (default prompts_per_step) next prompts of this epoch's seeded order, and the epoch
@@ -234,12 +233,14 @@ class Trainer(AfterStep):
                                    row_tasks, [t.prompt for t in row_tasks], [r.completion for r in rollout_stats.rollouts])
         return dynamic_sampling.Round(tasks, rollout_stats, scoring, generate_s)
 
-    def roll_out_and_score(self, tasks):
-        """(StepBatch with samples, scores and reference log-probs; every round with its scores).
+    def roll_out_and_score(self, step_tasks):
+        """(StepBatch with this rank's share of the step's samples, their scores and reference log-probs;
+        every round with its scores).
 
         Without dynamic sampling the reference pass runs while the worker thread scores; with it,
         rounds are drawn until the step holds prompts_per_step informative groups."""
         algo, group_size = self.cfg.algo, self.cfg.rollout.group_size
+        tasks = self.world.shard(step_tasks)  # this rank's contiguous share
         first = self.start_round(tasks)
         rounds, sampling = [], {}
         t0 = time.perf_counter()
@@ -249,7 +250,7 @@ class Trainer(AfterStep):
                 math.floor(len(tasks) * algo.max_draw_factor), group_size,
                 on_scores=lambda rnd, scores: rounds.append((rnd, scores)))
             sampling = dynamic_sampling.sampling_metrics(filled, len(tasks))
-            self.step_tasks = filled.tasks  # one rank: the step's tasks are this rank's
+            step_tasks = filled.tasks  # one rank: the step's tasks are this rank's
             rollout_stats, rollouts, scores = filled.batch, filled.rollouts, filled.scores
             generate_s, rewards_s = filled.gen_s, filled.rewards_s
         else:
@@ -267,7 +268,7 @@ class Trainer(AfterStep):
         self.memory.sample("score")
         batch = StepBatch(prompt_ids=prompt_ids, completion_ids=completion_ids, reference_logp=reference_logp,
                           forwards=forwards,
-                          tasks=self.step_tasks, rollouts=rollouts, scores=scores, rollout_stats=rollout_stats,
+                          tasks=step_tasks, rollouts=rollouts, scores=scores, rollout_stats=rollout_stats,
                           sampling=sampling, times={"generate": generate_s, "score": score_s, "rewards": rewards_s,
                                                     "reference": reference_s})
         return batch, rounds
@@ -309,13 +310,13 @@ class Trainer(AfterStep):
     def observe_kl(self, batch):
         """Behaviour log-probs, the loss mask, and KL(behaviour || reference) over every sampled token.
 
-        A sample the scorers could not judge (`UNJUDGED` provenances) has no trained token."""
+        A sample the scorers could not judge (`rl.batch.UNJUDGED` provenances) has no trained token."""
         algo = self.cfg.algo
         width = max(1, max(len(c) for c in batch.completion_ids))
         batch.behaviour_logp = pad_rows([r.logprobs for r in batch.rollouts], width)
         batch.truncated = [r.finish_reason == "length" for r in batch.rollouts]
         batch.token_mask = token_mask(batch.completion_ids, width)
-        judged = np.array([s.provenance not in UNJUDGED for s in batch.scores], dtype=np.float32)
+        judged = judged_rows(batch.scores)
         dropped = np.array(batch.truncated, dtype=np.float32) if algo.mask_truncated else 0.0
         batch.loss_mask = batch.token_mask * (judged * (1.0 - dropped))[:, None]
         batch.beta = self.state.kl_controller.beta
@@ -329,7 +330,7 @@ class Trainer(AfterStep):
         kl_in: reward the KL penalty is subtracted after the normalisation."""
         algo, group_size = self.cfg.algo, self.cfg.rollout.group_size
         rewards = np.array([s.total for s in batch.scores], dtype=np.float32)
-        judged = np.array([s.provenance not in UNJUDGED for s in batch.scores], dtype=np.float32)
+        judged = judged_rows(batch.scores)
         if self.world.size > 1:
             lo, hi = shard_bounds(len(batch.tasks), self.world.size, self.world.rank)
             both = self.world.gather(np.stack([rewards, judged], axis=1))

@@ -2,7 +2,8 @@
 expressions, Roman numerals).
 """
 
-from mlx_coach.data.procedural.template import Spec, Template, WORDS, pick_name, random_sentence, random_text
+from mlx_coach.data.procedural.template import (Spec, Template, WORDS, near_miss, pick_name, random_sentence,
+                                                 random_text)
 
 
 def _count_words(rng):
@@ -89,15 +90,7 @@ for ch in s:
         total += sign * number
         number, sign = 0, (1 if ch == '+' else -1)
 return total + sign * number"""
-    wrong = """\
-total, number, sign = 0, 0, 1
-for ch in s:
-    if ch.isdigit():
-        number = number * 10 + int(ch)
-    else:
-        total += sign * number
-        number, sign = 0, (1 if ch == '+' else -1)
-return total"""
+    wrong = near_miss(body, "return total + sign * number", "return total")
     return Spec(pick_name(rng, "evaluate", "calc", "compute_expression"), "s",
                 "s is an expression of non-negative integers joined by '+' and '-', without spaces "
                 "(e.g. '12+3-4'). Return its value.", body, wrong, [("7",), ("12+3-4",), ("0-5",)],
