@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -87,37 +88,46 @@ def sandboxed(cfg) -> float:
     return time.perf_counter() - t0
 
 
-DESIGNS = {"judge+worker": contextlib.nullcontext, "single process": single_process_design}
+# Each arm: how samples run, and the sandbox settings it changes. The namespace arms price each
+# guard against the same design without it.
+ARMS = {"judge+worker": (contextlib.nullcontext, {}),
+        "no mount namespace": (contextlib.nullcontext, {"isolate_filesystem": False}),
+        "no PID namespace": (contextlib.nullcontext, {"isolate_processes": False}),
+        "no mount, no PID ns": (contextlib.nullcontext, {"isolate_filesystem": False, "isolate_processes": False}),
+        "single process": (single_process_design, {})}
 
 
 def latency(n: int, cfg) -> dict:
-    times = {"python -c pass": [], "python -I -B -S -c pass": []} | {f"sandbox, {d}": [] for d in DESIGNS}
+    times = {"python -c pass": [], "python -I -B -S -c pass": []} | {f"sandbox, {a}": [] for a in ARMS}
     for _ in tqdm_range(n, "sandbox latency", "round"):
         times["python -c pass"].append(spawn(BARE))
         times["python -I -B -S -c pass"].append(spawn(BARE_FLAGS))
-        for design, ctx in DESIGNS.items():
+        for arm, (ctx, changes) in ARMS.items():
             with ctx():
-                times[f"sandbox, {design}"].append(sandboxed(cfg))
+                times[f"sandbox, {arm}"].append(sandboxed(dataclasses.replace(cfg, **changes)))
     return {name: {"median_ms": statistics.median(t) * 1000, "mean_ms": statistics.fmean(t) * 1000}
             for name, t in times.items()}
 
 
 def throughput(samples: int, workers: int, cfg, rounds: int = 5) -> dict:
     per_round = max(1, samples // rounds)
-    spent = {"bare": 0.0} | {d: 0.0 for d in DESIGNS}
-    statuses = {d: {} for d in DESIGNS}
-    with SandboxScorer(cfg) as scorer, ThreadPoolExecutor(workers) as pool:
+    spent = {"bare": 0.0} | {a: 0.0 for a in ARMS}
+    statuses = {a: {} for a in ARMS}
+    scorers = {a: SandboxScorer(dataclasses.replace(cfg, **changes)) for a, (_, changes) in ARMS.items()}
+    with ThreadPoolExecutor(workers) as pool:
         for r in tqdm_range(rounds, "sandbox throughput", "round"):
             n = per_round if r < rounds - 1 else samples - per_round * (rounds - 1)
             t0 = time.perf_counter()
             list(pool.map(lambda _: spawn(BARE), range(n)))
             spent["bare"] += time.perf_counter() - t0
-            for design, ctx in DESIGNS.items():
+            for arm, (ctx, _) in ARMS.items():
                 with ctx():
                     t0 = time.perf_counter()
-                    for s in scorer.score_batch([(TASK, COMPLETION)] * n):
-                        statuses[design][s.status] = statuses[design].get(s.status, 0) + 1
-                    spent[design] += time.perf_counter() - t0
+                    for s in scorers[arm].score_batch([(TASK, COMPLETION)] * n):
+                        statuses[arm][s.status] = statuses[arm].get(s.status, 0) + 1
+                    spent[arm] += time.perf_counter() - t0
+    for scorer in scorers.values():
+        scorer.close()
     return {"workers": workers, "samples": samples, "statuses": statuses,
             "per_s": {name: samples / t for name, t in spent.items()}, "seconds": spent}
 
@@ -147,13 +157,18 @@ def main(argv=None):
           f"single process {old - spawn_flags:+.1f} ms")
     print(f"\nthroughput, {args.workers} workers ({args.samples} each, alternating rounds)")
     print(f"  bare python -c pass spawns      {thr['per_s']['bare']:8.1f} /s")
-    for design in DESIGNS:
-        print(f"  sandbox, {design:22} {thr['per_s'][design]:8.1f} /s   statuses {thr['statuses'][design]}")
+    for arm in ARMS:
+        print(f"  sandbox, {arm:22} {thr['per_s'][arm]:8.1f} /s   statuses {thr['statuses'][arm]}")
     ratio = thr["per_s"]["single process"] / thr["per_s"]["judge+worker"]
     print(f"  per-sample cost, judge+worker / single process: {ratio:.2f}x")
+    base = thr["per_s"]["no mount, no PID ns"]
+    guards = {arm: base / thr["per_s"][arm] for arm in ("judge+worker", "no mount namespace", "no PID namespace")}
+    print(f"  per-sample cost against no mount and no PID namespace: both {guards['judge+worker']:.2f}x, "
+          f"PID namespace alone {guards['no mount namespace']:.2f}x, mount namespace alone "
+          f"{guards['no PID namespace']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"latency": lat, "throughput": thr, "latency_ratio": new / old,
-                                               "throughput_cost_ratio": ratio,
+                                               "throughput_cost_ratio": ratio, "guard_cost_ratios": guards,
                                                "cpus": os.cpu_count(), "platform": platform.platform()}, indent=2))
     return 0
 

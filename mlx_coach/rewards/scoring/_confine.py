@@ -1,8 +1,8 @@
-"""What the operating system offers to confine a process: rlimits, another user, no network.
+"""What the operating system offers to confine a process: rlimits, another user, no capabilities.
 
 Each function returns what it could not do (a list of strings) instead of raising, so that the
 sandbox runs wherever Python does and records which confinement held (`mlx-coach doctor`).
-Standard library only; the prctl and unshare calls go through ctypes because Python 3.11's `os`
+Standard library only; the prctl and capset calls go through ctypes because Python 3.11's `os`
 has neither.
 """
 
@@ -13,7 +13,6 @@ _PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_SET_NO_NEW_PRIVS = 38
-_CLONE_NEWNET = 0x40000000
 
 
 def apply_limits(limits):
@@ -56,21 +55,14 @@ def _call(fn, *args):
     return os.strerror(ctypes.get_errno())
 
 
-def confine_worker(uid, isolate_network, workdir=None):
-    """Linux: an empty network namespace, then user `uid` with no groups, no capabilities and
-    no_new_privs. Must run before the rlimits (setuid checks RLIMIT_NPROC of the new user).
+def confine_worker(uid, workdir=None):
+    """Linux: user `uid` with no groups, no capabilities and no_new_privs (the namespaces come first,
+    from _namespaces.py). Must run before the rlimits (setuid checks RLIMIT_NPROC of the new user).
 
     Returns {guard: what holds}, each value starting with "yes" or "no".
     """
     held = {}
     linux = sys.platform.startswith("linux")
-    if not isolate_network:
-        held["network"] = "no: sandbox.isolate_network is off"
-    elif not linux:
-        held["network"] = f"no: network namespaces are Linux only ({sys.platform})"
-    else:
-        why = _call("unshare", _CLONE_NEWNET)
-        held["network"] = "yes: empty network namespace" if why is None else f"no: unshare(CLONE_NEWNET): {why}"
     unreadable = _first_unreadable(sys.path) if uid is not None else None
     if uid is None:
         held["user"] = "no: same user as the trainer" + ("" if os.geteuid() == 0 else " (not root, cannot switch)")

@@ -8,6 +8,19 @@ as plain data and the answer decoded by _wire.decode, which builds built-in valu
 worker that dies, hangs or sends malformed bytes is a failed call (CallFailed, a BaseException the
 test cannot absorb: once one happened, the verdict is not passed whatever the test does next).
 
+Partial credit (request["partial"]): check()'s asserting top-level statements are wrapped (a loop
+of asserts is one statement). TOTAL counts those that depend on the candidate, PASSED those of
+them that passed on an answer; the status is the real run's either way (credit):
+- check() runs once more here with every answer a poison that raises on any use: a statement
+  that passes anyway (`assert True`, one that uses no answer) leaves both counts. One the poison
+  run did not reach (a statement outside the asserts stopped it) stays counted.
+- A None answer tested for truth (`assert x`, `not x`, `if x`, any, all) is no answer: on
+  `assert not candidate(...)` it passes where False is expected. `x == None` and `x is None` are
+  answers. When a call returned None, check() is replayed here on the recorded answers (_credit.py);
+  a statement in which a None answer was tested for truth, or that the replay cannot vouch for,
+  is not credited.
+TOTAL 0 (no assert depends on the candidate) leaves the value to the status (sandbox.py).
+
 Verdict lines to the trainer, over a socket the worker never had: `NONCE ready HEX(notes)` and
 `NONCE verdict STATUS PASSED TOTAL HEX(error)`, the format sandbox.py parses.
 """
@@ -22,10 +35,12 @@ from _signal import SIGKILL, SIGXCPU, SIGXFSZ  # not `signal`: it imports enum, 
 import _confine
 import _errors
 import _wire
+from _credit import apply_changes, credit
 
 _KILLS = {SIGKILL: "SIGKILL", SIGXCPU: "SIGXCPU (CPU time limit)", SIGXFSZ: "SIGXFSZ (file size limit)"}
 # Stubs a prompt may end with before its body; tried in order until the prompt compiles alone.
 _STUB_ENDINGS = ("", "    pass\n", "\n    pass\n", "        pass\n")
+_LOG_CAP = 16 << 20  # bytes of recorded calls and answers kept for the replay; beyond, no replay
 
 
 class CallFailed(BaseException):
@@ -78,13 +93,18 @@ def instrument(tree, rec_name):
 
 
 class Worker:
-    """The judge's end of the worker: calls with deadlines; every failure becomes CallFailed."""
+    """The judge's end of the worker: calls with deadlines; every failure becomes CallFailed.
 
-    def __init__(self, fd, pid, sample_deadline, call_timeout_s):
+    With `record_calls`, `calls` keeps each answered call for the Replay, under its segment (kept
+    in `segment` by the real run's record): (seq, the encoded request, the answer marshalled).
+    """
+
+    def __init__(self, fd, pid, sample_deadline, call_timeout_s, record_calls=False):
         self.fd, self.pid = fd, pid
         self.sample_deadline, self.call_timeout_s = sample_deadline, call_timeout_s
         self.failed = None  # the first CallFailed: later calls raise it again
         self.seq = 0
+        self.calls, self.segment, self.logged_bytes, self.answered_none = {} if record_calls else None, 0, 0, False
 
     def deadline(self):
         return min(self.sample_deadline, time.monotonic() + self.call_timeout_s)
@@ -135,7 +155,7 @@ class Worker:
         self.seq += 1
         try:
             message = ("call", self.seq, args, kwargs)
-            _wire.encode(message)
+            request = _wire.encode(message)
         except _wire.WireError as e:
             self.failed = CallFailed("error", f"the test passed the candidate an argument that is not plain data: {e}")
             raise self.failed from None
@@ -143,11 +163,14 @@ class Worker:
         if type(reply) is tuple and len(reply) == 4 and reply[0] == "return" and reply[1] == self.seq \
                 and type(reply[3]) is dict:
             self.reflect(args, reply[3])
+            self.log(request, ("return", reply[2], reply[3]))
             return reply[2]
         if type(reply) is tuple and len(reply) == 5 and reply[0] == "raise" and reply[1] == self.seq:
             _, _, name, exc_args, text = reply
-            exc = _errors.rebuild(name, exc_args if type(exc_args) is tuple else (), str(text))
+            exc_args = exc_args if type(exc_args) is tuple else ()
+            exc = _errors.rebuild(name, exc_args, str(text))
             if exc is not None:
+                self.log(request, ("raise", name, exc_args, str(text)))
                 raise exc
             self.fail("error", f"the candidate raised {str(name)[:80]}: {str(text)[:300]}")
         if type(reply) is tuple and len(reply) == 3 and reply[0] == "bad" and reply[1] == self.seq:
@@ -160,16 +183,27 @@ class Worker:
             if type(i) is not int or not 0 <= i < len(args) or type(args[i]) is not type(new) \
                     or type(new) not in (list, dict, set):
                 self.fail("error", "the candidate's process reported a change to an argument it was not given")
-            if type(new) is list:
-                args[i][:] = new
+        apply_changes(args, changed)
+
+    def log(self, request, outcome):
+        """Keep one answered call, as bytes: the test may change what it was given."""
+        self.answered_none |= outcome[0] == "return" and outcome[1] is None
+        if self.calls is not None:
+            try:
+                blob = marshal.dumps(outcome)  # plain data: only memory can run out
+                self.logged_bytes += len(request) + len(blob)
+            except (ValueError, MemoryError):
+                self.logged_bytes = _LOG_CAP + 1
+            if self.logged_bytes > _LOG_CAP:
+                self.calls = None  # no replay: nothing is vouched for
             else:
-                args[i].clear()
-                args[i].update(new)
+                self.calls.setdefault(self.segment, []).append((self.seq, request, blob))
 
 
-def make_proxy(worker, entry_point):
+def make_proxy(call, entry_point):
+    """`candidate` as the test sees it: a plain function named after the entry point."""
     def candidate(*args, **kwargs):
-        return worker.call(args, kwargs)
+        return call(args, kwargs)
 
     candidate.__name__ = candidate.__qualname__ = entry_point
     return candidate
@@ -197,10 +231,9 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
 
     notes = []
     _confine.apply_limits(request["judge_limits"])
-    worker = Worker(sock_fd, worker_pid, started + request["timeout_s"], request["call_timeout_s"])
+    worker = Worker(sock_fd, worker_pid, started + request["timeout_s"], request["call_timeout_s"], request["partial"])
     try:
-        hello = worker.exchange(("setup", {"uid": request["uid"], "isolate_network": request["isolate_network"],
-                                           "limits": request["limits"], "root": request["root"]}), "setup")
+        hello = worker.exchange(("setup", request["setup"]), "setup")
         unset, held = hello[1], hello[2]
         notes += list(unset) + [f"guard {k}: {v}" for k, v in held.items()]
         if not str(held.get("user", "")).startswith("yes") and sys.platform.startswith("linux"):
@@ -226,11 +259,12 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
         verdict("error", 0, 0, "the candidate's process answered the load out of protocol")
 
     # The task author's code, in this process: the prompt's helpers and imports, then the test.
-    namespace = {"__name__": "__judge__", "__builtins__": builtins}
     results, first_failure, total = {}, [], 0
-    rec_name = "_mlx_coach_rec_" + os.urandom(6).hex()
+    rec_name, entry_point = "_mlx_coach_rec_" + os.urandom(6).hex(), request["entry_point"]
+    prompt_code = test_code = None
 
     def record(index, exc):
+        worker.segment = index + 1  # the calls from here on belong to the next asserting statement
         results[index] = exc is None
         if exc is not None:
             if not first_failure:
@@ -238,15 +272,21 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
             if isinstance(exc, MemoryError):
                 raise exc  # this process is out of memory: running on would not be measuring
 
+    def run(call, rec):
+        """check() with `candidate` making its calls through `call`, in a namespace of its own."""
+        namespace = {"__name__": "__judge__", "__builtins__": builtins}
+        if prompt_code is not None:
+            exec(prompt_code, namespace)  # noqa: S102 - the task author's code, by design
+        namespace[entry_point] = proxy = make_proxy(call, entry_point)
+        namespace[rec_name] = rec
+        exec(test_code, namespace)  # noqa: S102 - the task author's code, by design
+        namespace["check"](proxy)
+
     test = request["test"]
     test_lines = test.splitlines()
     failure = None
     try:
         prompt_code = compile_prompt(request["prompt"])
-        if prompt_code is not None:
-            exec(prompt_code, namespace)  # noqa: S102 - the task author's code, by design
-        namespace[request["entry_point"]] = proxy = make_proxy(worker, request["entry_point"])
-        namespace[rec_name] = record
         if request["partial"]:
             import ast
 
@@ -255,12 +295,16 @@ def main(req_fd, chan_fd, sock_fd, worker_pid):
             test_code = compile(tree, "<test>", "exec")
         else:
             test_code = compile(test, "<test>", "exec")
-        exec(test_code, namespace)  # noqa: S102 - the task author's code, by design
-        namespace["check"](proxy)
+        run(worker.call, record)
         failure = first_failure[0] if first_failure else None
     except BaseException as e:  # noqa: BLE001
         failure = e
     n_ok = sum(1 for i in range(total) if results.get(i))
+    if total and test_code is not None:
+        try:
+            n_ok, total = credit(run, worker, results, total)
+        except MemoryError:  # this process is out of memory: no count can be vouched for
+            n_ok = 0
     if worker.failed is not None:
         verdict(worker.failed.status, n_ok, total, str(worker.failed))
     if failure is None:

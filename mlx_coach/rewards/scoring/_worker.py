@@ -4,7 +4,7 @@ Forked by _launch.py before the judge has read anything from the trainer, so thi
 holds the nonce, the verdict channel or the test; its only channel is the socket to the judge.
 
 Messages (plain data, _wire.py), judge -> worker:
-    ("setup", {"uid", "isolate_network", "limits", "root"})   once
+    ("setup", {"uid", "network", "filesystem", "processes", "hidden", "site_packages", "limits", "root"})  once
     ("load", source, entry_point)                              once
     ("call", seq, args, kwargs)                                any number
 and worker -> judge:
@@ -22,6 +22,7 @@ import sys
 import _confine
 import _errors
 import _guards
+import _namespaces
 import _wire
 
 _MUTABLE = (list, dict, set)
@@ -50,7 +51,10 @@ def _exception_reply(head, exc, filename, lines):
 def main(fd):
     exit_now = os._exit  # bound before the guards replace it
     _, setup = _wire.recv(fd)
-    held = _confine.confine_worker(setup["uid"], setup["isolate_network"], setup["root"])
+    # Namespaces first: building the new root needs the privileges the user switch gives up.
+    held = _namespaces.isolate(setup["root"], setup["hidden"], setup["site_packages"], setup["filesystem"],
+                               setup["processes"], setup["network"], keep_fds=(fd,))
+    held |= _confine.confine_worker(setup["uid"], setup["root"])
     unset = _confine.apply_limits(setup["limits"])
     _wire.send(fd, ("hello", unset, held))
 

@@ -20,7 +20,10 @@ Statuses: passed; failed (an assert failed); error (any other exception, a synta
 call, no verdict); timeout (the sample's or a call's deadline); killed (a resource limit:
 MemoryError, file size, SIGXCPU, SIGKILL); infra_error (the sandbox itself failed). timeout and
 infra_error are not cacheable. With `partial_credit` the value is the fraction of check()'s
-top-level assert statements that passed (a loop of asserts is one statement). Samples see the
+top-level assert statements (a loop of asserts is one statement) that depend on the candidate and
+passed on an answer: an assert that passes when every answer is a poison is not counted, and a
+None answer tested for truth (`assert not candidate(x)`) is no answer; the status is unchanged,
+and with no counted assert the value is the status's (rules: _judge.py). Samples see the
 standard library only unless `site_packages=True`.
 """
 
@@ -41,12 +44,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_coach.data.tasks import answer_key_paths
 from mlx_coach.rewards.scoring.base import Score
 from mlx_coach.rewards.scoring.sandbox_config import (SANDBOX_EXEC, SandboxConfig, confine_argv, rlimits_for,
                                                       tasks_in_use, worker_uid)
 
 LAUNCHER = str(Path(__file__).with_name("_launch.py"))
-HELPERS = ("_judge.py", "_worker.py", "_wire.py", "_errors.py", "_confine.py", "_guards.py")
+HELPERS = ("_judge.py", "_credit.py", "_worker.py", "_wire.py", "_errors.py", "_confine.py", "_guards.py",
+           "_namespaces.py")
+PACKAGE_DIR = str(Path(__file__).resolve().parents[2])
 _compiled = False
 ERROR_CHARS = 500
 _CHANNEL_CAP = 1 << 18  # bytes kept from the verdict pipe; a sample flooding it only hurts itself
@@ -235,11 +241,13 @@ def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, flo
 def _request(task, completion, cfg, nonce, root, limits, uid) -> dict:
     """What the judge reads from the trainer (the worker never sees it)."""
     call_timeout_s = cfg.call_timeout_s if cfg.call_timeout_s is not None else cfg.timeout_s
+    setup = {"uid": uid, "root": root, "limits": limits, "network": bool(cfg.isolate_network),
+             "filesystem": bool(cfg.isolate_filesystem), "processes": bool(cfg.isolate_processes),
+             "site_packages": bool(cfg.site_packages), "hidden": [PACKAGE_DIR, *answer_key_paths()]}
     return {"nonce": nonce, "prompt": task.prompt, "completion": completion, "test": task.test,
             "entry_point": task.entry_point, "partial": bool(cfg.partial_credit), "root": root,
-            "limits": limits, "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
-            "timeout_s": float(cfg.timeout_s), "call_timeout_s": float(call_timeout_s), "uid": uid,
-            "isolate_network": bool(cfg.isolate_network)}
+            "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
+            "timeout_s": float(cfg.timeout_s), "call_timeout_s": float(call_timeout_s), "setup": setup}
 
 
 def _compile_helpers() -> None:
@@ -273,7 +281,7 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
     in_r, in_w = _socket_fds()
     out_w, out_r = _socket_fds()
     argv = [cfg.interpreter, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
-    argv, macos_guard = confine_argv(argv, root, cfg, sys.platform, shutil.which(SANDBOX_EXEC))
+    argv, macos_guard = confine_argv(argv, root, cfg, sys.platform, shutil.which(SANDBOX_EXEC), answer_key_paths())
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),

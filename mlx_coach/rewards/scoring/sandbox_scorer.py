@@ -17,7 +17,7 @@ class SandboxScorer:
     """Unit tests in the sandbox; `workers` threads each drive one child process at a time."""
 
     name = "tests"
-    version = "3"  # changes whenever the same sample and settings can get another verdict: it is in every cache key
+    version = "4"  # changes whenever the same sample and settings can get another verdict: it is in every cache key
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
