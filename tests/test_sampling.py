@@ -17,7 +17,9 @@ from test_trainer import step_rows, tiny_cfg, write_short_tasks
 
 
 def dyn_cfg(tmp_path, reward, **over):
-    sections = {"algo": {"beta": 0.0, "dynamic_sampling": True, "max_draw_factor": 3.0},
+    # a learning rate that leaves the policy where it started over the few steps: these tests are about
+    # which groups are drawn and kept, and a policy that collapsed (all samples alike) would change that
+    sections = {"algo": {"beta": 0.0, "dynamic_sampling": True, "max_draw_factor": 3.0}, "optim": {"lr": 1e-6},
                 "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 8},
                 "rewards": [{"type": "function", "function": f"reward_fns:{reward}"}],
                 "train": {"steps": 3}}

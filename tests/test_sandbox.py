@@ -1,7 +1,6 @@
 """The sandbox scorer against real hostile samples, each run in a real subprocess."""
 
 import inspect
-import math
 import os
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from waiting import GRACE_S, HOLD_S, wait_exited, wait_until
+from waiting import GRACE_S, HOLD_S, wait_until
 
 from mlx_coach.rewards.scoring import sandbox_scorer
 from mlx_coach.rewards.scoring.sandbox import build_program, execute, run_sample

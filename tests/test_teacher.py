@@ -187,14 +187,13 @@ class Sleeps(list):
         self.append(seconds)
 
 
-def judge(url, cache=None, timer=None, deadline_timer=None, **overrides):
+def judge(url, cache=None, timer=None, **overrides):
     cfg = JudgeConfig(base_url=url, model="m", timeout_s=5.0, max_retries=0, backoff_s=0.5, max_backoff_s=0.8,
                       concurrency=2, breaker_threshold=100, breaker_reset_s=10.0, fallback=0.25)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     sleeps = Sleeps()
-    j = HttpJudge(cfg, cache, sleep=sleeps, rng=random.Random(0), timer=timer or Clock(),
-                  deadline_timer=deadline_timer)
+    j = HttpJudge(cfg, cache, sleep=sleeps, rng=random.Random(0), timer=timer or Clock())
     j.sleeps = sleeps
     return j
 

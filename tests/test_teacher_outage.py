@@ -1,5 +1,5 @@
-"""A judge that misbehaves on purpose, on loopback (issue 10, items 6-8): a reply that trickles,
-junk offered as a reference solution, an outage in the middle of a run."""
+"""A judge that misbehaves on purpose, on loopback (issue 10, items 6-8): junk offered as a reference
+solution, an outage in the middle of a run. A reply that trickles: test_judge_deadline.py."""
 
 import json
 import math
@@ -17,49 +17,6 @@ from mlx_coach.config.tree import to_dict
 from mlx_coach.rewards.scoring.http_judge import HttpJudge
 from mlx_coach.rewards.scoring.judge_config import JudgeConfig
 from mlx_coach.rl.trainer import Trainer
-
-
-class DeadlineTimers(list):
-    """Stands in for the judge's deadline timer: the test says when each request's deadline comes."""
-
-    def __call__(self, seconds, callback):
-        timer = ManualTimer(seconds, callback)
-        self.append(timer)
-        return timer
-
-
-class ManualTimer:
-    def __init__(self, seconds, callback):
-        self.seconds, self.callback, self.started, self.cancelled = seconds, callback, False, False
-
-    def start(self):
-        self.started = True
-
-    def cancel(self):
-        self.cancelled = True
-
-    def fire(self):
-        if self.started and not self.cancelled:
-            self.callback()
-
-
-def test_a_reply_that_trickles_is_cut_at_the_overall_deadline(server):
-    begun = threading.Event()
-    s = server([("trickle", 0.3, "SCORE: 7/10", begun)])  # ~200 bytes: a minute, though no read waits 0.3 s
-    timers = DeadlineTimers()
-    j = judge(s.url, timeout_s=HOLD_S, deadline_s=1.5, deadline_timer=timers)
-
-    def deadline_comes_mid_reply():
-        if begun.wait(HOLD_S):
-            timers[0].fire()
-
-    threading.Thread(target=deadline_comes_mid_reply, daemon=True).start()
-    [score] = j.score_batch([(task(), completion(7))])
-    # no single read waits anywhere near timeout_s: only the whole-request deadline can end this reply early
-    assert score.status == "timeout" and score.fallback and "deadline" in score.error
-    assert [t.seconds for t in timers] == [1.5] and timers[0].cancelled  # armed with deadline_s, then let go
-    assert [sc.value for sc in j.score_batch([(task(), completion(7))])] == [0.7]  # a normal reply still fits
-    assert len(timers) == 2 and timers[1].started and timers[1].cancelled  # each request has its own deadline
 
 
 @pytest.mark.parametrize("junk", ["", "upstream overloaded, try again",

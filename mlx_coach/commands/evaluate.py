@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_coach.core.errors import UserError
+from mlx_coach.core.keys import draw_seed
 from mlx_coach.engine.generate import generate_and_score, pass_at_k_summary
 from mlx_coach.runtime.rundir import writable_dir
 
@@ -57,7 +58,8 @@ def run_from_args(args):
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
     rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
                        stop=None, chat_template=args.chat_template, extract_code=args.chat_template)
-    mx.random.seed(args.seed)
+    # the samples' keys descend from --seed alone, whatever loading the model drew before
+    mx.random.seed(draw_seed(args.seed, "eval_sample"))
     t0 = time.perf_counter()
     with SandboxScorer(SandboxConfig(timeout_s=args.timeout, workers=args.workers)) as scorer:
         records = generate_and_score(model, tokenizer, tasks, rc, scorer)

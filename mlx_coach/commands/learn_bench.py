@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_coach.core.errors import UserError
+from mlx_coach.core.keys import draw_seed
 from mlx_coach.telemetry.passk import pass_at_k
 from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 
@@ -110,7 +111,8 @@ def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, sample
            "greedy_truncated": [r["finish_reason"] == "length" for r in greedy],
            "greedy_statuses": [r["status"] for r in greedy], "rows": _sample_rows(greedy, "greedy")}
     if samples > 1:
-        mx.random.seed(seed)
+        # the same keys before and after training: the sampled pass@k's are paired draw for draw
+        mx.random.seed(draw_seed(seed, "eval_sample"))
         sampled = generate_and_score(model, tokenizer, tasks, eval_rollout(cfg, max_new_tokens, samples=samples),
                                      scorer)
         counts = {t.task_id: 0 for t in tasks}

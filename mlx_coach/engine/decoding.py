@@ -6,6 +6,10 @@ sequences decode together. Host-side bookkeeping (EOS, stop strings) for step t 
 the device computing step t + 1; finished rows are dropped from the batch as they pile up, and
 with rollout.continuous (the default) waiting prompts take their place at once: prefilled
 together, their cache rows are appended to the running batch (`BatchKVCache.extend`).
+
+A sampled sequence's draws are its own (`sampling.SampleKeys`): each admitted row brings the table of its
+max_new_tokens uniforms, which follows the row through filters and refills, and its i-th token takes
+the table's column i. So no sample depends on the rows beside it, how many there are, or when it started.
 """
 
 import time
@@ -101,7 +105,7 @@ def _prefill(model, prompt_ids, pad_id, step, bucket=0, shapes=None):
 class _Admitted:
     """Prompts prefilled together and their G-fold rows: caches, first samples, sequences."""
 
-    def __init__(self, model, prompt_ids, indices, cfg, stats):
+    def __init__(self, model, prompt_ids, indices, cfg, stats, keys):
         G = cfg.group_size
         tic = time.perf_counter()
         ids = [prompt_ids[i] for i in indices]
@@ -109,7 +113,10 @@ class _Admitted:
         rows = [i for i in range(len(ids)) for _ in range(G)]
         for c in self.caches:
             c.filter(rows)  # repeat each prompt's cache rows G times
-        self.pending = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p)
+        # [rows, max_new_tokens] draws of the rows (None when greedy: nothing is drawn)
+        self.draws = keys.uniforms([(i, g) for i in indices for g in range(G)], cfg.max_new_tokens) if keys else None
+        self.pending = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p,
+                              None if self.draws is None else self.draws[:, :1])
         mx.eval(*self.pending)
         self.seqs = [_Seq(i, g) for i in indices for g in range(G)]
         for s in self.seqs:
@@ -141,13 +148,22 @@ def _rows_to_keep(active, live, rows):
     return sorted(live + idle[: max(0, rows - len(live))])
 
 
-def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=None):
+def _draws_at(draws, active, max_new):
+    """[rows, 1]: each row's draw for the token after its pending one (len(tokens) + 1; finished rows, whose
+    tokens are ignored, and a last token's successor read the table's last column)."""
+    if draws is None:
+        return None
+    at = mx.array([[min(len(s.tokens) + 1, max_new - 1)] for s in active])
+    return mx.take_along_axis(draws, at, axis=1)
+
+
+def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, keys=None, on_prompts=None):
     """Decode G samples of every prompt; returns the finished sequences (`_Seq`), and adds to `stats` (the
-    counters of a RolloutBatch). Prompts are admitted shortest first,
-    as many as max_batch_tokens allows; with rollout.continuous, rows freed by finished sequences are
-    refilled at once by waiting prompts (prefilled together, their cache rows appended to the running
-    batch), otherwise the next prompts start only when the whole batch has finished. `on_prompts(n)` is
-    called whenever n more prompts have all their G sequences finished."""
+    counters of a RolloutBatch). keys (`SampleKeys`) gives each sequence its draws; None only when greedy.
+    Prompts are admitted shortest first, as many as max_batch_tokens allows; with rollout.continuous, rows
+    freed by finished sequences are refilled at once by waiting prompts (prefilled together, their cache rows
+    appended to the running batch), otherwise the next prompts start only when the whole batch has finished.
+    `on_prompts(n)` is called whenever n more prompts have all their G sequences finished."""
     G = cfg.group_size
     waiting = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     max_stop = max((len(s) for s in stops), default=1)
@@ -157,12 +173,13 @@ def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=N
     def admit(live_rows, longest):
         taken = _take(waiting, prompt_ids, cfg, live_rows, longest)
         del waiting[: len(taken)]
-        adm = _Admitted(model, prompt_ids, taken, cfg, stats) if taken else None
+        adm = _Admitted(model, prompt_ids, taken, cfg, stats, keys) if taken else None
         seqs.extend(adm.seqs if adm else ())
         return taken, adm
 
     _, adm = admit(0, 0)
-    caches, (y, lp, ent), active = adm.caches, adm.pending, list(adm.seqs)  # active[r]: the sequence in row r
+    # active[r]: the sequence in row r; draws[r]: its draws
+    caches, (y, lp, ent), active, draws = adm.caches, adm.pending, list(adm.seqs), adm.draws
     tic = time.perf_counter()
     while True:
         stats["peak_batch"] = max(stats["peak_batch"], len(active))
@@ -174,7 +191,7 @@ def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=N
             stats["peak_cache_tokens"] = max(stats["peak_cache_tokens"], len(active) * (caches[0].size() + 1))
             stats["padding_tokens"] += sum(s.reason is not None for s in active)  # finished rows kept as padding
             logits = model(y[:, None], cache=caches)[:, -1, :]
-            nxt = sample(logits, cfg.temperature, cfg.top_p)
+            nxt = sample(logits, cfg.temperature, cfg.top_p, _draws_at(draws, active, cfg.max_new_tokens))
             mx.async_eval(*nxt)
         prompts_done = 0
         for s, t, l, e in zip(active, y.tolist(), lp.tolist(), ent.tolist()):
@@ -192,7 +209,7 @@ def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=N
                 break
             stats["decode_s"] += time.perf_counter() - tic
             _, adm = admit(0, 0)
-            caches, (y, lp, ent), active = adm.caches, adm.pending, list(adm.seqs)
+            caches, (y, lp, ent), active, draws = adm.caches, adm.pending, list(adm.seqs), adm.draws
             tic = time.perf_counter()
             continue
         y, lp, ent = nxt
@@ -221,12 +238,14 @@ def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=N
         for c in caches:
             c.filter(keep)
         y, lp, ent = y[keep_arr], lp[keep_arr], ent[keep_arr]
+        draws = None if draws is None else draws[keep_arr]
         active = [active[r] for r in keep]
         if adm is not None:  # append the admitted prompts' rows
             for c, new in zip(caches, adm.caches):
                 c.extend(new)
             y, lp, ent = (mx.concatenate([a, b]) for a, b in zip((y, lp, ent), adm.pending))
-            mx.eval(y, lp, ent, [c.state for c in caches])
+            draws = None if draws is None else mx.concatenate([draws, adm.draws])
+            mx.eval(y, lp, ent, draws, [c.state for c in caches])
             active += adm.seqs
             stats["refills"] += 1
             stats["prefill_s"] += time.perf_counter() - tic

@@ -17,9 +17,12 @@ What a Rollout holds:
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
+import mlx.core as mx
+
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.engine.decoding import decode_groups
+from mlx_coach.engine.sampling import SampleKeys
 from mlx_coach.engine.text import encode_prompt, extract_code, token_bytes
 
 DEFAULT_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -112,12 +115,15 @@ def _rollout(s, prompt_ids, cfg):
 
 
 def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[RolloutConfig] = None,
-                      on_batch=None):
+                      on_batch=None, keys: Optional[SampleKeys] = None):
     """Sample cfg.group_size completions for each prompt. Returns a RolloutBatch whose
-    rollouts are ordered by (prompt_index, sample_index). Randomness comes from MLX's global
-    RNG: seed it with mx.random.seed for reproducible rollouts. `on_batch(n)` is called whenever n
-    more prompts have all their G samples finished (progress bars)."""
+    rollouts are ordered by (prompt_index, sample_index). Each sample draws from its own key
+    (`SampleKeys`: prompt index, sample index), so batching changes no sample; without `keys`, their
+    seed is drawn once from MLX's global generator (mx.random.seed makes that reproducible).
+    `on_batch(n)` is called whenever n more prompts have all their G samples finished (progress bars)."""
     cfg = cfg or RolloutConfig()
+    if keys is None and cfg.temperature > 0:
+        keys = SampleKeys(seed=mx.random.randint(0, 2**31 - 1).item())
     prompt_ids = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     for i, p in enumerate(prompt_ids):
         if not p:
@@ -132,7 +138,8 @@ def generate_rollouts(model, tokenizer, prompts: Sequence[str], cfg: Optional[Ro
     was_training = model.training
     model.eval()
     try:
-        seqs = decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, on_prompts=on_batch)
+        seqs = decode_groups(model, prompt_ids, cfg, table, eos, stops, stats,
+                             keys=keys if cfg.temperature > 0 else None, on_prompts=on_batch)
     finally:
         model.train(was_training)
     rollouts = [_rollout(s, prompt_ids[s.prompt], cfg) for s in sorted(seqs, key=lambda s: (s.prompt, s.sample))]

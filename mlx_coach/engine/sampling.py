@@ -1,13 +1,41 @@
-"""Sampling one token per row from the logits of a decode step: temperature, top-p, and the behaviour
-log-probs and entropies reported for the sampled tokens."""
+"""Sampling one token per row from the logits of a decode step: temperature, top-p, the behaviour
+log-probs and entropies reported for the sampled tokens, and `SampleKeys`, where each row's draws come from."""
+
+from dataclasses import dataclass
 
 import mlx.core as mx
+
+from mlx_coach.core.keys import draw_key
 
 TOP_P_CANDIDATES = 1024
 
 
-def sample(logits, temperature, top_p):
+@dataclass(frozen=True)
+class SampleKeys:
+    """The keys of sampled sequences: prompt p's sample g draws its i-th token with the i-th uniform of
+    key(seed, "sample", *ids, first_place + p, g).
+
+    ids name the draw's context (the trainer: the step); first_place is the place in that context of the
+    first prompt handed to the engine (a rank's share, a later dynamic-sampling round). A sequence's
+    draws thus depend on which sample of which task it is, never on its row in a batch: batch size,
+    refills, OOM retries with a smaller budget or another split across ranks draw the same numbers.
+    """
+
+    seed: int
+    ids: tuple = ()
+    first_place: int = 0
+
+    def uniforms(self, sequences, n):
+        """[len(sequences), n] float32: the first n draws of each (prompt index, sample index)."""
+        keys = mx.stack([draw_key(self.seed, "sample", *self.ids, self.first_place + p, g) for p, g in sequences])
+        return mx.vmap(lambda k: mx.random.uniform(shape=(n,), key=k))(keys)
+
+
+def sample(logits, temperature, top_p, u=None):
     """Sample one token per row. Returns (tokens, log-probs of them, entropies).
+
+    u: [rows, 1] uniforms in [0, 1), the rows' own draws (`SampleKeys.uniforms`); None draws them from
+    MLX's global generator. Greedy decoding (temperature 0) draws nothing.
 
     Log-probs and entropies are those of softmax(logits / temperature) before top-p, the
     distribution `logprobs.sequence_logprobs` computes at the same temperature, so they serve as
@@ -27,7 +55,9 @@ def sample(logits, temperature, top_p):
     if temperature == 0:
         tokens = mx.argmax(logits, axis=-1)
     else:
-        tokens = _inverse_cdf(_top_p_filter(e, top_p) if top_p < 1.0 else e)
+        if u is None:
+            u = mx.random.uniform(shape=(e.shape[0], 1))
+        tokens = _inverse_cdf(_top_p_filter(e, top_p) if top_p < 1.0 else e, u)
     token_lp = mx.take_along_axis(logits, tokens[:, None], axis=-1).squeeze(-1) - lse.squeeze(-1)
     # -sum p log p with log p = logits - lse: no cancellation between large terms; a -inf
     # logit has p == 0 and contributes 0, not NaN
@@ -36,10 +66,10 @@ def sample(logits, temperature, top_p):
     return tokens, token_lp, entropy
 
 
-def _inverse_cdf(w):
-    """One index per row with probability w / w.sum() (w >= 0, unnormalised)."""
+def _inverse_cdf(w, u):
+    """One index per row with probability w / w.sum() (w >= 0, unnormalised), u: [rows, 1] uniforms."""
     cdf = mx.cumsum(w, axis=-1)
-    u = mx.random.uniform(shape=(w.shape[0], 1)) * cdf[:, -1:]
+    u = u * cdf[:, -1:]
     return mx.minimum((cdf <= u).sum(axis=-1), w.shape[-1] - 1)
 
 

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_coach.core.errors import UserError
+from mlx_coach.core.keys import draw_key
 
 
 def _lora_layer_types():
@@ -19,11 +20,12 @@ def _lora_layer_types():
     return (LoRALinear, LoRAEmbedding, LoRASwitchLinear)
 
 
-def apply_lora(model, *, rank=8, alpha=16, dropout=0.0, num_layers=-1, keys=None) -> dict:
+def apply_lora(model, *, rank=8, alpha=16, dropout=0.0, num_layers=-1, keys=None, seed=0) -> dict:
     """Freeze the model and put LoRA adapters on the last `num_layers` blocks (-1: all).
 
     The adapter output is scaled by alpha / rank (mlx-lm's `scale`). keys: module names
     inside a block (e.g. ["self_attn.q_proj", "self_attn.v_proj"]); None: every linear layer.
+    The adapters' starting weights are drawn from `seed` (see `init_lora_weights`).
     Returns the LoRA part of the adapter config (see `adapter_config`).
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -44,7 +46,29 @@ def apply_lora(model, *, rank=8, alpha=16, dropout=0.0, num_layers=-1, keys=None
     }
     model.freeze()
     linear_to_lora_layers(model, num_layers, params)
+    init_lora_weights(model, seed)
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def init_lora_weights(model, seed):
+    """Redraw every adapter's A matrix from the key (seed, "lora_init", its parameter name); B stays zero.
+
+    mlx-lm draws A from MLX's global generator, whose position depends on everything drawn before
+    (building a model, converting a GGUF): keyed by name, the starting adapters depend on the seed and
+    the layer alone. The distribution is mlx-lm's: uniform in +-1/sqrt(fan_in), fan_in being the input
+    width A multiplies (the rows of a linear or embedding adapter's A, the last axis of a switch layer's).
+    """
+    switch = _lora_layer_types()[2]
+    drawn = []
+    for name, module in model.named_modules():
+        if "lora_a" not in module:
+            continue
+        for param, a in tree_flatten(module["lora_a"], prefix=f".{name}.lora_a" if name else ".lora_a"):
+            bound = (a.shape[-1] if isinstance(module, switch) else a.shape[0]) ** -0.5
+            key = draw_key(seed, "lora_init", param)
+            drawn.append((param, mx.random.uniform(-bound, bound, a.shape, a.dtype, key=key)))
+    model.load_weights(drawn, strict=False)
+    mx.eval([a for _, a in drawn])
 
 
 def adapter_config(base_model, lora=None) -> dict:

@@ -69,6 +69,7 @@ class Counts:
     expirations: int = 0
     clears: int = 0  # clear events
     cleared: int = 0  # entries those events removed
+    corrupt_rows: int = 0  # SQLite rows (or snapshot entries) that could not be read or decoded: skipped, a miss
     lookup_s: float = 0.0
     bytes: int = 0
 

@@ -104,13 +104,13 @@ class AfterStep:
         (hits_before, misses_before), self.cache_counts = self.cache_counts, self._cache_counts()
         hits, misses = student["hits"] - hits_before, student["misses"] - misses_before
         if self.world.size > 1:  # each rank has its own cache: counts summed over ranks
-            names = ("hits", "misses", "evictions", "expirations", "size")
+            names = ("hits", "misses", "evictions", "expirations", "size", "corrupt_rows")
             hits, misses, *totals = self.world.all_sum([hits, misses, *(student[k] for k in names)])
             student = dict(zip(names, totals))
         return {"cache/hit_rate": hits / (hits + misses) if hits + misses else 0.0, "cache/step_hits": hits,
                 "cache/step_misses": misses, "cache/hits": student["hits"], "cache/misses": student["misses"],
                 "cache/evictions": student["evictions"], "cache/expirations": student["expirations"],
-                "cache/size": student["size"]}
+                "cache/size": student["size"], "cache/corrupt_rows": student["corrupt_rows"]}
 
     def _log_cache_clear(self, removed, step):
         if removed or self.cfg.cache.policy == "epoch-clear":

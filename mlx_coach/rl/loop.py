@@ -66,7 +66,7 @@ def train(cfg: Config, run_dir, *, resume=False, steps=None, deadline=None):
 
 
 def _train(cfg, run_dir, *, resume, steps, deadline):
-    trainer = Trainer(cfg, run_dir, resume=resume)
+    trainer = _start(cfg, run_dir, resume)
     stopping = None
     try:
         with _DeferredStop() as stop:
@@ -75,10 +75,7 @@ def _train(cfg, run_dir, *, resume, steps, deadline):
             except WriteFailed as e:
                 raise _with_resume_hint(e, trainer) from None
             except OSError as e:  # a write no writer of the run guards (the report's charts)
-                if e.errno not in DISK_ERRNOS:
-                    raise
-                where = f" {e.filename}" if e.filename else ""
-                raise _with_resume_hint(WriteFailed(f"cannot write{where} ({e.strerror})"), trainer) from None
+                raise _with_resume_hint(_disk_failure(e), trainer) from None
     except BaseException as e:
         stopping = e
         raise
@@ -89,6 +86,27 @@ def _train(cfg, run_dir, *, resume, steps, deadline):
             if stopping is None:  # else the first failure is the one to report
                 raise
     return last
+
+
+def _start(cfg, run_dir, resume):
+    """The run's Trainer. A start-up write that fails (the run directory's lock and marker, config.yaml,
+    the starting weights, the base model's copy) raises WriteFailed saying how to go on."""
+    try:
+        return Trainer(cfg, run_dir, resume=resume)
+    except WriteFailed as e:
+        failure = e
+    except OSError as e:  # a start-up write no writer of the run guards
+        failure = _disk_failure(e)
+    then = f"continue with --resume {run_dir}" if resume else f"start again with --output {run_dir}"
+    raise WriteFailed(f"{failure}; the run did not start; once {run_dir} can be written, {then}") from None
+
+
+def _disk_failure(error):
+    """WriteFailed for an OSError the disk raised (DISK_ERRNOS); any other OSError is raised again."""
+    if error.errno not in DISK_ERRNOS:
+        raise error
+    where = f" {error.filename}" if error.filename else ""
+    return WriteFailed(f"cannot write{where} ({error.strerror})")
 
 
 def _steps(trainer, cfg, total, deadline, stop):

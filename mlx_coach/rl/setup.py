@@ -5,8 +5,6 @@ length is optim.schedule_steps (fixed when a run starts), not where this invocat
 stopped at step N and resumed to 2N replays a straight 2N run's samples and rates.
 """
 
-import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,10 +14,7 @@ import numpy as np
 from mlx_coach.core.errors import UserError
 from mlx_coach.data.procedural import procedural_split
 from mlx_coach.data.tasks import load_tasks, split_tasks
-
-
-def step_seed(seed, step):
-    return (seed * 1_000_003 + step * 7_919 + 17) % (2**31)
+from mlx_coach.runtime.rundir import copy_folder, written_whole
 
 
 def epoch_order(n, seed, epoch):
@@ -81,13 +76,12 @@ def check_shards(n_tasks, per_step, algo, size):
 
 def base_model_folder(model_info, run_dir, is_main):
     """The base model that adapter_config.json names. A builtin model is created in code, so its HF
-    folder is copied into the run directory (by rank 0): the run then loads anywhere with mlx-lm."""
+    folder is copied into the run directory (by rank 0), whole or not at all (WriteFailed): the run then
+    loads anywhere with mlx-lm."""
     if model_info.get("kind") != "builtin":
         return model_info["path"]
     target = Path(run_dir) / "base_model"
     if is_main and not (target / "config.json").is_file():
-        tmp = Path(run_dir) / ".base_model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model_info["path"], tmp)
-        os.replace(tmp, target)
+        with written_whole(target) as tmp:
+            copy_folder(model_info["path"], tmp)
     return str(target.resolve())

@@ -20,8 +20,10 @@ from mlx.utils import tree_flatten
 
 from mlx_coach.config.tree import Config, save_config
 from mlx_coach.core.errors import UserError
+from mlx_coach.core.keys import draw_seed
 from mlx_coach.engine.logprobs import can_share_prompts, logprobs_from_inputs
 from mlx_coach.engine.rollout import generate_rollouts
+from mlx_coach.engine.sampling import SampleKeys
 from mlx_coach.models import base_identity
 from mlx_coach.models.loader import load_policy
 from mlx_coach.models.lora import adapter_config, adapters_disabled, apply_lora, frozen_copy, unfreeze_all
@@ -32,14 +34,15 @@ from mlx_coach.rl.batch import StepBatch, fit_width, judged_rows, pad_rows, toke
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
 from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, make_optimizer, schedule_steps,
-                                select_tasks, step_seed)
+                                select_tasks)
 from mlx_coach.rl.state import TrainerState
 from mlx_coach.rl.step_metrics import sample_columns, step_metrics
 from mlx_coach.rl.update import Updater
-from mlx_coach.runtime.checkpoint import CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint
+from mlx_coach.runtime.checkpoint import (CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint,
+                                          write_safetensors)
 from mlx_coach.runtime.distributed import shard_bounds, world
 from mlx_coach.runtime.memory import MemoryManager
-from mlx_coach.runtime.rundir import claim
+from mlx_coach.runtime.rundir import claim, written_whole
 from mlx_coach.telemetry.accumulators import epoch_phase
 from mlx_coach.telemetry.writer import SilentTelemetry, Telemetry
 
@@ -55,14 +58,15 @@ class Trainer(AfterStep):
         self.claim = claim(self.run_dir, resume=resume) if self.world.is_main else None
         try:
             self._setup(cfg, resume)
+            # only once the run has started cleanly: a failed start (a bad --set model.path) must not
+            # leave its config behind for every later --resume to fail on
+            if self.world.is_main:
+                with written_whole(self.run_dir / "config.yaml") as tmp:
+                    save_config(cfg, tmp)
         except BaseException:
             if self.claim is not None:
                 self.claim.release()
             raise
-        # only once the run has started cleanly: a failed start (a bad --set model.path) must not
-        # leave its config behind for every later --resume to fail on
-        if self.world.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
 
     def _setup(self, cfg, resume):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
@@ -72,7 +76,7 @@ class Trainer(AfterStep):
         self.state = TrainerState(kl_controller=make_kl_controller(cfg.algo.beta, cfg.algo.kl_target,
                                                                    cfg.algo.kl_horizon))
         self._setup_policy(cfg, resume)
-        self.cache = ScoreCache.from_config(cfg.cache)
+        self.cache = ScoreCache.from_config(cfg.cache, run=self.run_dir)  # stamps its SQLite rows with this run
         self.rewards = RewardSet(cfg, self.cache)
         self.val_scorer = self.rewards.tests.impl if self.rewards.tests else None
         self.memory = MemoryManager(cfg.memory)
@@ -80,6 +84,7 @@ class Trainer(AfterStep):
         self.events_seen = 0  # memory events already written to events.jsonl
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.passed_over = 0  # tasks the difficulty weighting passed over in this step's walk
+        self.placed = 0  # the place in the step of the next round's first task: its samples' keys
         if resume:
             self._resume()
         self.order = epoch_order(len(self.train_tasks), cfg.train.seed, self.state.epoch)
@@ -96,12 +101,12 @@ class Trainer(AfterStep):
 
     def _setup_policy(self, cfg, resume):
         """Policy (LoRA adapters, or all weights), reference, optimizer and updater."""
-        mx.random.seed(cfg.train.seed)
         self.model, self.tokenizer, self.model_info = load_policy(cfg.model.path)
         model_cfg = cfg.model
         if model_cfg.fine_tune == "lora":
             lora = apply_lora(self.model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha,
-                              dropout=model_cfg.lora_dropout, num_layers=model_cfg.lora_layers, keys=model_cfg.lora_keys)
+                              dropout=model_cfg.lora_dropout, num_layers=model_cfg.lora_layers,
+                              keys=model_cfg.lora_keys, seed=cfg.train.seed)
             self.ref_model = None  # reference = the same weights with adapters switched off
         else:
             lora = None
@@ -125,18 +130,22 @@ class Trainer(AfterStep):
         else:
             self.initial_trainable = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
             if model_cfg.fine_tune == "lora" and self.world.is_main:
-                mx.save_safetensors(str(initial), self.initial_trainable)
+                with written_whole(initial) as tmp:
+                    write_safetensors(tmp, self.initial_trainable)
 
     # ---------------------------------------------------------------- checkpoints
     def save(self):
         """Rank 0 writes the checkpoint (every rank holds the same weights and optimizer state)."""
         if not self.world.is_main:
             return None
-        facts = {"rng": {"scheme": "seed(step_seed(seed, step)) at each step; epoch order from (seed, epoch)",
+        facts = {"rng": {"scheme": "keyed draws: (seed, purpose, ids), core.keys; epoch order from (seed, epoch)",
                          "seed": self.cfg.train.seed},
                  "model": self.model_info.get("path"), "world_size": self.world.size}
-        return save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
-                               {**self.state.state_dict(), **facts}, self.adapter_cfg, self.cache.snapshot())
+        cache = self.cache.snapshot()
+        path = save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
+                               {**self.state.state_dict(), **facts}, self.adapter_cfg, cache)
+        self.cache.checkpointed(cache)  # only once the checkpoint is in place
+        return path
 
     def _resume(self):
         newest = latest_checkpoint(self.run_dir)
@@ -161,8 +170,6 @@ class Trainer(AfterStep):
     # ---------------------------------------------------------------- one step
     def run_step(self):
         started = time.perf_counter()
-        # rank 0 draws what a single process draws; other ranks draw from their own streams
-        mx.random.seed((step_seed(self.cfg.train.seed, self.state.step) + 104_729 * self.world.rank) % 2**31)
         with self._giving_prompts_back_on_failure():
             step_tasks, position = self.draw_prompts()
             batch, rounds = self.roll_out_and_score(step_tasks)  # the reference pass overlaps the scoring
@@ -217,13 +224,16 @@ class Trainer(AfterStep):
         return picked, position
 
     def start_round(self, tasks):
-        """G samples per task (KV-cached, batched), then their scoring started in the worker thread."""
+        """G samples per task (KV-cached, batched), then their scoring started in the worker thread. Each
+        sample draws from key(seed, "sample", step, the task's place in the step, its index)."""
+        keys = SampleKeys(self.cfg.train.seed, (self.state.step + 1,), self.placed)
+        self.placed += len(tasks)
         rollout_cfg = self.cfg.rollout
         self.memory.sample("generate_start")
         t0 = time.perf_counter()
         rollout_stats = self.memory.run_with_oom_backoff(
             lambda budget: generate_rollouts(self.model, self.tokenizer, [t.prompt for t in tasks],
-                                             replace(rollout_cfg, max_batch_tokens=budget)),
+                                             replace(rollout_cfg, max_batch_tokens=budget), keys=keys),
             rollout_cfg.max_batch_tokens, step=self.state.step + 1)
         generate_s = time.perf_counter() - t0
         self.memory.sample("generate")
@@ -241,6 +251,7 @@ class Trainer(AfterStep):
         rounds are drawn until the step holds prompts_per_step informative groups."""
         algo, group_size = self.cfg.algo, self.cfg.rollout.group_size
         tasks = self.world.shard(step_tasks)  # this rank's contiguous share
+        self.placed = shard_bounds(len(step_tasks), self.world.size, self.world.rank)[0]  # its first place in the step
         first = self.start_round(tasks)
         rounds, sampling = [], {}
         t0 = time.perf_counter()
@@ -352,6 +363,8 @@ class Trainer(AfterStep):
         shapes, real_tokens = self.updater.shapes(batch)
         self.memory.note_shapes("update", shapes)
         t0 = time.perf_counter()
+        # LoRA dropout draws from MLX's global generator: seeded here, its masks depend on (seed, step, rank) alone
+        mx.random.seed(draw_seed(self.cfg.train.seed, "dropout", self.state.step + 1, self.world.rank))
         result = self.updater.run(batch, batch.beta)
         result.seconds, result.shapes, result.real_tokens = time.perf_counter() - t0, shapes, real_tokens
         self.memory.sample("update")

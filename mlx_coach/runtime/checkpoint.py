@@ -47,9 +47,9 @@ def _write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def _write_safetensors(path, arrays):
-    # through a Python file, so that a failed write is an OSError with its errno (a path gives
-    # MLX's RuntimeError with neither); the bytes are the same
+def write_safetensors(path, arrays):
+    """`arrays` as a safetensors file, fsynced. Written through a Python file, so that a failed write
+    is an OSError with its errno (a path gives MLX's RuntimeError with neither); the bytes are the same."""
     with open(path, "wb") as f:
         mx.save_safetensors(f, arrays)
         f.flush()
@@ -66,9 +66,9 @@ def save_checkpoint(run_dir, step, model, optimizer, state, adapter_config, cach
         for stale in root.glob(".*-step-*"):  # left by a run killed while writing (one writer per run dir)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        _write_safetensors(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
+        write_safetensors(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
         _write_json(tmp / "adapter_config.json", adapter_config)
-        _write_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        write_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
         _write_json(tmp / "state.json", state)
         if cache_snapshot is not None:
             _write_json(tmp / "cache.json", cache_snapshot)

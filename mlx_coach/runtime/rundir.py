@@ -12,19 +12,25 @@
 - it writes the marker `RUN/run.json` before anything else, so a directory knows it holds a run
   from its first write.
 
-Files are only ever written under the claim; `release()` (or process exit) gives it back.
+Files are only ever written under the claim; `release()` (or process exit) gives it back. What a run
+writes at its start (the marker, config.yaml, the starting weights, a builtin base model's copy) is
+written whole or not at all (`written_whole`): a write the disk refuses (full, read-only, no
+permission) leaves nothing half-written and raises WriteFailed naming the file, as a failed checkpoint
+does. A run directory that cannot be created or opened at all is bad input (`--output`, UserError)
+unless the disk refused it (DISK_ERRNOS: WriteFailed).
 """
 
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from mlx_coach.core.errors import UserError
-from mlx_coach.runtime.stops import write_failed
+from mlx_coach.runtime.stops import DISK_ERRNOS, write_failed
 
 MARKER = "run.json"
 LOCK = ".lock"
@@ -50,6 +56,8 @@ def _lock(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise write_failed(e.filename or run_dir, e) from None
         raise UserError(f"--output: cannot write the run directory {run_dir} ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,8 +66,12 @@ def _lock(run_dir):
         os.close(fd)
         who = f" (pid {holder})" if holder else ""
         raise UserError(f"{run_dir} is in use by another trainer{who}; wait for it or choose another --output") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:  # the holder's pid, for the line a second trainer gets; the lock holds without it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as e:
+        os.close(fd)
+        raise write_failed(run_dir / LOCK, e) from None
     return fd
 
 
@@ -82,14 +94,16 @@ def _leftovers(run_dir):
 
 def _move_aside(run_dir, items):
     root = run_dir / ABORTED
-    root.mkdir(exist_ok=True)
     n = 1
     while (root / str(n)).exists():
         n += 1
     target = root / str(n)
-    target.mkdir()
-    for p in items:
-        os.replace(p, target / p.name)
+    try:
+        target.mkdir(parents=True)
+        for p in items:
+            os.replace(p, target / p.name)
+    except OSError as e:  # what was moved stays in target: the next start moves the rest after it
+        raise write_failed(target, e) from None
     return target
 
 
@@ -127,14 +141,45 @@ def _prepare_fresh(run_dir):
 
 
 def _write_marker(path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with written_whole(path) as tmp:
         tmp.write_text(json.dumps({"format": 1, "created": time.time(), "pid": os.getpid()}) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise write_failed(path, e) from None
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """`with written_whole(RUN/name) as tmp:` write a file, or a folder, at `tmp`; it is renamed to
+    `path` when the block ends (a file there is replaced), so `path` is never seen half-written, even
+    after a kill. `tmp` lies in a hidden scratch folder beside `path`, removed with everything in it
+    if the block fails: an OSError becomes WriteFailed naming `path`, anything else passes through.
+    Under the run's claim: a scratch folder of another process is a killed writer's, swept first."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        scratch.mkdir()
+        yield scratch / path.name
+        os.replace(scratch / path.name, path)
+    except BaseException as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(path, e) from None
+        raise
+    with contextlib.suppress(OSError):
+        scratch.rmdir()
+
+
+def copy_folder(src, dst):
+    """Copy folder `src` to `dst` (created), file by file; the first file that cannot be written raises
+    its own OSError (shutil.copytree goes on and gathers every failure into one shutil.Error)."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir()
+    for item in sorted(src.rglob("*")):
+        target = dst / item.relative_to(src)
+        if item.is_dir():
+            target.mkdir()
+        else:
+            shutil.copyfile(item, target)
 
 
 def writable_dir(path, flag):

@@ -4,8 +4,9 @@ HttpJudge asks a chat model to grade each completion (prompts and parsers: gradi
 fails (timeout, connection error, HTTP error, malformed reply) is retried with exponential backoff and
 jitter; consecutive failures open a circuit breaker. Any sample the judge could not judge gets the
 configured fallback value, fallback=True and cacheable=False, so it is never cached and never mistaken
-for a grade. Every request has an overall deadline (`deadline_s`): a reply that trickles in byte by
-byte is cut there, however short each socket read. A reference solution is pinned only when it parses
+for a grade. Every request has an overall deadline (`deadline_s`, by default twice `timeout_s`): each
+socket operation waits at most the time left until it, so a reply that trickles in byte by byte is
+cut there, however short the gaps between its bytes. A reference solution is pinned only when it parses
 as Python and defines the task's entry point. When the judge is unreachable (`on_outage`): `fallback`
 scores with the fallback value, `pause` waits for it to answer again, `stop` raises JudgeOutage; the
 breaker's openings and closings are kept as events for the trainer to alert on.
@@ -13,11 +14,14 @@ breaker's openings and closings are kept as events for the trainer to alert on.
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import json
 import os
 import random
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -93,22 +97,67 @@ class CircuitBreaker:
             return out
 
 
-def _daemon_timer(seconds, callback):
-    timer = threading.Timer(seconds, callback)
-    timer.daemon = True
-    return timer
+class _Deadline:
+    """One request's overall deadline, applied to each socket operation in turn: connecting, sending
+    and every read of the reply wait at most timeout_s, and never past the deadline. The reading
+    thread stops itself, by its own timeouts: nothing from outside has to reach a blocked read (for a
+    `Connection: close` or HTTP/1.0 reply, http.client no longer holds the socket it reads from)."""
+
+    def __init__(self, seconds: float, timeout_s: float):
+        self.seconds, self.timeout_s = seconds, timeout_s
+        self._at = time.monotonic() + seconds
+        self.cut = False  # the last operation was given the time left: its timeout is the deadline's
+
+    def next_timeout(self) -> float:
+        """The next operation's timeout; TimeoutError once the deadline has passed."""
+        left = self._at - time.monotonic()
+        self.cut = left <= self.timeout_s
+        if left <= 0:
+            raise TimeoutError("deadline")
+        return min(left, self.timeout_s)
+
+    def bound(self, sock) -> None:
+        sock.settimeout(self.next_timeout())
+
+
+class _BoundedReads(io.RawIOBase):
+    """A response's bytes from `sock`, each read bounded by the deadline. It reads through the
+    socket's own reader, which holds a reference: http.client closes its end of a `Connection:
+    close` reply before reading the body, and the socket must stay open until the body is in."""
+
+    def __init__(self, sock, deadline: _Deadline):
+        super().__init__()
+        self._sock, self._raw, self._deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._deadline.bound(self._sock)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _BoundedResponse(http.client.HTTPResponse):
+    """http.client's response, read (status line and headers too) through _BoundedReads."""
+
+    def __init__(self, sock, *args, deadline: _Deadline, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the unbounded reader http.client made, before anything was read through it
+        self.fp = io.BufferedReader(_BoundedReads(sock, deadline))
 
 
 class HttpJudge:
     """Scorer grading completions with an OpenAI-compatible chat endpoint.
 
     cache: a ScoreCache whose pinned "reference" namespace holds the judge's reference solution
-    per task (use_reference); a private one is made when None. sleep, rng, timer and deadline_timer
-    are injectable for tests (backoff sleeps, jitter, breaker clock, and the factory
-    `(seconds, callback) -> object with start() and cancel()` that cuts a request at deadline_s).
-    config_key prefixes the field names in config errors. served: the model a teacher_server answers
-    with at base_url (its spec and weights' fingerprint), which names the judge in place of the
-    loopback URL.
+    per task (use_reference); a private one is made when None. sleep, rng and timer are injectable
+    for tests (backoff sleeps, jitter, breaker clock). config_key prefixes the field names in config
+    errors. served: the model a teacher_server answers with at base_url (its spec and weights'
+    fingerprint), which names the judge in place of the loopback URL.
 
     version: the prompt's version, the model, and a digest of every GRADE_FIELDS value, so two judges
     that could grade one text differently never share a cache key. reference_owner: the same for the
@@ -118,7 +167,7 @@ class HttpJudge:
     name = "http-judge"
 
     def __init__(self, config: JudgeConfig, cache=None, *, sleep=time.sleep, rng=None, timer=time.monotonic,
-                 config_key: str = "judge", served: Optional[str] = None, deadline_timer=None):
+                 config_key: str = "judge", served: Optional[str] = None):
         from mlx_coach.rewards.cache import ScoreCache
 
         self.config = c = config.validate(config_key)
@@ -127,13 +176,13 @@ class HttpJudge:
         self.reference_owner = f"{self.name}:{SOLVE_VERSION}:{c.model}:{judge_digest(c, REPLY_FIELDS, served)}"
         self.cache = cache if cache is not None else ScoreCache("none")
         self._sleep, self._rng = sleep, rng or random.Random()
-        self._deadline_timer = _daemon_timer if deadline_timer is None else deadline_timer
         self.breaker = CircuitBreaker(c.breaker_threshold, c.breaker_reset_s, timer)
         self._slots = threading.BoundedSemaphore(c.concurrency)
         self._api_key = os.environ.get(c.api_key_env) if c.api_key_env else None
         u = urlsplit(c.base_url)
         self._conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        self._host, self._port = u.hostname, u.port
+        self._host, self._port = u.hostname, u.port or self._conn_cls.default_port
+        self._tls = ssl.create_default_context() if u.scheme == "https" else None
         self._path = u.path.rstrip("/") + "/chat/completions"
         self._lock = threading.Lock()
         self._ref_locks: dict = {}
@@ -258,6 +307,19 @@ class HttpJudge:
             self._sleep(self._backoff(attempt))  # outside the slot: waiting is not in flight
         raise AssertionError("unreachable")
 
+    def _connect(self, deadline: _Deadline):
+        """A socket connected to the judge, TLS set up for https, each step within the deadline."""
+        sock = socket.create_connection((self._host, self._port), timeout=deadline.next_timeout())
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client does: no Nagle delay
+            if self._tls is not None:
+                deadline.bound(sock)
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _backoff(self, attempt: int) -> float:
         """Equal jitter: half of the capped exponential delay, plus up to the other half at random."""
         d = min(self.config.max_backoff_s, self.config.backoff_s * 2**attempt)
@@ -267,38 +329,22 @@ class HttpJudge:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        conn = self._conn_cls(self._host, self._port, timeout=self.config.timeout_s)
-        # timeout_s bounds each socket operation only, so a reply that trickles a byte at a time
-        # never trips it; at the deadline a timer shuts the socket down, which ends any blocked read
-        cut = threading.Event()
-
-        def at_deadline():
-            cut.set()
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        timer = self._deadline_timer(self.config.deadline_s, at_deadline)
-        timer.start()
+        deadline = _Deadline(self.config.request_deadline_s(), self.config.timeout_s)
+        conn = self._conn_cls(self._host, self._port)
+        conn.response_class = functools.partial(_BoundedResponse, deadline=deadline)
         try:
+            conn.sock = self._connect(deadline)
+            deadline.bound(conn.sock)  # the request is sent whole (one sendall) within the time left
             conn.request("POST", self._path, body, headers)
             resp = conn.getresponse()
             data = resp.read()
-            if cut.is_set():  # a shut-down socket may read as a short, clean end
-                raise TimeoutError("deadline")
         except TimeoutError as e:  # socket.timeout is TimeoutError
-            if cut.is_set():
-                raise _Failure("timeout", f"no complete reply within the {self.config.deadline_s} s deadline") from None
+            if deadline.cut:
+                raise _Failure("timeout", f"no complete reply within the {deadline.seconds} s deadline") from None
             raise _Failure("timeout", f"timed out after {self.config.timeout_s} s: {e}") from None
         except (OSError, http.client.HTTPException) as e:
-            if cut.is_set():
-                raise _Failure("timeout", f"no complete reply within the {self.config.deadline_s} s deadline") from None
             raise _Failure("transport_error", f"{type(e).__name__}: {e}") from None
         finally:
-            timer.cancel()
             conn.close()
         if resp.status != 200:
             # 429 and 5xx may pass; other 4xx (bad key, unknown model or path) will not

@@ -15,6 +15,12 @@ from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.rewards.scoring.base import is_number
 
 
+# deadline_s when unset, in timeouts: a judge's reply has one long wait, the judge's silence while it
+# generates (a single read, which timeout_s bounds), and as long again covers connecting, sending and
+# reading a reply that arrives without long gaps
+DEADLINE_PER_TIMEOUT = 2.0
+
+
 @dataclass
 class JudgeConfig:
     """An OpenAI-compatible judge's settings: the fields of an `http-judge` item under `rewards:`."""
@@ -22,8 +28,12 @@ class JudgeConfig:
     base_url: Optional[str] = setting(None, help="POST {base_url}/chat/completions, e.g. http://127.0.0.1:8080/v1")
     model: Optional[str] = setting(None, help="judge model name (http-judge) or teacher model path (local-teacher)")
     api_key_env: Optional[str] = setting(None, help="name of the env var holding the API key; null = no key")
-    timeout_s: float = setting(30.0, lo=0.0, lo_open=True, help="per socket operation (connect, each read)")
-    deadline_s: float = setting(120.0, lo=0.0, lo_open=True, help="per request, whole: connect, send and the full reply")
+    timeout_s: float = setting(30.0, lo=0.0, lo_open=True,
+                               help="per socket operation: connecting, sending, each read (the judge's silence "
+                                    "before its reply is one read)")
+    deadline_s: Optional[float] = setting(None, lo=0.0, lo_open=True,
+                                          help="per request, whole: connecting, sending and reading the full reply; "
+                                               f"null = {DEADLINE_PER_TIMEOUT:g} x timeout_s")
     max_retries: int = setting(2, lo=0)
     backoff_s: float = setting(0.5, lo=0.0, help="first retry waits ~backoff_s, then doubling, capped at max_backoff_s")
     max_backoff_s: float = setting(8.0, lo=0.0)
@@ -43,6 +53,10 @@ class JudgeConfig:
                                                     "(-100..100); a served teacher with grade: digit fills it")
     price_per_call: float = setting(0.0, lo=0.0, help="cost of one judge request (any currency); "
                                                       "teacher/cost = requests x price")
+
+    def request_deadline_s(self) -> float:
+        """The wall time one request may take, retries not included: deadline_s, else a multiple of timeout_s."""
+        return self.deadline_s if self.deadline_s is not None else DEADLINE_PER_TIMEOUT * self.timeout_s
 
     def validate(self, prefix: str = "judge", served: bool = False) -> "JudgeConfig":
         """Checks an http-judge needs beyond the field ranges; UserError names f"{prefix}.{field}".
