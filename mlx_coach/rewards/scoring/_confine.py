@@ -41,10 +41,17 @@ def apply_limits(limits):
     return unset
 
 
-def _libc():
-    import ctypes
+_loaded = None
 
-    return ctypes.CDLL(None, use_errno=True), ctypes
+
+def _libc():
+    """(libc, ctypes), loaded once per process (the worker's namespaces make a dozen calls a sample)."""
+    global _loaded
+    if _loaded is None:
+        import ctypes
+
+        _loaded = ctypes.CDLL(None, use_errno=True), ctypes
+    return _loaded
 
 
 def _call(fn, *args):

@@ -21,6 +21,8 @@ own uid mapped onto itself) where the kernel allows unprivileged ones. Standard 
 import os
 import sys
 
+from _confine import _libc
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -41,24 +43,11 @@ class Refused(Exception):
     """A step of the isolation failed; the message says which and why."""
 
 
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True), ctypes
-
-
-def _check(result, what):
-    if result != 0:
-        import ctypes
-
-        raise Refused(f"{what}: {os.strerror(ctypes.get_errno())}")
-
-
 def _mount(source, target, fstype, flags, data=None, what=None):
     libc, ctypes = _libc()
     enc = (lambda s: None if s is None else os.fsencode(s))
-    _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-           what or f"mount {target}")
+    if libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+        raise Refused(f"{what or f'mount {target}'}: {os.strerror(ctypes.get_errno())}")
 
 
 def _locked_flags(path):
@@ -95,11 +84,7 @@ def _bind(new_root, path, writable=False, source=None):
 def _read_only(target, source):
     libc, ctypes = _libc()
 
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    attr = MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
     if libc.syscall(_SYS_MOUNT_SETATTR, -100, os.fsencode(target), _AT_RECURSIVE, ctypes.byref(attr),
                     ctypes.sizeof(attr)) == 0:
         return
@@ -138,9 +123,10 @@ def interpreter_paths(site_packages):
     return visible, hidden
 
 
-def _layout(new_root, workdir_fd, workdir, visible, hidden, with_proc):
+def _layout(workdir, workdir_fd, visible, hidden, with_proc):
     # The new root is a tmpfs over the sample's own folder (so no second folder is needed); the folder
     # itself is bound back in from the descriptor opened before it was covered.
+    new_root = workdir
     _mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755", what="tmpfs root")
     for name in sorted(os.listdir("/")):  # merged-/usr systems: /bin, /lib... are links into /usr
         host = "/" + name
@@ -267,7 +253,7 @@ def isolate(workdir, hidden, site_packages, filesystem, processes, network, keep
         if filesystem:
             visible, system_hidden = interpreter_paths(site_packages)
             workdir_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
-            _layout(workdir, workdir_fd, workdir, visible, system_hidden + list(hidden), with_proc=processes)
+            _layout(workdir, workdir_fd, visible, system_hidden + list(hidden), with_proc=processes)
             os.close(workdir_fd)
             os.chroot(workdir)
             os.chdir(workdir)
