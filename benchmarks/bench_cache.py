@@ -1,6 +1,9 @@
 """Score cache benchmark: per-operation cost, and the saving on a replayed training trace.
 
-    python benchmarks/bench_cache.py [--entries 100000] [--ops 20000] [--cost-ms 50] [--json PATH]
+    python benchmarks/bench_cache.py [--entries 20000] [--ops 5000] [--full] [--cost-ms 50] [--json PATH]
+
+The default (a 20,000-entry cache, 5,000 operations) finishes in a few minutes on a 2-core CPU; `--full`
+is the long version (100,000 entries, 20,000 operations). Progress lines go to stderr, results to stdout.
 
 1. Micro: a cache holding `--entries` entries (lru, ttl, lru+ttl; memory only and with SQLite):
    microseconds for a hit, for a miss + insert (at capacity: the insert evicts), for a hit read
@@ -21,7 +24,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -32,10 +34,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mlx_coach.commands.argtypes import positive_int  # noqa: E402
+from mlx_coach.commands.bench import BenchParser  # noqa: E402
 from mlx_coach.rewards.cache import ScoreCache, make_key  # noqa: E402
 from mlx_coach.telemetry.progress import bar  # noqa: E402
 from mlx_coach.rewards.scoring.base import Score  # noqa: E402
 from mlx_coach.rewards.scoring.cached import CachedScorer  # noqa: E402
+
+
+ENTRIES, OPS = 20_000, 5_000  # the default's micro benchmark
+FULL_ENTRIES, FULL_OPS = 100_000, 20_000  # --full
+
+
+def note(text):
+    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
+    print(f"[bench cache] {text}", file=sys.stderr, flush=True)
 
 
 class _Task:
@@ -75,12 +88,23 @@ def _per_op_us(fn, items):
     return 1e6 * (time.perf_counter() - t0) / len(items)
 
 
+def print_micro_row(r):
+    disk = f"{r['disk_hit_us']:9.1f}" if "disk_hit_us" in r else f"{'-':>9}"
+    print(f"{r['policy']:<9} {str(r['sqlite']):<6} {r['hit_us']:8.2f} {r['miss_insert_us']:9.2f} {disk} "
+          f"{r['fill_s']:7.2f} {r['bytes_per_entry']:8.0f}", flush=True)
+
+
 def micro(entries: int, ops: int, tmp: Path) -> list[dict]:
+    """Each cache's row, printed as it is measured."""
+    print(f"\nScoreCache with {entries:,} entries, {ops:,} ops (microseconds per operation)")
+    print(f"{'policy':<9} {'sqlite':<6} {'hit':>8} {'miss+ins':>9} {'disk hit':>9} {'fill s':>7} {'B/entry':>8}")
     rows, score, rng = [], Score(1.0, "passed", duration_s=0.05), random.Random(0)
     configs = [(policy, persist) for policy in ("lru", "ttl", "lru+ttl") for persist in (False, True)]
     with bar(len(configs), "cache micro", unit="config") as progress:
-        for policy, persist in configs:
+        for i, (policy, persist) in enumerate(configs, 1):
             progress.set_postfix_str(f"{policy}{' + sqlite' if persist else ''}")
+            note(f"[1/2] micro: cache {i}/{len(configs)}, {policy}{' + sqlite' if persist else ''}, "
+                 f"{entries:,} entries")
             db = str(tmp / f"{policy}.sqlite") if persist else None
             c = ScoreCache(policy, maxsize=entries, ttl_s=3600.0, sqlite_path=db)
             full = _keys(entries, "a")
@@ -100,6 +124,7 @@ def micro(entries: int, ops: int, tmp: Path) -> list[dict]:
                 c2.close()
             c.close()
             rows.append(row)
+            print_micro_row(row)
             progress.update(1)
     return rows
 
@@ -155,8 +180,9 @@ def replay(trace, a) -> list[dict]:
                 ("ttl", {}), ("lru+ttl", {"maxsize": a.small})]
     rows = []
     progress = bar(len(policies) * len(trace), "cache replay", unit="step")
-    for policy, kw in policies:
+    for i, (policy, kw) in enumerate(policies, 1):
         progress.set_postfix_str(policy)
+        note(f"[2/2] replay: policy {i}/{len(policies)}, {policy}, {len(trace)} steps")
         now = [0.0]
         cache = ScoreCache(policy, **{"maxsize": 100_000, "ttl_s": a.ttl_s, **kw}, timer=lambda: now[0])
         scorer = _CountingScorer()
@@ -183,16 +209,19 @@ def replay(trace, a) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--entries", type=int, default=100_000)
-    p.add_argument("--ops", type=int, default=20_000)
-    p.add_argument("--tasks", type=int, default=80)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--group", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200)
+    p = BenchParser("cache", __doc__.split("\n")[0])
+    p.add_argument("--entries", type=positive_int, help=f"cache size of the micro benchmark (default {ENTRIES:,}; "
+                   f"--full: {FULL_ENTRIES:,})")
+    p.add_argument("--ops", type=positive_int,
+                   help=f"operations timed per figure (default {OPS:,}; --full: {FULL_OPS:,})")
+    p.add_argument("--full", action="store_true", help=f"the long version: {FULL_ENTRIES:,} entries, {FULL_OPS:,} ops")
+    p.add_argument("--tasks", type=positive_int, default=80)
+    p.add_argument("--prompts-per-step", type=positive_int, default=8)
+    p.add_argument("--group", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--step-s", type=float, default=30.0, help="seconds per training step (TTL clock)")
     p.add_argument("--ttl-s", type=float, default=3600.0)
-    p.add_argument("--small", type=int, default=1000, help="maxsize of the small LRU variants")
+    p.add_argument("--small", type=positive_int, default=1000, help="maxsize of the small LRU variants")
     p.add_argument("--p-start", type=float, default=0.95)
     p.add_argument("--p-floor", type=float, default=0.15)
     p.add_argument("--tau", type=float, default=60.0, help="steps")
@@ -202,6 +231,8 @@ def main(argv=None):
     p.add_argument("--skip-micro", action="store_true")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
+    a.entries = a.entries or (FULL_ENTRIES if a.full else ENTRIES)
+    a.ops = a.ops or (FULL_OPS if a.full else OPS)
 
     result = {"args": vars(a)}
     if not a.skip_micro:
@@ -211,12 +242,6 @@ def main(argv=None):
         task = _Task(1)
         key_us = _per_op_us(lambda c: make_key("s", "1", task, c), texts)
         result["make_key_us"] = key_us
-        print(f"\nScoreCache with {a.entries:,} entries, {a.ops:,} ops (microseconds per operation)")
-        print(f"{'policy':<9} {'sqlite':<6} {'hit':>8} {'miss+ins':>9} {'disk hit':>9} {'fill s':>7} {'B/entry':>8}")
-        for r in result["micro"]:
-            disk = f"{r['disk_hit_us']:9.1f}" if "disk_hit_us" in r else f"{'-':>9}"
-            print(f"{r['policy']:<9} {str(r['sqlite']):<6} {r['hit_us']:8.2f} {r['miss_insert_us']:9.2f} {disk} "
-                  f"{r['fill_s']:7.2f} {r['bytes_per_entry']:8.0f}")
         print(f"make_key on a ~250-character completion: {key_us:.1f} us (sha256 of the exact text)")
 
     trace = make_trace(a)

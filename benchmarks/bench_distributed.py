@@ -1,8 +1,11 @@
 """Step time of one rank against two ranks (mlx.launch, ring backend over loopback), side by side.
 
     python benchmarks/bench_distributed.py [--steps 5] [--prompts 8] [--group 4] [--max-new-tokens 32]
-                                           [--repeats 1] [--json PATH]
+                                           [--repeats 1] [--full] [--json PATH]
     mlx-coach bench distributed -- --steps 5
+
+The default (one 1-rank and one 2-rank run of 5 steps) finishes in a few minutes on a 2-core CPU;
+`--full` is the long version (3 repeats of 10 steps). Progress lines go to stderr, the results to stdout.
 
 Both runs train the same config (builtin tiny model, the same global batch of `--prompts` prompts x
 `--group` samples per step, a function reward so the sandbox does not dominate) for `--steps` steps;
@@ -16,7 +19,6 @@ that already uses every core; what the ratio shows on one machine is the cost of
 of splitting the batch. On two Macs each rank has its own machine.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -30,9 +32,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mlx_coach.commands.argtypes import positive_int
+from mlx_coach.commands.bench import BenchParser
 from mlx_coach.telemetry.writer import read_jsonl
 
 PHASES = ("time/step_s", "time/generate_s", "time/score_s", "time/update_s")
+STEPS, REPEATS = 5, 1  # the default's workload
+FULL_STEPS, FULL_REPEATS = 10, 3  # --full
+
+
+def note(text):
+    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
+    print(f"[bench distributed] {text}", file=sys.stderr, flush=True)
 
 
 def config(args):
@@ -43,7 +54,7 @@ def config(args):
         "algo": {"beta": 0.04},
         "train": {"steps": args.steps, "checkpoint_every": 0, "epochs_val": False},
         "rewards": [{"type": "function", "function": "mlx_coach.rewards.shaping:code_charset"}],
-        "telemetry": {"progress": False, "tensorboard": False},
+        "telemetry": {"progress": True, "tensorboard": False},  # its step lines become this bench's progress
     }
 
 
@@ -54,9 +65,15 @@ def run(ranks, cfg_path, out, port):
         launcher = Path(sys.executable).with_name("mlx.launch")
         launcher = str(launcher) if launcher.exists() else shutil.which("mlx.launch")
         cmd = [launcher, "-n", str(ranks), "--backend", "ring", "--starting-port", str(port), "--", *cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env=env) as p:
+        err = []
+        for line in p.stderr:  # the main rank's "step i/n | reward ... | ETA" lines, passed on as they come
+            err.append(line)
+            if line.lstrip().startswith("step ") and " | " in line:
+                note(f"{ranks} rank{'s' * (ranks > 1)}: {line.strip()}")
     if p.returncode != 0:
-        sys.exit(f"{ranks}-rank run failed:\n{p.stderr[-2000:]}")
+        sys.exit(f"{ranks}-rank run failed:\n{''.join(err)[-2000:]}")
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "reward/mean" in r][1:]  # drop the warm-up step
     return {tag: [r[tag] for r in rows] for tag in PHASES + ("gen/tokens_per_sec",)}
 
@@ -67,23 +84,31 @@ def median(xs):
     return (xs[n // 2] + xs[(n - 1) // 2]) / 2 if xs else float("nan")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--prompts", type=int, default=8, help="global prompts per step (both runs)")
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--port", type=int, default=45123, help="ring backend's first port")
+def main(argv=None):
+    ap = BenchParser("distributed", __doc__.splitlines()[0])
+    ap.add_argument("--steps", type=positive_int, help=f"steps per run (default {STEPS}; --full: {FULL_STEPS})")
+    ap.add_argument("--prompts", type=positive_int, default=8, help="global prompts per step (both runs)")
+    ap.add_argument("--group", type=positive_int, default=4)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ap.add_argument("--repeats", type=positive_int, help=f"1-rank, 2-rank pairs (default {REPEATS}; --full: "
+                    f"{FULL_REPEATS})")
+    ap.add_argument("--full", action="store_true",
+                    help=f"the long version: {FULL_REPEATS} repeats of {FULL_STEPS} steps")
+    ap.add_argument("--port", type=positive_int, default=45123, help="ring backend's first port")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (FULL_STEPS if args.full else STEPS)
+    args.repeats = args.repeats or (FULL_REPEATS if args.full else REPEATS)
     results = {1: {t: [] for t in PHASES + ("gen/tokens_per_sec",)}, 2: {t: [] for t in PHASES + ("gen/tokens_per_sec",)}}
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.yaml"
         cfg_path.write_text(yaml.safe_dump(config(args)))
         for rep in range(args.repeats):
             for ranks in (1, 2):
+                note(f"[{2 * rep + ranks}/{2 * args.repeats}] {ranks} rank{'s' * (ranks > 1)}: training "
+                     f"{args.steps} steps of builtin:tiny")
                 got = run(ranks, cfg_path, Path(tmp) / f"r{ranks}-{rep}", args.port)
+                note(f"{ranks} rank{'s' * (ranks > 1)}: median step {median(got['time/step_s']):.2f} s")
                 for tag, values in got.items():
                     results[ranks][tag] += values
     table = {ranks: {tag: median(v) for tag, v in res.items()} for ranks, res in results.items()}

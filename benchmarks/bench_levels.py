@@ -1,6 +1,6 @@
 """How hard the procedural tasks are for a model: pass rate by difficulty level and family.
 
-    python benchmarks/bench_levels.py [--model builtin:smollm2] [--tasks 100] [--temperature 0]
+    python benchmarks/bench_levels.py [--model builtin:smollm2] [--tasks 20 | --full] [--temperature 0]
                                       [--samples 1] [--max-new-tokens 192] [--json PATH]
     (or: mlx-coach bench levels -- --tasks 100)
 
@@ -10,14 +10,16 @@ code block in the sandbox, and prints the passes per level and family, and how m
 passed never, sometimes (strictly between: the tasks that give a group a learning signal) and always.
 """
 
-import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_coach.commands.argtypes import number_at_least, positive_int
+from mlx_coach.commands.bench import BenchParser
 from mlx_coach.config.tree import load_config
 from mlx_coach.engine.generate import generate_and_score
 from mlx_coach.models.loader import load_policy
@@ -26,27 +28,32 @@ from mlx_coach.engine.rollout import RolloutConfig
 from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
 
+TASKS, FULL_TASKS = 20, 100  # the default finishes in a few minutes on a 2-core CPU; --full is the long version
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml"  # its system prompt and user template
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = BenchParser("levels", __doc__.split("\n")[0])
     p.add_argument("--model", default="builtin:smollm2")
-    p.add_argument("--tasks", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: the model's)")
+    p.add_argument("--tasks", type=positive_int, help=f"held-out tasks sampled (default {TASKS}; --full: {FULL_TASKS})")
+    p.add_argument("--full", action="store_true", help=f"the long version: {FULL_TASKS} tasks")
+    p.add_argument("--temperature", type=number_at_least(0), default=0.0)
+    p.add_argument("--samples", type=positive_int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args()
-    tasks = procedural_split()[1][: args.tasks]
-    model, tokenizer, _ = load_policy(args.model)
+    tasks = procedural_split()[1][: args.tasks or (FULL_TASKS if args.full else TASKS)]
+    model, tokenizer, _ = load_policy(args.model, dtype=args.dtype)
     model.eval()
     recipe = load_config(RECIPE).rollout
     rc = RolloutConfig(group_size=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=0.95 if args.temperature else 1.0, chat_template=True, extract_code=True,
                        system_prompt=recipe.system_prompt, user_template=recipe.user_template)
     mx.random.seed(args.seed)
+    print(f"[bench levels] sampling and scoring {len(tasks)} held-out procedural tasks x {args.samples} with "
+          f"{args.model} (a progress bar on a terminal)", file=sys.stderr, flush=True)
     t0 = time.time()
     with SandboxScorer(SandboxConfig(timeout_s=10.0, workers=2)) as scorer:
         records = generate_and_score(model, tokenizer, tasks, rc, scorer)

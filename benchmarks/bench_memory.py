@@ -52,7 +52,7 @@ def run_policy(name, overrides, args, out):
            "--set", "alerts.enabled=false", "--set", "memory.cache_limit=1.0", "--set", "train.checkpoint_every=0",
            "--set", f"model.path={args.model}", "--set", f"rollout.max_new_tokens={args.max_new_tokens}",
            "--set", f"rollout.prompts_per_step={args.prompts}", "--set", f"rollout.group_size={args.group}",
-           "--set", "rollout.temperature=1.0"]
+           "--set", "rollout.temperature=1.0", "--set", "rollout.top_p=1.0", "--set", "data.limit=0"]
     for item in overrides:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -121,11 +121,12 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for name in args.policies:
+        for i, name in enumerate(args.policies, 1):
             overrides = list(POLICIES[name])
             if name == "bucket+pressure":
                 overrides.append(f"memory.memory_limit={int(args.pressure_limit_gb * 1e9)}")
-            print(f"running {name} ...", file=sys.stderr, flush=True)
+            print(f"[bench memory] policy {i}/{len(args.policies)}: {name}, {args.steps} training steps ...",
+                  file=sys.stderr, flush=True)
             results[name] = summarize(run_policy(name, overrides, args, out))
     base = results.get(args.policies[0])
     print(f"\n{args.model}, {args.steps} steps of {args.prompts} prompts x {args.group} samples, up to "

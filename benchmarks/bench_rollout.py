@@ -26,7 +26,8 @@ decode forward.
 `--refill-config CONFIG` runs that comparison alone on a training config's own rollout settings (chat
 prompt, temperature, stops, the model's EOS) and its first --refill-prompts validation tasks.
 
-    python benchmarks/bench_rollout.py                         # builtin tiny (+ SmolLM2 if found)
+    python benchmarks/bench_rollout.py                         # builtin tiny: a few minutes at most
+    python benchmarks/bench_rollout.py --full                  # builtin tiny and SmolLM2-135M (if found)
     python benchmarks/bench_rollout.py --model path/to/model.gguf --json out.json
 """
 
@@ -51,6 +52,11 @@ from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
 from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts  # noqa: E402
 from mlx_coach.engine.text import encode_prompt, token_bytes  # noqa: E402
+
+def note(text):
+    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
+    print(f"[bench rollout] {text}", file=sys.stderr, flush=True)
+
 
 CODE = '''def fizzbuzz(n: int) -> list:
     """Return the FizzBuzz sequence from 1 to n as strings."""
@@ -183,16 +189,19 @@ def hardware_limits(model, rows):
 
 
 def bench_model(spec, args):
-    model, tokenizer, info = load_policy(spec)
+    model, tokenizer, info = load_policy(spec, dtype=args.dtype)
     tokenizer.eos_token_ids = set()  # both engines: every sequence runs to max tokens
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
     warm = argparse.Namespace(**{**vars(args), "max_tokens": 4})
+    note(f"{spec}: warm-up")
     run_ours(model, tokenizer, prompts, warm)
     run_mlx_lm(model, tokenizer, prompts, warm)
     ours, theirs = [], []
     for i in range(args.repeats):
         # alternate who goes first; a shared machine's load then hits both alike
         for name in (("ours", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "ours")):
+            note(f"{spec}: decode of {args.prompts * args.group_size} sequences x {args.max_tokens} tokens, "
+                 f"pair {i + 1}/{args.repeats}, {name}")
             mx.random.seed(i)
             if name == "ours":
                 ours.append(run_ours(model, tokenizer, prompts, args))
@@ -205,6 +214,7 @@ def bench_model(spec, args):
         return {**best, "decode_tps_median": statistics.median(r["decode_tps"] for r in runs)}
 
     ours, theirs = summary(ours), summary(theirs)
+    note(f"{spec}: the matmul bound")
     bound, limits = hardware_limits(model, args.prompts * args.group_size)
     return {
         "limits": {**limits, "matmul_bound_tps": bound},
@@ -224,13 +234,14 @@ def bench_model(spec, args):
 FIGURES = ("tokens_per_wall_s", "wall_s", "decode_tokens", "rows_per_forward")
 
 
-def compare_ways(ways, repeats, base="batch after batch"):
+def compare_ways(ways, repeats, base="batch after batch", label=""):
     """Run each way (name -> a function returning its figures) `repeats` times, alternating the order so
     that a shared machine's load hits all alike, every run seeded alike; the median of each figure (NaN
     where a way does not report it) and tokens per wall second as a ratio to `base`'s."""
     runs = {name: [] for name in ways}
     for i in range(repeats):
         for name in (list(ways) if i % 2 == 0 else list(ways)[::-1]):
+            note(f"{label}continuous batching, round {i + 1}/{repeats}, {name}")
             mx.random.seed(i)
             runs[name].append(ways[name]())
     summary = {name: {k: statistics.median(r.get(k, float("nan")) for r in rs) for k in FIGURES}
@@ -242,7 +253,7 @@ def compare_ways(ways, repeats, base="batch after batch"):
 
 def bench_refill(spec, args):
     """Continuous batching vs batch after batch (and mlx-lm's continuous BatchGenerator), same row cap."""
-    model, tokenizer, info = load_policy(spec)
+    model, tokenizer, info = load_policy(spec, dtype=args.dtype)
     tokenizer.eos_token_ids = set(range(0, len(token_bytes(tokenizer)), args.refill_stop_every))
     prompts = make_prompts(tokenizer, args.refill_prompts, args.prompt_len)
     rows = args.refill_rows
@@ -254,7 +265,7 @@ def bench_refill(spec, args):
     run_ours(model, tokenizer, prompts[:2], warm, True, False)
     run_mlx_lm(model, tokenizer, prompts[:2], warm, rows, False)
     return {"model": spec, "sequences": args.refill_prompts * args.group_size, "rows": rows,
-            "ways": compare_ways(ways, args.repeats)}
+            "ways": compare_ways(ways, args.repeats, label=f"{spec}: ")}
 
 
 def bench_refill_recipe(path, args):
@@ -266,7 +277,7 @@ def bench_refill_recipe(path, args):
     from mlx_coach.rl.setup import select_tasks
 
     cfg = load_config(path)
-    model, tokenizer, _ = load_policy(cfg.model.path)
+    model, tokenizer, _ = load_policy(cfg.model.path, dtype=args.dtype or cfg.model.dtype)
     tasks = select_tasks(cfg.data)[1][: args.refill_prompts]
     prompts = [t.prompt for t in tasks]
     longest = max(len(encode_prompt(tokenizer, p, cfg.rollout)) for p in prompts)
@@ -277,14 +288,19 @@ def bench_refill_recipe(path, args):
         rc = replace(cfg.rollout, max_batch_tokens=budget, continuous=continuous)
         return lambda: timed_rollouts(model, tokenizer, prompts, rc)[1]
 
-    ways = compare_ways({"continuous": way(True), "batch after batch": way(False)}, args.repeats)
+    ways = compare_ways({"continuous": way(True), "batch after batch": way(False)}, args.repeats, label=f"{path}: ")
     return {"config": str(path), "model": cfg.model.path, "prompts": len(prompts),
             "sequences": len(prompts) * cfg.rollout.group_size, "rows": args.refill_rows, "ways": ways}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", help="builtin:tiny, HF folder or .gguf (repeatable)")
+    ap.add_argument("--model", action="append", help="builtin:tiny, HF folder or .gguf (repeatable; default: "
+                    "builtin:tiny, and with --full also SmolLM2-135M when its GGUF is installed)")
+    ap.add_argument("--full", action="store_true", help="the long version: SmolLM2-135M beside builtin:tiny "
+                    "(tens of minutes on a 2-core CPU)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="compute dtype (default: --refill-config's model.dtype, else the model's)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
@@ -299,9 +315,10 @@ def main(argv=None):
                     "settings and validation tasks instead (natural lengths; --model is not used)")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each row as soon as it is measured, into a pipe or file too
     if not args.model:
         args.model = ["builtin:tiny"]
-        if (gguf := find_smollm2_gguf()) is not None:
+        if args.full and (gguf := find_smollm2_gguf()) is not None:
             args.model.append(str(gguf))
 
     results = {

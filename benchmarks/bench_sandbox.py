@@ -1,7 +1,10 @@
 """Sandbox cost: the judge/worker design vs the single-process design it replaced, and vs bare
 interpreter spawns, side by side.
 
-    python benchmarks/bench_sandbox.py [--samples 500] [--workers 2] [--latency-n 40] [--json PATH]
+    python benchmarks/bench_sandbox.py [--samples 100] [--workers 2] [--latency-n 20] [--full] [--json PATH]
+
+The default (100 samples, 20 latency rounds) finishes in a few minutes on a 2-core CPU; `--full` is the
+long version (500 samples, 40 rounds). Progress lines go to stderr, the results to stdout.
 
 1. Latency, one at a time: a sample through `run_sample` in each design vs `python -c pass` and
    `python -I -B -S -c pass` (the sandbox's interpreter flags), interleaved so that all see the
@@ -16,7 +19,6 @@ test in one interpreter, verdict sent from it) driven by the same parent code in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -31,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mlx_coach.commands.argtypes import positive_int  # noqa: E402
+from mlx_coach.commands.bench import BenchParser  # noqa: E402
 from mlx_coach.rewards.scoring import sandbox  # noqa: E402
 from mlx_coach.rewards.scoring.sandbox import run_sample  # noqa: E402
 from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig  # noqa: E402
@@ -39,10 +43,22 @@ from mlx_coach.data.task import Task
 from mlx_coach.telemetry.progress import bar  # noqa: E402
 
 
+SAMPLES, LATENCY_N = 100, 20  # the default's workload
+FULL_SAMPLES, FULL_LATENCY_N = 500, 40  # --full
+
+
+def note(text):
+    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
+    print(f"[bench sandbox] {text}", file=sys.stderr, flush=True)
+
+
 def tqdm_range(n, desc, unit):
-    """range(n) with a progress bar on a terminal (silent otherwise)."""
+    """range(n) with a progress bar on a terminal, else a stderr line every tenth of the way."""
+    every = max(1, n // 10)
     with bar(n, desc, unit=unit) as progress:
         for i in range(n):
+            if progress.disable and i % every == 0:  # off a terminal the bar is silent
+                note(f"{desc}: {unit} {i + 1}/{n}")
             yield i
             progress.update(1)
 
@@ -133,28 +149,36 @@ def throughput(samples: int, workers: int, cfg, rounds: int = 5) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=500)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--latency-n", type=int, default=40)
+    ap = BenchParser("sandbox", __doc__.splitlines()[0])
+    ap.add_argument("--samples", type=positive_int, help=f"throughput samples per design (default {SAMPLES}; "
+                    f"--full: {FULL_SAMPLES})")
+    ap.add_argument("--workers", type=positive_int, default=2)
+    ap.add_argument("--latency-n", type=positive_int, help=f"latency rounds (default {LATENCY_N}; --full: "
+                    f"{FULL_LATENCY_N})")
+    ap.add_argument("--full", action="store_true", help=f"the long version: {FULL_SAMPLES} samples, "
+                    f"{FULL_LATENCY_N} latency rounds")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     args = ap.parse_args(argv)
+    args.samples = args.samples or (FULL_SAMPLES if args.full else SAMPLES)
+    args.latency_n = args.latency_n or (FULL_LATENCY_N if args.full else LATENCY_N)
     cfg = SandboxConfig(workers=args.workers)
 
+    print(f"sandbox benchmark: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}", flush=True)
+    note(f"[1/2] latency: {args.latency_n} rounds of {2 + len(ARMS)} one-at-a-time runs")
     lat = latency(args.latency_n, cfg)
-    thr = throughput(args.samples, args.workers, cfg)
     new, old = lat["sandbox, judge+worker"]["median_ms"], lat["sandbox, single process"]["median_ms"]
     spawn_flags = lat["python -I -B -S -c pass"]["median_ms"]
-
-    print(f"sandbox benchmark: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}")
     print(f"\nlatency, one at a time ({args.latency_n} each, interleaved)")
     print(f"  {'':30} {'median ms':>10} {'mean ms':>10}")
     for name, t in lat.items():
         print(f"  {name:30} {t['median_ms']:10.1f} {t['mean_ms']:10.1f}")
     print(f"  judge+worker / single process:                  {new / old:.2f}x")
     print(f"  overhead vs python -I -B -S -c pass: judge+worker {new - spawn_flags:+.1f} ms, "
-          f"single process {old - spawn_flags:+.1f} ms")
+          f"single process {old - spawn_flags:+.1f} ms", flush=True)
+    note(f"[2/2] throughput: {args.samples} samples through each of {len(ARMS)} designs and bare spawns, "
+         f"{args.workers} at a time")
+    thr = throughput(args.samples, args.workers, cfg)
     print(f"\nthroughput, {args.workers} workers ({args.samples} each, alternating rounds)")
     print(f"  bare python -c pass spawns      {thr['per_s']['bare']:8.1f} /s")
     for arm in ARMS:

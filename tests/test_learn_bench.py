@@ -22,7 +22,8 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
     argv = ["bench", "learn", "-c", "configs/tiny.yaml", "--steps", "2", "--heldout", "builtin:val",
             "--heldout-limit", "4", "--samples", "2", "--humaneval-limit", "2", "--eval-max-new-tokens", "24",
             "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "train.epochs_val=false",
-            "--set", "telemetry.tensorboard=false", "--output", str(out)]
+            "--set", "telemetry.tensorboard=false", "--set", "rollout.temperature=1.0", "--set", "rollout.top_p=1.0",
+            "--output", str(out)]  # the sampling of the separate evals below (`--temperature 1.0`, top_p 1)
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["steps"] == 2 and report["samples"] == 2 and report["humaneval_subset"] is True

@@ -97,6 +97,7 @@ def test_load_policy_bad_specs_are_user_errors(tmp_path):
         str(tmp_path / "empty"): "no config.json",
         str(tmp_path / "notes.txt"): "neither",
         "builtin:huge": "unknown builtin",
+        "builtin:tiny-3bit": "unknown builtin",
         str(tmp_path / "odd"): "cannot load model",
         # offline here: the hub is unreachable; online: no such repository. Never a download.
         "mlx-coach-tests/no-such-model-3f9a1c": "cannot fetch",
@@ -107,6 +108,68 @@ def test_load_policy_bad_specs_are_user_errors(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="dtype"):
         load_policy("builtin:tiny", cache_dir=tmp_path / "cache", dtype="float8")
+
+
+# ---------------------------------------------------------------------------- dtype and quantized folders
+
+
+def test_quantize_folder_is_mlx_lm_layout_and_the_load_cast_spares_the_quantization(tiny_dir, tmp_path):
+    from mlx_coach.models.quantize import quantize_folder
+
+    q = quantize_folder(tiny_dir, tmp_path / "q4", bits=4, dtype="bfloat16")
+    config = json.loads((q / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert config["torch_dtype"] == "bfloat16"
+    stored = mx.load(str(q / "model.safetensors"))
+    plain, _ = mlx_lm.load(str(q))  # mlx-lm's own loader reads it as quantized
+    assert isinstance(plain.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+
+    model, _, info = load_policy(str(q), dtype=None)  # the folder's
+    assert info["dtype"] == "bfloat16" and info["quantization"]["bits"] == 4
+    assert model.model.norm.weight.dtype == mx.bfloat16
+    model, _, info = load_policy(str(q), dtype="float32")
+    assert info["dtype"] == "float32" and model.model.norm.weight.dtype == mx.float32
+    params = dict(tree_flatten(model.parameters()))
+    packed = [k for k in stored if k.endswith((".scales", ".biases")) or stored[k].dtype == mx.uint32]
+    assert packed and all(params[k].dtype == stored[k].dtype and mx.array_equal(params[k], stored[k]) for k in packed)
+    # a half dtype other than the scales' would compute in float32: refused in one line
+    with pytest.raises(UserError, match="model.dtype.*bfloat16 scales") as e:
+        load_policy(str(q), dtype="float16")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="already quantized"):
+        quantize_folder(q, tmp_path / "again", bits=8)
+    with pytest.raises(UserError, match="bits"):
+        quantize_folder(tiny_dir, tmp_path / "q3", bits=3)
+
+
+def test_lora_on_a_half_precision_quantized_base_keeps_float32_adapters(tiny_dir, tmp_path):
+    from mlx_coach.models.quantize import quantize_folder
+
+    q = quantize_folder(tiny_dir, tmp_path / "q8", bits=8, dtype="float16")
+    model, _, _ = load_policy(str(q), dtype=None)
+    apply_lora(model, rank=4, alpha=8)
+    lora = dict(tree_flatten(model.trainable_parameters()))
+    assert lora and all(v.dtype == mx.float32 for v in lora.values())
+    assert model(mx.array([[1, 2, 3]])).dtype == mx.float16  # the adapters' output follows the input's dtype
+
+
+def test_builtin_quantized_specs_are_seeded_and_cached_per_dtype(tmp_path):
+    model, _, info = load_policy("builtin:tiny-8bit@1", dtype="float16", cache_dir=tmp_path)
+    assert info["kind"] == "builtin" and info["quantization"]["bits"] == 8 and info["dtype"] == "float16"
+    assert model.model.layers[0].self_attn.q_proj.scales.dtype == mx.float16
+    again = load_policy("builtin:tiny-8bit@1", dtype="float16", cache_dir=tmp_path)[2]
+    assert again["path"] == info["path"]
+    plain = load_policy("builtin:tiny-4bit@1", cache_dir=tmp_path)[2]  # no dtype: the tiny folder's float32
+    assert plain["quantization"]["bits"] == 4 and plain["dtype"] == "float32" and plain["path"] != info["path"]
+
+
+def test_model_dtype_is_a_validated_config_key():
+    from mlx_coach.config.tree import from_dict, validate
+
+    assert from_dict({}).model.dtype is None
+    assert from_dict({"model": {"dtype": "bfloat16"}}).model.dtype == "bfloat16"
+    with pytest.raises(UserError, match="model.dtype"):
+        validate(from_dict({"model": {"dtype": "float8"}}))
 
 
 # ---------------------------------------------------------------------------- GGUF

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_coach.telemetry.progress import StepClock, bar, format_eta, is_terminal
+from mlx_coach.telemetry.progress import StepClock, bar, format_eta
 
 
 def test_no_bar_on_a_stream_that_is_not_a_terminal(tmp_path):

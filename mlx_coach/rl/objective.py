@@ -328,7 +328,8 @@ def kl_penalized_advantages(adv, logp, ref_logp, token_mask, beta, kind="k3"):
 def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, first_iteration=True, inject_nan=False):
     """(loss, stats) of one micro-batch: `x` holds its log-prob inputs (engine.logprobs) and the
     batch's columns cut to its width: sampler_logp (the sampler's numbers), old_logp (pi_old from the
-    training forward, for iterations after the first), ref_logp, loss_mask, adv.
+    training forward, for iterations after the first), ref_logp (absent on a step without the reference
+    pass: beta is then 0 and the KL term is not computed), loss_mask, adv.
 
     pi_old at the first iteration is this forward's own log-probs, detached (as TRL does): the ratio
     is exactly 1 whatever LoRA dropout or the sampler's kernels do. `algo.sampler_correction: tis`
@@ -345,7 +346,7 @@ def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, first_iterat
     in_loss = algo.kl_in == "loss"
     loss, stats = policy_loss(
         logp, old, x["adv"], mask, epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-        aggregation=loss_aggregation(algo), max_len=max_len, ref_logp=x["ref_logp"] if in_loss else None,
+        aggregation=loss_aggregation(algo), max_len=max_len, ref_logp=x.get("ref_logp") if in_loss else None,
         beta=beta if in_loss else 0.0, kl_kind=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
         importance=algo.importance_level, token_weight=weight)
     # how far the sampler's log-probs are from this forward's: |pi_train / pi_sampler - 1| per token

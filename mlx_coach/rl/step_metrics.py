@@ -54,13 +54,12 @@ def step_metrics(batch, result, columns, entropies, gen, group_size, source_name
         **{f"reward/{status}_count": sum(bool(v) for v in columns[f"status/{status}"]) for status in STATUSES_APART},
         "loss/total": float(np.mean(result.loss)), "loss/policy": float(np.mean(result.pg_loss)),
         "loss/kl": float(np.mean(result.kl_loss)),
-        "kl/mean": batch.kl_observed, "kl/max": batch.kl_max, "kl/beta": batch.beta,
+        "kl/beta": batch.beta,
         "policy/sampler_mismatch": result.sampler_mismatch,
         "policy/clip_frac": float(np.mean(result.clip_frac)),
         "policy/ratio_mean": float(np.mean(result.ratio_mean)),
         "policy/entropy": float(np.mean(entropies)) if entropies else 0.0,
         "grad/norm": float(result.grad_norm[-1]),
-        "grad/update_ratio": float(np.mean(result.update_ratio)) if result.update_ratio else 0.0,
         "train/pass_rate": float(np.mean(columns["passed"])),
         **gen,
         "gen/completion_len_mean": float(np.mean(columns["comp_len"])),
@@ -74,6 +73,10 @@ def step_metrics(batch, result, columns, entropies, gen, group_size, source_name
         "update/padding_frac": 1.0 - result.real_tokens / max(computed, 1),
         **result.group_norms,
     }
+    if batch.kl_observed is not None:  # steps with the reference pass (Trainer.reference_needed)
+        metrics.update({"kl/mean": batch.kl_observed, "kl/max": batch.kl_max})
+    if result.health:  # steps of train.health_every
+        metrics["grad/update_ratio"] = float(np.mean(result.update_ratio)) if result.update_ratio else 0.0
     if len(source_names) > 1:
         for name in source_names:
             values = [v for v in columns[f"part/{name}"] if not math.isnan(v)]

@@ -2,7 +2,7 @@
 
 `Trainer.run_step` reads top to bottom, one call per phase. Every log-prob (behaviour, policy,
 reference) is taken at the sampling temperature, so the PPO ratio and the KL estimate refer to the
-distribution the samples came from (top-p aside: the truncated nucleus is not renormalised in the
+distribution the samples came from (top-k, min-p and top-p aside: the kept tokens' mass is not renormalised in the
 ratio, as in TRL and verl). The run directory is claimed (locked) before anything is written.
 """
 
@@ -21,33 +21,36 @@ from mlx.utils import tree_flatten
 from mlx_coach.config.tree import Config, save_config
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.keys import draw_seed
-from mlx_coach.engine.logprobs import can_share_prompts, logprobs_from_inputs
+from mlx_coach.engine.logprobs import can_share_prompts
 from mlx_coach.engine.rollout import generate_rollouts
 from mlx_coach.engine.sampling import SampleKeys
 from mlx_coach.models import base_identity
 from mlx_coach.models.loader import load_policy
-from mlx_coach.models.lora import adapter_config, adapters_disabled, apply_lora, frozen_copy, unfreeze_all
+from mlx_coach.models.lora import adapter_config, apply_lora, frozen_copy, unfreeze_all
+from mlx_coach.models.size import check_fits
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.rewards.sources import RewardSet
 from mlx_coach.rl import dynamic_sampling, objective
-from mlx_coach.rl.batch import StepBatch, fit_width, judged_rows, pad_rows, token_mask
+from mlx_coach.rl.batch import StepBatch, judged_rows
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
+from mlx_coach.rl.reference import ReferencePass
 from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, make_optimizer, schedule_steps,
                                 select_tasks)
 from mlx_coach.rl.state import TrainerState
 from mlx_coach.rl.step_metrics import sample_columns, step_metrics
-from mlx_coach.rl.update import Updater
+from mlx_coach.rl.update import Updater, on_cadence
 from mlx_coach.runtime.checkpoint import (CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint,
                                           write_safetensors)
 from mlx_coach.runtime.distributed import shard_bounds, world
 from mlx_coach.runtime.memory import MemoryManager
+from mlx_coach.runtime.memory_plan import GB
 from mlx_coach.runtime.rundir import claim, written_whole
 from mlx_coach.telemetry.accumulators import epoch_phase
 from mlx_coach.telemetry.writer import SilentTelemetry, Telemetry
 
 
-class Trainer(AfterStep):
+class Trainer(AfterStep, ReferencePass):
     """Holds what one run needs; `rl.loop.train()` drives it. Methods are the step's phases; what
     follows a step's update (run metrics, alerts, logging, the epoch's end) is `AfterStep`'s."""
 
@@ -101,8 +104,14 @@ class Trainer(AfterStep):
 
     def _setup_policy(self, cfg, resume):
         """Policy (LoRA adapters, or all weights), reference, optimizer and updater."""
-        self.model, self.tokenizer, self.model_info = load_policy(cfg.model.path)
+        planned = check_fits(cfg, self.train_tasks)  # a run that cannot fit the machine is refused before loading
+        self.predicted_memory = {} if planned is None else {"memory/predicted_peak_gb": planned[2].mlx_peak / GB,
+                                                            "memory/predicted_rss_gb": planned[2].rss_peak / GB}
+        self.model, self.tokenizer, self.model_info = load_policy(cfg.model.path, dtype=cfg.model.dtype)
         model_cfg = cfg.model
+        if model_cfg.fine_tune == "full" and self.model_info.get("quantization"):
+            raise UserError(f"model.fine_tune: {cfg.model.path} is quantized (packed weights cannot be trained); "
+                            "use fine_tune: lora")
         if model_cfg.fine_tune == "lora":
             lora = apply_lora(self.model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha,
                               dropout=model_cfg.lora_dropout, num_layers=model_cfg.lora_layers,
@@ -181,6 +190,7 @@ class Trainer(AfterStep):
         self.finish_update(batch, result)
         metrics = {"epoch": self.state.epoch, "epoch/position": position, **batch.sampling, **self.metrics(batch, result)}
         metrics["time/step_s"] = time.perf_counter() - started
+        metrics.update(self.predicted_memory)  # the memory plan's peaks beside the measured ones
         self.after_step(metrics, batch.phase, result)
         return metrics
 
@@ -268,10 +278,12 @@ class Trainer(AfterStep):
             rollout_stats, rollouts, generate_s = first.batch, first.batch.rollouts, first.gen_s
         prompt_ids, completion_ids = [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts]
         forwards = self.updater.forwards(prompt_ids, completion_ids)
-        t_ref = time.perf_counter()
-        reference_logp = self.reference_logprobs(prompt_ids, completion_ids, forwards)
-        mx.eval(reference_logp)
-        reference_s = time.perf_counter() - t_ref
+        reference_logp, reference_s = None, 0.0
+        if self.reference_needed(self.state.step + 1):
+            t_ref = time.perf_counter()
+            reference_logp = self.reference_logprobs(prompt_ids, completion_ids, forwards)
+            mx.eval(reference_logp)
+            reference_s = time.perf_counter() - t_ref
         if not algo.dynamic_sampling:
             scores, rewards_s = first.result()
             rounds.append((first, scores))
@@ -299,41 +311,6 @@ class Trainer(AfterStep):
             passed = [bool(p) for p in columns["passed"]]
             provenance = ["fresh" if f else "cached" for f in columns["fresh"]]
         self.state.difficulty.observe(ids, passed, provenance)
-
-    def reference_logprobs(self, prompt_ids, completion_ids, forwards=None):
-        """Reference log-probs [B, T] at the sampling temperature, one micro-batch at a time
-        (optim.grad_accum), so the pass needs no more memory than one micro-batch's forward. With
-        optim.share_prompts each group's prompt is computed once for its G samples. LoRA: the base
-        layers alone (the adapters are taken out, not computed at scale 0)."""
-        width = max(1, max(len(c) for c in completion_ids))
-        parts = []
-        for _, x in forwards or self.updater.forwards(prompt_ids, completion_ids):
-            if self.ref_model is not None:
-                logp, _, _ = logprobs_from_inputs(self.ref_model, x, temperature=self.temperature)
-            else:
-                with adapters_disabled(self.model):
-                    logp, _, _ = logprobs_from_inputs(self.model, x, temperature=self.temperature)
-            logp = fit_width(logp, width)
-            mx.eval(logp)
-            parts.append(logp)
-        return mx.stop_gradient(mx.concatenate(parts, axis=0))
-
-    def observe_kl(self, batch):
-        """Behaviour log-probs, the loss mask, and KL(behaviour || reference) over every sampled token.
-
-        A sample the scorers could not judge (`rl.batch.UNJUDGED` provenances) has no trained token."""
-        algo = self.cfg.algo
-        width = max(1, max(len(c) for c in batch.completion_ids))
-        batch.behaviour_logp = pad_rows([r.logprobs for r in batch.rollouts], width)
-        batch.truncated = [r.finish_reason == "length" for r in batch.rollouts]
-        batch.token_mask = token_mask(batch.completion_ids, width)
-        judged = judged_rows(batch.scores)
-        dropped = np.array(batch.truncated, dtype=np.float32) if algo.mask_truncated else 0.0
-        batch.loss_mask = batch.token_mask * (judged * (1.0 - dropped))[:, None]
-        batch.beta = self.state.kl_controller.beta
-        batch.kl_observed, batch.kl_max = objective.observed_kl(
-            batch.behaviour_logp, batch.reference_logp, mx.array(batch.token_mask), algo.kl_estimator,
-            world=self.world if self.world.size > 1 else None)
 
     def compute_advantages(self, batch):
         """Advantages on the global batch (as on one rank), unjudged samples out of the statistics;
@@ -365,7 +342,8 @@ class Trainer(AfterStep):
         t0 = time.perf_counter()
         # LoRA dropout draws from MLX's global generator: seeded here, its masks depend on (seed, step, rank) alone
         mx.random.seed(draw_seed(self.cfg.train.seed, "dropout", self.state.step + 1, self.world.rank))
-        result = self.updater.run(batch, batch.beta)
+        health = on_cadence(self.state.step + 1, self.cfg.train.health_every)  # gradient norms by group, update ratio
+        result = self.updater.run(batch, batch.beta, health=health)
         result.seconds, result.shapes, result.real_tokens = time.perf_counter() - t0, shapes, real_tokens
         self.memory.sample("update")
         return result
@@ -373,7 +351,7 @@ class Trainer(AfterStep):
     def finish_update(self, batch, result):
         """Count the step: skipped steps, the KL controller (horizon in samples, as in TRL and OpenRLHF)."""
         self.state.skipped_steps += int(result.skipped > 0)  # steps, not updates (num_iterations may be > 1)
-        if result.skipped == 0:
+        if result.skipped == 0 and batch.kl_observed is not None:
             self.state.kl_controller.update(batch.kl_observed, len(batch.tasks) * self.cfg.rollout.group_size)
         self.state.step += 1
 

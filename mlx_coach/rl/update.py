@@ -34,6 +34,7 @@ class UpdateResult:
     ratio_mean: list = field(default_factory=list)
     entropy_mean: list = field(default_factory=list)
     sampler_mismatch: float = 0.0  # token mean of |pi_train / pi_sampler - 1| before the update
+    health: bool = False  # whether update_ratio and group_norms were computed (train.health_every)
     update_ratio: list = field(default_factory=list)
     group_norms: dict = field(default_factory=dict)  # gradient norms by module group, last step taken
     seconds: float = 0.0
@@ -66,7 +67,8 @@ class Updater:
         width, index = x["targets"].shape[1], mx.array(rows)
         for key, column in (("sampler_logp", batch.behaviour_logp), ("ref_logp", batch.reference_logp),
                             ("loss_mask", mx.array(batch.loss_mask))):
-            x[key] = fit_width(column[index], width)
+            if column is not None:  # no reference on a step that needs none (Trainer.reference_needed)
+                x[key] = fit_width(column[index], width)
         x["adv"] = batch.advantages[index]
         return x
 
@@ -119,8 +121,9 @@ class Updater:
             mx.eval(self.model.parameters(), self.optimizer.state)
         return clipped, norm, finite
 
-    def run(self, batch, beta):
-        """algo.num_iterations optimizer steps on one batch (the model in training mode meanwhile)."""
+    def run(self, batch, beta, health=True):
+        """algo.num_iterations optimizer steps on one batch (the model in training mode meanwhile). health:
+        also the gradient norms by module group and the update ratio (two more passes over the parameters)."""
         forwards = batch.forwards or self.forwards(batch.prompt_ids, batch.completion_ids)
         chunks = [rows for rows, _ in forwards]
         inputs = [self.micro_inputs(batch, rows, x) for rows, x in forwards]
@@ -128,11 +131,11 @@ class Updater:
             for x in inputs:
                 x["old_logp"] = self.old_logprobs(x)
                 mx.eval(x["old_logp"])
-        result = UpdateResult()
+        result = UpdateResult(health=health)
         self.model.train()
         try:
             for iteration in range(self.algo.num_iterations):
-                before = dict(tree_flatten(self.model.trainable_parameters()))  # immutable arrays: no copy
+                before = dict(tree_flatten(self.model.trainable_parameters())) if health else None  # no copy
                 grads, loss, stats = self.accumulate(batch, beta, chunks, inputs, first_iteration=iteration == 0)
                 clipped, norm, finite = self.apply(grads, loss)
                 result.grad_norm.append(norm.item())
@@ -143,6 +146,8 @@ class Updater:
                     result.sampler_mismatch = stats["sampler_mismatch"].item()
                 if not finite:
                     result.skipped += 1
+                    continue
+                if not health:
                     continue
                 result.group_norms = grad_norms_by_group(clipped)
                 result.update_ratio.append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
@@ -164,6 +169,12 @@ class Updater:
         if not self.share_prompts:
             real = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         return shapes, real
+
+
+def on_cadence(step, every):
+    """Whether a cadence of every N steps includes step (1-based): step 1, whose figures anchor the
+    dashboard's curves and show a broken setup at once, and every N-th step; every 0: never."""
+    return every > 0 and (step == 1 or step % every == 0)
 
 
 def grad_global_norm(grads):

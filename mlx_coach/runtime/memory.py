@@ -64,6 +64,8 @@ class MemoryConfig:
     clear_min_cache_gb: float = setting(0.0625, lo=0.0, help="the cache-share and growth rules ignore caches smaller than this")
     clear_min_interval: int = setting(1, lo=0, help="steps between proactive clears (1 = at most one per step)")
     oom_min_batch: int = setting(1, lo=1)
+    plan_margin: float = setting(0.25, lo=0.0, help="alert (memory_over_plan) when a step's measured peak passes the "
+                                                    "memory plan's prediction by more than this fraction")
 
     def __post_init__(self):
         check_fields(self, "memory")

@@ -9,7 +9,8 @@ Metrics read (all optional; a rule without its inputs stays quiet):
     loss/*, grad/norm*          any non-finite value -> "nonfinite" (critical)
     train/skipped_steps         cumulative count of steps skipped for non-finite values (a rise fires)
     loss/nonfinite              1.0 when this step was skipped (fires too)
-    kl/mean, else loss/kl       unweighted KL estimate -> "kl_high"
+    kl/mean, else loss/kl       unweighted KL estimate -> "kl_high"; with beta 0 and no kl_target kl/mean is
+                                logged on step 1 and every algo.kl_observe_every-th step only (loss/kl is 0)
     reward/mean                 its EMA falling below (1 - reward_collapse_drop) x its best, by more than
                                 noise_k standard errors of the difference -> "reward_collapse"
     reward/count, reward/std    samples behind reward/mean and their spread (the standard error; without a
@@ -18,6 +19,9 @@ Metrics read (all optional; a rule without its inputs stays quiet):
     memory/active_gb            averaged per epoch -> "memory_growth" at epoch end
     gen/tokens_per_sec, epoch/position (or the phase argument) -> "toks_drop" within an epoch
     loss/total, else loss/policy  -> `lr_adjustment` volatility
+    memory/peak_gb, memory/footprint_gb beside memory/predicted_peak_gb, memory/predicted_rss_gb
+                                -> "memory_over_plan" (`memory_over_plan`, called by the trainer with
+                                memory.plan_margin)
 Epoch metrics read by evaluate_epoch: cfg.val_metric (default eval/pass@1; absent when no validation
 ran), eval/count (the tasks behind it: a regression must exceed val_noise_k standard errors), optionally
 memory/active_gb (else the epoch mean seen by evaluate) and epoch.
@@ -317,3 +321,25 @@ def loss_volatility(state):
     if state.dev_ema is None or not state.abs_ema:
         return None
     return state.dev_ema / state.abs_ema
+
+
+def memory_over_plan(state, metrics, margin, cfg):
+    """"memory_over_plan" when the step's measured MLX peak (memory/peak_gb) or resident size
+    (memory/footprint_gb) passes the memory plan's prediction (memory/predicted_peak_gb,
+    memory/predicted_rss_gb) by more than `margin` (memory.plan_margin): the plan, which refused nothing,
+    underestimates this run, so a larger one it lets start may not fit. [] without the predictions."""
+    step, out = int(metrics.get("step", state.steps_seen)), []
+    for measured_key, predicted_key, what in (("memory/peak_gb", "memory/predicted_peak_gb", "MLX peak"),
+                                              ("memory/footprint_gb", "memory/predicted_rss_gb", "resident size")):
+        measured, predicted = _num(metrics, measured_key), _num(metrics, predicted_key)
+        if measured is None or not predicted or measured <= (1 + margin) * predicted:
+            continue
+        _fire(state, cfg, step, Alert(
+            "warning", "memory_over_plan",
+            f"{what} {measured:.3g} GB is {measured / predicted - 1:.0%} above the memory plan's {predicted:.3g} GB "
+            f"(margin {margin:.0%})",
+            "The plan (mlx-coach plan) underestimates this run: check for arrays kept across steps and for longer "
+            "prompts than the tasks' own; before a larger run, leave this much more room (optim.grad_accum, "
+            "rollout.max_new_tokens).",
+        ), out)
+    return out
