@@ -40,15 +40,14 @@ from mlx_coach.rewards.cache import ScoreCache, make_key  # noqa: E402
 from mlx_coach.telemetry.progress import bar  # noqa: E402
 from mlx_coach.rewards.scoring.base import Score  # noqa: E402
 from mlx_coach.rewards.scoring.cached import CachedScorer  # noqa: E402
+from mlx_coach.telemetry.progress import bench_note  # noqa: E402
 
 
 ENTRIES, OPS = 20_000, 5_000  # the default's micro benchmark
 FULL_ENTRIES, FULL_OPS = 100_000, 20_000  # --full
 
 
-def note(text):
-    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
-    print(f"[bench cache] {text}", file=sys.stderr, flush=True)
+note = bench_note("cache")
 
 
 class _Task:

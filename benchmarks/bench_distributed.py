@@ -35,15 +35,14 @@ sys.path.insert(0, str(ROOT))
 from mlx_coach.commands.argtypes import positive_int
 from mlx_coach.commands.bench import BenchParser
 from mlx_coach.telemetry.writer import read_jsonl
+from mlx_coach.telemetry.progress import bench_note
 
 PHASES = ("time/step_s", "time/generate_s", "time/score_s", "time/update_s")
 STEPS, REPEATS = 5, 1  # the default's workload
 FULL_STEPS, FULL_REPEATS = 10, 3  # --full
 
 
-def note(text):
-    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
-    print(f"[bench distributed] {text}", file=sys.stderr, flush=True)
+note = bench_note("distributed")
 
 
 def config(args):

@@ -52,10 +52,9 @@ from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
 from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts  # noqa: E402
 from mlx_coach.engine.text import encode_prompt, token_bytes  # noqa: E402
+from mlx_coach.telemetry.progress import bench_note  # noqa: E402
 
-def note(text):
-    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
-    print(f"[bench rollout] {text}", file=sys.stderr, flush=True)
+note = bench_note("rollout")
 
 
 CODE = '''def fizzbuzz(n: int) -> list:

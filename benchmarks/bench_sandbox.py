@@ -40,16 +40,14 @@ from mlx_coach.rewards.scoring.sandbox import run_sample  # noqa: E402
 from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig  # noqa: E402
 from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer  # noqa: E402
 from mlx_coach.data.task import Task
-from mlx_coach.telemetry.progress import bar  # noqa: E402
+from mlx_coach.telemetry.progress import bar, bench_note  # noqa: E402
 
 
 SAMPLES, LATENCY_N = 100, 20  # the default's workload
 FULL_SAMPLES, FULL_LATENCY_N = 500, 40  # --full
 
 
-def note(text):
-    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
-    print(f"[bench sandbox] {text}", file=sys.stderr, flush=True)
+note = bench_note("sandbox")
 
 
 def tqdm_range(n, desc, unit):

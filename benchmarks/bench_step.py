@@ -59,6 +59,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_coach.commands.argtypes import positive_int  # noqa: E402
 from mlx_coach.config.tree import from_dict, validate  # noqa: E402
 from mlx_coach.rl.trainer import Trainer  # noqa: E402
+from mlx_coach.telemetry.progress import bench_note  # noqa: E402
 from benchmarks.peers.peer_tasks import SYSTEM, USER  # noqa: E402  (the peers' drivers read the same chat)
 
 TASKS = ROOT / "benchmarks" / "step_tasks.jsonl"
@@ -101,9 +102,7 @@ def peer_job(run_dir, changes, model, seed, dtype=None):
     return cfg
 
 
-def note(text):
-    """What the benchmark measures now and how far it is, on stderr (the results go to stdout)."""
-    print(f"[bench step] {text}", file=sys.stderr, flush=True)
+note = bench_note("step")
 
 
 class _Parser(argparse.ArgumentParser):

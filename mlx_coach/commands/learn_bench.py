@@ -32,6 +32,7 @@ from mlx_coach.commands.evaluate import eval_rollout
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.keys import draw_seed
 from mlx_coach.telemetry.passk import pass_at_k
+from mlx_coach.telemetry.progress import bench_note
 from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 
 # the default's caps; --full lifts them (0 = no cap, as the flags take it)
@@ -289,8 +290,7 @@ def run(argv):
     else:
         steps = args.steps or (10**9 if args.minutes else cfg.train.steps)
 
-    def note(text):
-        print(f"[bench learn] {text}", file=sys.stderr, flush=True)
+    note = bench_note("learn")
 
     def evaluate_all(model, tokenizer, scorer, when):
         res = {}

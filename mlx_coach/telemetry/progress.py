@@ -46,6 +46,14 @@ class StepClock:
         return max(0, steps_left) * sum(self.times) / len(self.times)
 
 
+def bench_note(name):
+    """note(text) for `mlx-coach bench NAME`: "[bench NAME] text" on stderr, flushed, whatever stderr is (a
+    file or a pipe included), saying what the benchmark measures now and how far it is; results go to stdout."""
+    def note(text):
+        print(f"[bench {name}] {text}", file=sys.stderr, flush=True)
+    return note
+
+
 def format_eta(seconds) -> str:
     """'42s', '3m05s', '1h02m'; 'n/a' when unknown."""
     if seconds is None:
