@@ -10,20 +10,10 @@ from pathlib import Path
 import pytest
 
 from quickstart_run import cli, quickstart_commands, quickstart_run, readme_commands
+from quickstart_run import fenced, readme_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-
-def section(title, page="README.md"):
-    text = (ROOT / page).read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start: end if end != -1 else None]
-
-
-def blocks(text, lang):
-    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
 def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
@@ -33,7 +23,7 @@ def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
     from mlx_coach.data.tasks import load_tasks
     from mlx_coach.rl.setup import select_tasks
 
-    (row,) = blocks(section("Your own dataset", "docs/tasks.md"), "jsonl")
+    (row,) = fenced(readme_section("Your own dataset", "docs/tasks.md"), "jsonl")
     path = tmp_path / "tasks.jsonl"
     other = {**json.loads(row), "task_id": "mine/other", "tags": ["category:strings"]}
     path.write_text(row + json.dumps(other) + "\n")
@@ -52,7 +42,7 @@ def test_the_dataset_row_loads_and_its_solution_passes_in_the_sandbox(tmp_path):
 def test_the_mac_config_is_the_shipped_file_and_loads():
     from mlx_coach.config.tree import load_config
 
-    (yaml_text,) = blocks(section("Your own model on a Mac", "docs/mac.md"), "yaml")
+    (yaml_text,) = fenced(readme_section("Your own model on a Mac", "docs/mac.md"), "yaml")
     shipped = (ROOT / "configs" / "mac.yaml").read_text()
     assert yaml_text.strip() == shipped.strip()
     cfg = load_config(ROOT / "configs" / "mac.yaml")
@@ -70,7 +60,7 @@ def test_the_quick_start_config_ends_an_epoch():
     train, _ = select_tasks(cfg.data)
     steps_per_epoch = -(-len(train) // cfg.rollout.prompts_per_step)
     assert cfg.train.steps >= steps_per_epoch and cfg.train.epochs_val
-    assert f"checkpoints/step-{cfg.train.steps}" in section("Quick start")
+    assert f"checkpoints/step-{cfg.train.steps}" in readme_section("Quick start")
 
 
 def ci_commands():
