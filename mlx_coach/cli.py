@@ -1,4 +1,4 @@
-"""Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor,plan}` (also `python -m mlx_coach`).
+"""Command line: `mlx-coach {train,eval,score,bench,ab,report,doctor,plan,launch}` (also `python -m mlx_coach`).
 
 Every stop is one line on stderr and an exit code: bad input (config, dataset, arguments, model path)
 exits 2; a run stopped on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished
@@ -16,6 +16,7 @@ import threading
 from mlx_coach.commands.argtypes import count, number_at_least, positive_int, positive_number
 from mlx_coach.core.errors import RunStopped, UserError
 from mlx_coach.runtime.stops import WRITE_FAILED_EXIT, SignalStop, WriteFailed, raise_signal_stop
+from mlx_coach.runtime.watchdog import watch_launcher_from_env
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +68,10 @@ def build_parser():
     report.add_arguments(sub.add_parser("report", help="charts and tables of a run (RUN/report/report.md + PNGs)"))
     sub.add_parser("doctor", help="report the MLX backend, memory, BLAS and sandbox limits")
     plan_cmd.add_arguments(sub.add_parser("plan", help="predict a run's peak memory before loading, and whether it fits"))
+    from mlx_coach.commands import launch as launch_cmd
+
+    launch_cmd.add_arguments(sub.add_parser("launch", help="run a command as N data-parallel ranks (MLX ring "
+                                            "backend: loopback, two network namespaces, or hosts)"))
     return parser
 
 
@@ -93,6 +98,8 @@ def _dispatch(args):
         _check_ab(args)
     elif args.command == "plan":
         from mlx_coach.commands.plan import run as run_from_args
+    elif args.command == "launch":
+        from mlx_coach.commands.launch import run as run_from_args
     else:
         from mlx_coach.commands.doctor import run as run_from_args
     return run_from_args(args)
@@ -112,6 +119,7 @@ def main(argv=None):
         from mlx_coach.runtime.blas import reexec_with_openblas
 
         reexec_with_openblas(["-m", "mlx_coach", *sys.argv[1:]])
+    watch_launcher_from_env()  # a rank of `mlx-coach launch` ends when the launcher or another rank is gone
     previous = _stop_on_signals()
     try:
         args = build_parser().parse_args(argv)
