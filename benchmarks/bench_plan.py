@@ -48,6 +48,19 @@ CALIBRATION = [
     {"name": "cal-smollm2-fp32-l4", "config": "configs/smollm2.yaml", "model": "builtin:smollm2",
      "set": ["model.dtype=float32", "rollout.group_size=8", "rollout.prompts_per_step=1",
              "rollout.max_new_tokens=48", "model.lora_layers=4"]},
+    # half precision and quantized matmuls in half precision are slow on MLX's CPU backend: few rows and tokens
+    {"name": "cal-smollm2-bf16-short", "config": "configs/smollm2.yaml", "model": "builtin:smollm2",
+     "set": ["model.dtype=bfloat16", "rollout.group_size=4", "rollout.prompts_per_step=1",
+             "rollout.max_new_tokens=24", "model.lora_layers=4"]},
+    {"name": "cal-tiny-4bit-fp16-short", "config": "configs/tiny.yaml", "model": "builtin:tiny-4bit",
+     "set": ["model.dtype=float16", "rollout.group_size=4", "rollout.prompts_per_step=2",
+             "rollout.max_new_tokens=24"]},
+    {"name": "cal-tiny-8bit-bf16-short", "config": "configs/tiny.yaml", "model": "builtin:tiny-8bit",
+     "set": ["model.dtype=bfloat16", "rollout.group_size=4", "rollout.prompts_per_step=2",
+             "rollout.max_new_tokens=24", "model.lora_rank=16"]},
+    {"name": "cal-tiny-fp16-full", "config": "configs/tiny.yaml", "model": "builtin:tiny",
+     "set": ["model.dtype=float16", "model.fine_tune=full", "rollout.group_size=4", "rollout.prompts_per_step=4",
+             "rollout.max_new_tokens=48", "optim.grad_accum=2"]},
 ]
 
 

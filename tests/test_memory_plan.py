@@ -37,7 +37,14 @@ def test_grad_accum_lowers_the_update_and_full_fine_tune_costs_more_than_lora(ar
     shape = dataclasses.replace(SHAPE, group_size=8, prompts_per_step=4)
     peaks = [predict(arch, dataclasses.replace(shape, grad_accum=k)).mlx_peak for k in (1, 2, 4, 32)]
     assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0]
-    assert predict(arch, dataclasses.replace(shape, fine_tune="full")).mlx_peak > predict(arch, shape).mlx_peak
+    lora = dataclasses.replace(shape, dtype="float32")
+    assert predict(arch, dataclasses.replace(lora, fine_tune="full")).mlx_peak > predict(arch, lora).mlx_peak
+    # in a half dtype LoRA's float32 adapters keep float32 activations (measured larger than a full fine-tune's):
+    # there the full fine-tune's frozen reference and optimizer state are what must cost more
+    half_full, half_lora = (predict(arch, dataclasses.replace(shape, dtype="bfloat16", fine_tune=kind)).parts
+                            for kind in ("full", "lora"))
+    assert (half_full["reference"] + half_full["trainable_state"] + half_full["update_gradients"]
+            > half_lora["reference"] + half_lora["trainable_state"] + half_lora["update_gradients"])
 
 
 @pytest.mark.parametrize("arch", [SMOL, describe("builtin:tiny")], ids=["smollm2-shaped", "tiny"])
@@ -99,7 +106,9 @@ def test_a_mac_working_set_limits_the_mlx_peak():
                                      "rollout.max_new_tokens=1000000"])
 def test_train_refuses_a_run_that_cannot_fit_before_loading(tmp_path, capsys, setting):
     run = tmp_path / "run"
-    code = main(["train", "-c", "configs/tiny.yaml", "--output", str(run), "--set", setting])
+    # a fixed count: grad_accum auto would split a huge group into micro-batches that fit
+    code = main(["train", "-c", "configs/tiny.yaml", "--output", str(run), "--set", "optim.grad_accum=1",
+                 "--set", setting])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -112,8 +121,8 @@ def test_plan_command_prints_both_peaks_and_a_fix_that_fits(capsys):
     assert main(["plan", "-c", "configs/tiny.yaml"]) == 0
     out = capsys.readouterr().out
     assert "MLX" in out and "RSS" in out and "this machine" in out and ": fits" in out
-    big = ["plan", "-c", "configs/tiny.yaml", "--set", "rollout.group_size=20000", "--set", "rollout.max_new_tokens=48",
-           "--memory", "8,16,32"]
+    big = ["plan", "-c", "configs/tiny.yaml", "--set", "optim.grad_accum=1", "--set", "rollout.group_size=20000",
+           "--set", "rollout.max_new_tokens=48", "--memory", "8,16,32"]
     assert main(big) == 0
     verdicts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("a Mac with")]
     assert len(verdicts) == 3 and all("does not fit" in v for v in verdicts)
@@ -149,3 +158,68 @@ def test_trainer_logs_the_prediction_beside_the_measured_peak(tmp_path):
     step = [r for r in rows(tmp_path / "run") if "memory/peak_gb" in r][0]
     assert step["memory/predicted_peak_gb"] > 0 and step["memory/predicted_rss_gb"] > step["memory/predicted_peak_gb"]
     assert json.loads(json.dumps(step))["memory/peak_gb"] > 0
+
+
+def _logits_bound_model(dtype):
+    """A 1-block llama whose vocabulary dwarfs everything else: its update's memory is its logits'."""
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=8192,
+                           tie_word_embeddings=True)
+    model = llama.Model(args)
+    model.set_dtype(dtype)
+    model.freeze()
+    model.model.layers[0].mlp.down_proj.unfreeze()  # a small trainable part, as an adapter is
+    mx.eval(model.parameters())
+    return model, {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+                   "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 8192, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_plans_logits_copies_are_what_the_update_and_reference_pass_hold(dtype):
+    import mlx.nn as nn
+
+    from mlx_coach.config.tree import from_dict
+    from mlx_coach.engine.logprobs import logprob_inputs, logprobs_from_inputs
+    from mlx_coach.rl.objective import micro_batch_loss
+
+    model, arch = _logits_bound_model(getattr(mx, dtype))
+    algo = from_dict({}).algo
+    group, prompts, prompt_len = 4, 2, 8
+
+    def inputs(width):
+        rows = group * prompts
+        x = logprob_inputs([[1 + r // group] * prompt_len for r in range(rows)],
+                           [[(7 * r + t) % 8192 for t in range(width)] for r in range(rows)], share_prompts=True)
+        x.update(loss_mask=x["mask"], sampler_logp=mx.zeros((rows, width)), ref_logp=mx.zeros((rows, width)),
+                 adv=mx.array([(-1.0) ** r for r in range(rows)]))
+        mx.eval(x)
+        return x
+
+    def update(x):
+        loss_and_grad = nn.value_and_grad(model, lambda m, b: micro_batch_loss(m, b, 0.04, algo=algo, temperature=0.7,
+                                                                               max_len=64))
+        mx.eval(loss_and_grad(model, x))
+
+    def reference(x):
+        mx.eval(logprobs_from_inputs(model, x, temperature=0.7)[0])
+
+    def held(run, width):  # bytes the pass holds at its peak above what was alive before it
+        x = inputs(width)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        run(x)
+        return mx.get_peak_memory() - before
+
+    def planned(width):
+        parts = predict(arch, RunShape(group_size=group, prompts_per_step=prompts, max_new_tokens=width,
+                                       prompt_tokens=prompt_len, dtype=dtype)).parts
+        return parts["update_activations"] + parts["update_logits"], parts["reference_pass"]
+
+    # differences between two completion widths: the fixed costs (weights, inputs) cancel
+    measured = [held(update, 64) - held(update, 16), held(reference, 64) - held(reference, 16)]
+    predicted = [b - a for a, b in zip(planned(16), planned(64))]
+    for got, want in zip(measured, predicted):
+        assert 0.85 < want / got < 1.2, (dtype, got, want)

@@ -15,13 +15,20 @@ The model (what is alive at the highest point of each phase):
                  two moments. Full: AdamW's two moments in d
     load         mlx-lm reads the stored weights, then casts them: stored and cast copies at once
     rollout      KV cache of the rows in flight (min(all rows, rollout.max_batch_tokens / sequence)) over
-                 prompt + max_new_tokens, and the prefill's logits (rows x min(prompt, prefill_step) x vocab)
+                 prompt + max_new_tokens, and the prefill's logits in d (the model's output at every position
+                 of a prefill chunk: prompts x min(prompt, prefill_step) x vocab; each prompt is prefilled once
+                 for its group_size rows, engine/decoding.py)
     update       per micro-batch of rows = group_size x prompts_per_step / grad_accum: the gradient sum and
                  one micro-batch's gradient (2 x trainable), the activations kept for the backward pass over
                  the blocks it runs through (ACT_HIDDEN x hidden + ACT_INTER x intermediate per token and
-                 block, in d, x HALF_ACT in a half dtype, plus the attention scores in float32), and LOGIT_COPIES float32 copies of the
-                 completion logits rows x max_new_tokens x vocab
-    reference pass / pi_old  a forward of one micro-batch: REF_LOGIT_COPIES float32 copies of its logits
+                 block, in d, x HALF_ACT or HALF_ACT_FULL in a half dtype, plus the attention scores in
+                 float32), and the completion logits rows x max_new_tokens x vocab: LOGIT_COPIES float32
+                 copies (the float32 logits engine/logprobs.py keeps for the log-softmax's backward, and their
+                 gradient), plus the head's own output in a half dtype (its float32 cast is a second array; in
+                 float32 it is the same array)
+    reference pass / pi_old  a forward of one micro-batch: REF_LOGIT_COPIES float32 copy of its logits, plus the
+                 head's half-precision output as above
+Completion lengths are taken at max_new_tokens: a run whose completions end earlier peaks lower.
 MLX peak = max(load, weights + reference + trainable + the largest of rollout, update, reference pass).
 Peak RSS = RSS_BASE (interpreter, MLX, mlx-lm, tokenizer libraries, sandbox plumbing: measured with the
 builtin tiny model, whose arrays are a few MB) + RSS_PER_MLX x MLX peak (MLX's buffers live in ordinary
@@ -39,13 +46,16 @@ from typing import Optional
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-ACT_HIDDEN = 16.0
-ACT_INTER = 6.0
-LOGIT_COPIES = 4.0
-REF_LOGIT_COPIES = 2.0
+ACT_HIDDEN = 14.0  # [tokens x hidden] tensors a block keeps for its backward, per token (fitted)
+ACT_INTER = 5.2  # [tokens x intermediate] tensors a block keeps for its backward, per token (fitted)
+LOGIT_COPIES = 2.0  # float32 logits the update holds: the cast logits and the log-softmax's gradient
+REF_LOGIT_COPIES = 1.0  # float32 logits the reference pass holds (no gradient)
 RSS_BASE = 0.165 * GB
 RSS_PER_MLX = 1.0
-HALF_ACT = 1.2  # half-precision activations take this much more than half of float32's (float32 intermediates)
+# activations in a half dtype, per token: d x HALF_ACT with LoRA (the float32 adapters promote the inputs they
+# keep for the backward to float32), d x HALF_ACT_FULL in a full fine-tune (no float32 adapters)
+HALF_ACT = 1.5
+HALF_ACT_FULL = 0.62
 CHARS_PER_TOKEN = 3.0
 TEMPLATE_TOKENS = 16  # chat-template markers around the system and user messages
 MAC_WORKING_SET = 0.75  # --memory N: the Metal working set taken as this share of a Mac's N GB
@@ -162,23 +172,26 @@ def predict(arch, shape):
     seq = shape.prompt_tokens + shape.max_new_tokens
     in_flight = max(1, min(rows, shape.max_batch_tokens // max(seq, 1)))
     prefill = min(shape.prompt_tokens, shape.prefill_step)
+    prefilled = math.ceil(in_flight / shape.group_size)  # each prompt is prefilled once for its G rows
     rollout = (2 * layers * kv * hd * in_flight * seq * d  # KV cache
-               + in_flight * prefill * vocab * 4)  # the prefill's logits
+               + prefilled * prefill * vocab * d)  # the prefill's logits, every position's, in d
     micro = math.ceil(rows / shape.grad_accum)
     prompt_rows = math.ceil(micro / shape.group_size) if shape.share_prompts else micro
     positions = micro * shape.max_new_tokens + prompt_rows * shape.prompt_tokens
     backprop = layers if full else adapted_layers(arch, shape)
-    act_width = d if d == 4 else d * HALF_ACT
+    act_width = d if d == 4 else d * (HALF_ACT_FULL if full else HALF_ACT)
     activations = backprop * (positions * (ACT_HIDDEN * h + ACT_INTER * inter) * act_width
                               + micro * heads * shape.max_new_tokens * seq * 4)
-    logits = micro * shape.max_new_tokens * vocab * 4
-    update = 2 * trainable * dt + activations + LOGIT_COPIES * logits
-    reference_pass = REF_LOGIT_COPIES * logits
+    logits = micro * shape.max_new_tokens * vocab
+    head = d if d < 4 else 0  # a half-precision head's own output, beside its float32 cast
+    update_logits = logits * (LOGIT_COPIES * 4 + head)
+    update = 2 * trainable * dt + activations + update_logits
+    reference_pass = logits * (REF_LOGIT_COPIES * 4 + head)
     cast = quant is None and arch.get("stored_dtype", dtype) != dtype  # mlx-lm reads, then the loader casts
     phases = {"load": stored + weights if cast else weights,
               "rollout": resident + rollout, "update": resident + update, "reference_pass": resident + reference_pass}
     phase = max(phases, key=phases.get)
-    parts.update({"rollout": rollout, "update_activations": activations, "update_logits": LOGIT_COPIES * logits,
+    parts.update({"rollout": rollout, "update_activations": activations, "update_logits": update_logits,
                   "update_gradients": 2 * trainable * dt, "reference_pass": reference_pass})
     mlx_peak = phases[phase]
     return Plan(parts=parts, mlx_peak=mlx_peak, rss_peak=RSS_BASE + RSS_PER_MLX * mlx_peak, phase=phase,
