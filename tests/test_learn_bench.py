@@ -1,13 +1,20 @@
-"""`mlx-coach bench learn` end to end on the builtin tiny model: the report's structure, and before/after
-numbers that equal separate `mlx-coach eval` runs of the base model and of the run's final adapters."""
+"""`mlx-coach bench learn` end to end on the builtin tiny model: the report's structure, before/after
+numbers that equal separate `mlx-coach eval` runs of the base model and of the run's final adapters,
+the lift over seeds with its interval, and the per-step share of informative groups it reports."""
 
 import json
 
+import mlx.core as mx
 import pytest
 
 from mlx_coach.cli import main
-from mlx_coach.commands.learn_bench import _boot_p, learning_curve
+from mlx_coach.commands import stats
+from mlx_coach.commands.learn_report import boot_p_text, learning_curve, over_seeds, quarter_means
+from mlx_coach.rl.loop import train
+from mlx_coach.rl.setup import select_tasks
 from mlx_coach.telemetry.passk import pass_at_k
+from test_sampling import drawn_ids, dyn_cfg
+from test_trainer import step_rows
 
 
 def _eval_rows(tmp_path, name, *extra):
@@ -50,6 +57,11 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
     assert (out / "learning_curve.png").stat().st_size > 0
     curve = learning_curve(out / "run")
     assert curve["fresh reward"][0] == [1, 2] and len(curve["KL"][1]) == 2 and len(curve["truncation share"][1]) == 2
+    # one seed: its lift, and no interval
+    (only,) = report["over_seeds"]["sets"]["heldout"]["per_seed"]
+    heldout = report["sets"]["heldout"]
+    assert only["lift"] == pytest.approx(heldout["after"]["pass@1"] - heldout["before"]["pass@1"])
+    assert report["over_seeds"]["sets"]["heldout"]["lift_ci_low"] is None
 
     # the same answers as separate evals of the base model and of the final checkpoint's adapters
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -75,10 +87,91 @@ def test_bench_learn_rejects_bad_arguments_in_one_line(tmp_path, capsys):
     assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--heldout", "nope:x",
                  "--output", str(tmp_path / "o")]) == 2
     assert "nope:x" in capsys.readouterr().err
+    assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
 
 
 def test_a_bootstrap_p_of_no_resample_is_reported_as_below_the_resolution():
     """A p-value of 0 from 10,000 resamples says p < 1e-4, not that the change cannot be chance."""
-    assert _boot_p({"p": 0.0, "resamples": 10000}) == "< 1e-04"
-    assert _boot_p({"p": 0.0, "resamples": 200}) == "< 5e-03"
-    assert _boot_p({"p": 0.0778, "resamples": 10000}) == "0.0778"
+    assert boot_p_text({"p": 0.0, "resamples": 10000}) == "< 1e-04"
+    assert boot_p_text({"p": 0.0, "resamples": 200}) == "< 5e-03"
+    assert boot_p_text({"p": 0.0778, "resamples": 10000}) == "0.0778"
+
+
+def test_bench_learn_over_seeds_reports_each_seed_and_the_interval_of_their_lifts(tmp_path):
+    out = tmp_path / "learn"
+    argv = ["bench", "learn", "-c", "configs/tiny.yaml", "--seeds", "2", "--steps", "2", "--heldout", "builtin:val",
+            "--heldout-limit", "4", "--samples", "0", "--humaneval-limit", "2", "--eval-max-new-tokens", "16",
+            "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "train.epochs_val=false",
+            "--set", "telemetry.tensorboard=false", "--set", "train.seed=7", "--output", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    summary, runs = report["over_seeds"], report["runs"]
+    assert summary["seeds"] == [r["seed"] for r in runs] == [7, 8]
+    for name in ("heldout", "humaneval"):
+        s = summary["sets"][name]
+        assert [row["seed"] for row in s["per_seed"]] == [7, 8]
+        for row, r in zip(s["per_seed"], runs):
+            per = r["per_task"][name]
+            assert row["lift"] == pytest.approx(
+                (sum(per["after"]["greedy"]) - sum(per["before"]["greedy"])) / len(per["before"]["greedy"]))
+            assert row["p"] == stats.mcnemar_exact_p(*stats.discordant_counts(per["before"]["greedy"],
+                                                                                per["after"]["greedy"]))
+        ci = stats.mean_ci([row["lift"] for row in s["per_seed"]])
+        assert (s["lift_mean"], s["lift_ci_low"], s["lift_ci_high"]) == pytest.approx((ci["mean"], ci["lo"], ci["hi"]))
+        assert s["lift_ci_low"] <= s["lift_mean"] <= s["lift_ci_high"]
+    # the base model was evaluated once: one "before" answer per task, one "after" answer per task and seed
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sum(r["when"] == "before" for r in rows) == 4 + 2
+    assert sorted(r["seed"] for r in rows if r["when"] == "after") == [7] * 6 + [8] * 6
+    # each seed trained its own run: its own train.seed and adapters
+    weights = []
+    for r in runs:
+        assert r["training"]["steps"] == 2 and f"seed: {r['seed']}" in (tmp_path / r["run"] / "config.yaml").read_text()
+        weights.append(mx.load(str(tmp_path / r["training"]["checkpoint"] / "adapters.safetensors")))
+        informative = [row["groups/informative_frac"] for row in step_rows(tmp_path / r["run"])]
+        assert r["training"]["informative_frac_by_quarter"] == quarter_means(informative)
+        assert (out / f"learning_curve-seed{r['seed']}.png").stat().st_size > 0
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not mx.array_equal(weights[0][k], weights[1][k]).item() for k in weights[0])
+    md = (out / "report.md").read_text()
+    assert "| heldout | 7 |" in md and "| heldout | 8 |" in md and "mean lift over 2 seeds" in md
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_informative_share_counts_every_group_the_step_drew(tmp_path, dynamic):
+    """Odd tasks give groups of differing rewards, even tasks all-equal ones: the logged share is the odd
+    tasks' share of the prompts drawn, also when dynamic sampling trains on the odd tasks only."""
+    cfg = dyn_cfg(tmp_path, "odd_tasks_signal", algo={"dynamic_sampling": dynamic}, train={"steps": 2})
+    train(cfg, tmp_path / "run")
+    rows = step_rows(tmp_path / "run")
+    train_tasks, _ = select_tasks(cfg.data)
+    if not dynamic:
+        for row in rows:
+            row["sampling/draws"] = cfg.rollout.prompts_per_step
+    for row, ids in zip(rows, drawn_ids(train_tasks, cfg.train.seed, rows)):
+        odd = sum(int(t.rsplit("/", 1)[1]) % 2 for t in ids)
+        assert row["groups/informative_frac"] == pytest.approx(odd / len(ids))
+    assert len(rows) == 2
+
+
+def test_the_interval_over_seeds_is_the_t_interval_of_the_per_seed_lifts():
+    """Three seeds of unequal lift (on 10 tasks: +1, +3 and +2 tasks): the bounds are mean_ci's of the lifts."""
+    before = [False] * 10
+
+    def run_block(seed, gained):
+        after = [i < gained for i in range(10)]
+        block = {"before": {"pass@1": 0.0}, "after": {"pass@1": gained / 10},
+                 "change": {"mcnemar_p": stats.mcnemar_exact_p(gained, 0), "fail_to_pass": gained, "pass_to_fail": 0}}
+        assert stats.discordant_counts(before, after) == (gained, 0)
+        return {"seed": seed, "training": {"informative_frac_by_quarter": [0.5, 0.5, 0.25, None]},
+                "sets": {"heldout": block}}
+
+    summary = over_seeds([run_block(0, 1), run_block(1, 3), run_block(2, 2)], ["heldout"])
+    s = summary["sets"]["heldout"]
+    assert [row["lift"] for row in s["per_seed"]] == pytest.approx([0.1, 0.3, 0.2])
+    assert [row["p"] for row in s["per_seed"]] == [1.0, 0.25, 0.5]
+    ci = stats.mean_ci([0.1, 0.3, 0.2])
+    assert (s["lift_mean"], s["lift_ci_low"], s["lift_ci_high"]) == pytest.approx((ci["mean"], ci["lo"], ci["hi"]))
+    assert s["lift_mean"] == pytest.approx(0.2) and s["lift_ci_low"] < s["lift_mean"] < s["lift_ci_high"]
+    assert summary["informative_frac_by_quarter"] == [0.5, 0.5, 0.25, None]

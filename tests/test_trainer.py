@@ -212,8 +212,8 @@ def scored_batch(trainer, rewards, comps, truncated=()):
 
 def batch_gradient(trainer, batch):
     """(flattened gradient, loss) of the whole batch before any update, micro-batches as configured."""
-    grads, loss, _ = trainer.updater.accumulate(batch, batch.beta, micro_batches(len(batch.completion_ids),
-                                                                               trainer.cfg.optim.grad_accum))
+    grads, loss, _ = trainer.updater.accumulate(batch, batch.beta, trainer.updater.split(batch.prompt_ids,
+                                                                                         batch.completion_ids))
     return dict(tree_flatten(grads)), loss.item()
 
 

@@ -5,40 +5,52 @@ sandbox as the run's own validation (`engine.generate.generate_and_score`, at th
 greedy pass@1, and pass@k from n sampled answers per task at the rollout temperature (the unbiased
 estimator, `telemetry.passk.pass_at_k`). The change is judged per task (paired): tasks that went fail->pass and
 pass->fail, the exact McNemar p-value, and a paired bootstrap interval (`commands.stats`). The run's own
-metrics.jsonl gives the learning curve (fresh reward, validation pass@1, truncation share, KL, entropy).
+metrics.jsonl gives the learning curve (fresh reward, validation pass@1, truncation share, informative share,
+KL, entropy).
 
 The default is the short version (a few minutes for configs/tiny.yaml on a 2-core CPU): at most
 `SHORT["steps"]` training steps and the first `SHORT[...]` held-out and HumanEval tasks; `--full` trains
 the config's train.steps and evaluates every task. An explicit flag wins over both. Progress lines
 (which evaluation, how many tasks) go to stderr.
 
-Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/learning_curve.png, OUTPUT/samples.jsonl (every
-answer) and the run in OUTPUT/run.
+`--seeds N` trains N runs (train.seed = the config's seed + 0..N-1) from the same base model, whose
+evaluation is done once (greedy decoding and the sampled draws' --seed do not depend on train.seed), and
+evaluates each run's final checkpoint. report.json:
+- "over_seeds": {"seeds": [...], "sets": {SET: {"before", "per_seed": [{"seed", "lift", "p", "fail_to_pass",
+  "pass_to_fail", "after"}], "lift_mean", "lift_ci_low", "lift_ci_high", "level"}}, "informative_frac_by_quarter"}:
+  SET is heldout or humaneval, lift = after - before greedy pass@1 (a fraction), p its exact McNemar p-value,
+  the interval the t interval of the per-seed lifts (`commands.stats.mean_ci`; None with one seed);
+- one seed: the run's "training", "sets" ({SET: {"before", "after", "change", "seconds"}}), "per_task" and
+  "curve" at the top level; several: "runs", a list of {"seed", "run", "training", "sets", "per_task", "curve"}.
+"training" carries the share of informative groups (rewards not all equal, the per-step
+`groups/informative_frac`) by quarter of the run.
+
+Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/samples.jsonl (every answer; "after" rows name their
+seed), and per seed its learning curve and run: OUTPUT/learning_curve.png and OUTPUT/run with one seed,
+OUTPUT/learning_curve-seedS.png and OUTPUT/run-seedS with several.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_coach.commands.evaluate import eval_rollout
+from mlx_coach.commands.learn_report import (first_last, learning_curve, markdown, over_seeds, plot_curve,
+                                             quarter_means)
+from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.keys import draw_seed
 from mlx_coach.telemetry.passk import pass_at_k
 from mlx_coach.telemetry.progress import bench_note
-from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 
 # the default's caps; --full lifts them (0 = no cap, as the flags take it)
 SHORT = {"steps": 20, "heldout_limit": 20, "humaneval_limit": 20}
-CURVE_KEYS = {"reward/fresh_mean": "fresh reward", "eval/pass@1": "validation pass@1",
-              "gen/truncated_frac": "truncation share", "kl/mean": "KL", "policy/entropy": "entropy"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,11 +79,15 @@ def parse_args(argv):
     p.add_argument("--eval-max-new-tokens", type=int, default=0,
                    help="answer length for the evaluations (0 = train.val_max_new_tokens, else rollout.max_new_tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled evaluation and the bootstrap")
+    p.add_argument("--seeds", type=int, default=1, help="training runs, train.seed = the config's seed + 0..N-1; "
+                   "the report gives each seed's lift and the mean lift's 95%% interval over seeds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--output", default="runs/bench-learn", help="report folder; the run goes in OUTPUT/run")
     args = p.parse_args(argv)
     if args.minutes < 0:
         raise UserError("bench learn: --minutes must be >= 0")
+    if args.seeds < 1:
+        raise UserError(f"bench learn: --seeds must be >= 1; got {args.seeds}")
     for flag in ("steps", "heldout_limit", "samples", "humaneval_limit", "eval_max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserError(f"bench learn: --{flag.replace('_', '-')} must be >= 0")
@@ -179,97 +195,64 @@ def trained_policy(cfg, model, checkpoint):
     return model, state["step"]
 
 
-# ------------------------------------------------------------------------------------------ curve
+# ------------------------------------------------------------------------------------------ run
 
 
-def learning_curve(run_dir):
-    """Per-step series of CURVE_KEYS from the run's metrics.jsonl: {label: (steps, values)}."""
-    from mlx_coach.telemetry.writer import read_jsonl
+def seed_config(args, seed, run_dir):
+    """The config of one seed's run: --set overrides, then train.seed = seed and the run's folder; the
+    schedule's length is fixed here, as `mlx-coach train` does (with --minutes the step count is unknown
+    in advance, so the schedule follows the config: a constant rate suits a time budget)."""
+    from mlx_coach.config.tree import load_config
 
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = read_jsonl(path) if path.is_file() else []
-    curve = {}
-    for key, label in CURVE_KEYS.items():
-        pts = [(r["step"], r[key]) for r in rows if key in r and isinstance(r[key], (int, float))]
-        curve[label] = ([s for s, _ in pts], [v for _, v in pts])
-    return curve
-
-
-def plot_curve(path, curve, title):
-    from mlx_coach.telemetry.plots import line_panels
-
-    rates = {k: curve[k] for k in ("fresh reward", "validation pass@1", "truncation share")}
-    return line_panels(path, title, [
-        dict(left=rates, left_label="reward / share", left_limits=(-0.02, 1.02)),
-        dict(left={"KL": curve["KL"]}, right={"entropy": curve["entropy"]}, left_label="KL (k3, per token)",
-             right_label="entropy (nats per token)"),
-    ])
+    cfg = load_config(args.config, [*args.set, f"train.seed={seed}"])
+    if not cfg.optim.schedule_steps:
+        cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
+    cfg.train.output = str(run_dir)
+    return cfg
 
 
-# ------------------------------------------------------------------------------------------ report
+def train_and_evaluate(cfg, run_dir, steps, args, evaluate_all):
+    """Train one seed for the budget, then evaluate its final checkpoint: (training block, after, curve)."""
+    from mlx_coach.models.loader import load_policy
+    from mlx_coach.rl.loop import train
+    from mlx_coach.rl.setup import schedule_steps
+    from mlx_coach.runtime.checkpoint import latest_checkpoint
 
-
-def _pct(x):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def _boot_p(boot):
-    """A bootstrap p-value as text: 0 of the resamples is "< 1/resamples", not 0."""
-    return f"< {1 / boot['resamples']:.0e}" if boot["p"] == 0 else f"{boot['p']:.3g}"
-
-
-def markdown(report):
-    lines = ["| set | metric | before | after | change | fail->pass | pass->fail | p |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, block in report["sets"].items():
-        b, a, c = block["before"], block["after"], block["change"]
-        label = f"{name} ({b['tasks']} tasks)"
-        boot = c["bootstrap_pass@1"]
-        lines.append(f"| {label} | pass@1 greedy | {_pct(b['pass@1'])} | {_pct(a['pass@1'])} | "
-                     f"{100 * boot['delta']:+.1f} pts (95% CI {100 * boot['ci_low']:+.1f}..{100 * boot['ci_high']:+.1f}) | "
-                     f"{c['fail_to_pass']} | {c['pass_to_fail']} | McNemar {c['mcnemar_p']:.3g}, bootstrap {_boot_p(boot)} |")
-        k = report["samples"]
-        if f"sampled_pass@{k}" in b and f"sampled_pass@{k}" in a:
-            lines.append(f"| {label} | pass@1 sampled (n={k}) | {_pct(b['sampled_pass@1'])} | "
-                         f"{_pct(a['sampled_pass@1'])} | {100 * (a['sampled_pass@1'] - b['sampled_pass@1']):+.1f} pts | | | |")
-            if k > 1:
-                bk = c[f"bootstrap_sampled_pass@{k}"]
-                lines.append(f"| {label} | pass@{k} (n={k}) | {_pct(b[f'sampled_pass@{k}'])} | "
-                             f"{_pct(a[f'sampled_pass@{k}'])} | {100 * bk['delta']:+.1f} pts (95% CI "
-                             f"{100 * bk['ci_low']:+.1f}..{100 * bk['ci_high']:+.1f}) | | | bootstrap {_boot_p(bk)} |")
-        lines.append(f"| {label} | truncated (greedy) | {_pct(b['truncated_frac'])} | {_pct(a['truncated_frac'])} "
-                     f"| | | | |")
-    t = report["training"]
-    lines.append("")
-    lines.append(f"Training: {t['steps']} steps in {t['minutes']:.1f} min; fresh reward {t['fresh_reward_first']} "
-                 f"(first quarter of steps) -> {t['fresh_reward_last']} (last quarter); truncation share "
-                 f"{t['truncated_first']} -> {t['truncated_last']}.")
-    return "\n".join(lines) + "\n"
-
-
-def _quarter_means(values):
-    vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    if not vals:
-        return None, None
-    q = max(1, len(vals) // 4)
-    return round(float(np.mean(vals[:q])), 4), round(float(np.mean(vals[-q:])), 4)
+    t0 = time.monotonic()
+    deadline = t0 + 60 * args.minutes if args.minutes else None
+    train(cfg, run_dir, steps=steps, deadline=deadline)
+    train_minutes = (time.monotonic() - t0) / 60
+    ckpt = latest_checkpoint(run_dir)
+    base, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
+    model, trained_steps = trained_policy(cfg, base, ckpt)
+    after = evaluate_all(model, tokenizer)
+    curve = learning_curve(run_dir)
+    rq, tq = first_last(quarter_means(curve["fresh reward"][1])), first_last(quarter_means(curve["truncation share"][1]))
+    informative = quarter_means(curve["informative share"][1])
+    training = {"steps": trained_steps, "minutes": round(train_minutes, 2), "budget_minutes": args.minutes,
+                "schedule_steps": schedule_steps(cfg), "checkpoint": str(ckpt),
+                "fresh_reward_first": rq[0], "fresh_reward_last": rq[1],
+                "truncated_first": tq[0], "truncated_last": tq[1], "informative_frac_by_quarter": informative,
+                "informative_frac_mean": (round(float(np.mean(curve["informative share"][1])), 4)
+                                          if curve["informative share"][1] else None)}
+    return training, after, curve
 
 
 def run(argv):
-    from mlx_coach.config.tree import load_config
     from mlx_coach.runtime.rundir import writable_dir
     from mlx_coach.models.loader import load_policy
     from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
     from mlx_coach.data.tasks import load_tasks
-    from mlx_coach.rl.setup import schedule_steps
-    from mlx_coach.rl.loop import train
+    from mlx_coach.config.tree import load_config
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     out = writable_dir(args.output, "--output")
-    run_dir = out / "run"
-    if run_dir.exists():
-        raise UserError(f"--output: {run_dir} already exists; choose a new --output folder")
+    seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    run_dirs = {s: out / ("run" if args.seeds == 1 else f"run-seed{s}") for s in seeds}
+    for run_dir in run_dirs.values():
+        if run_dir.exists():
+            raise UserError(f"--output: {run_dir} already exists; choose a new --output folder")
     heldout, overlap = heldout_tasks(cfg, args.heldout, args.heldout_limit)
     if overlap:
         print(f"warning: {len(overlap)} held-out tasks are also training tasks ({', '.join(overlap[:5])}...)",
@@ -280,81 +263,80 @@ def run(argv):
         sets["humaneval"] = he[: args.humaneval_limit] if args.humaneval_limit else he
     max_new = args.eval_max_new_tokens or cfg.train.val_max_new_tokens or cfg.rollout.max_new_tokens
     samples = args.samples if args.samples > 1 else 1
-    # the schedule's length is fixed here, as `mlx-coach train` does; with --minutes the step count is
-    # unknown in advance, so the schedule follows the config (a constant rate suits a time budget)
-    if not cfg.optim.schedule_steps:
-        cfg.optim.schedule_steps = max(cfg.train.steps, args.steps or 0)
-    cfg.train.output = str(run_dir)
     if args.steps is None and not (args.full or args.minutes):
         steps = min(cfg.train.steps, SHORT["steps"])
     else:
         steps = args.steps or (10**9 if args.minutes else cfg.train.steps)
 
     note = bench_note("learn")
+    phases = len(sets) + len(seeds) * (1 + len(sets))
+    done = 0
 
-    def evaluate_all(model, tokenizer, scorer, when):
+    def evaluate_all(model, tokenizer, when):
+        nonlocal done
         res = {}
         for name, tasks in sets.items():
             n = samples if name == "heldout" else 1
-            done = (len(sets) + 1) * (when == "after") + list(sets).index(name) + 1
-            note(f"[{done}/{2 * len(sets) + 1}] {when} training: evaluating {name}, {len(tasks)} tasks "
+            done += 1
+            note(f"[{done}/{phases}] {when} training: evaluating {name}, {len(tasks)} tasks "
                  f"(greedy{f' + {n} sampled' if n > 1 else ''} answers each)")
             res[name] = evaluate_set(model, tokenizer, tasks, cfg, scorer, max_new_tokens=max_new,
                                      samples=n, seed=args.seed)
             print(f"{when} {name}: " + json.dumps(summary(res[name], n)), file=sys.stderr, flush=True)
         return res
 
+    runs, after, curves = [], {}, {}
     with SandboxScorer(cfg.sandbox) as scorer:
+        # the base model's evaluation is the same for every seed (the decoding's seed is --seed): once
         model, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
         model.eval()
-        before = evaluate_all(model, tokenizer, scorer, "before")
+        before = evaluate_all(model, tokenizer, "before")
         del model
-        note(f"[{len(sets) + 1}/{2 * len(sets) + 1}] training "
-             + (f"for {args.minutes:g} minutes" if steps == 10**9 else f"{steps} steps")
-             + (f" (at most {args.minutes:g} minutes)" if args.minutes and steps != 10**9 else "")
-             + (f"; --full for the config's {cfg.train.steps}" if args.steps is None and steps < cfg.train.steps
-                else ""))
-        t0 = time.monotonic()
-        deadline = t0 + 60 * args.minutes if args.minutes else None
-        train(cfg, run_dir, steps=steps, deadline=deadline)
-        train_minutes = (time.monotonic() - t0) / 60
-        from mlx_coach.runtime.checkpoint import latest_checkpoint
+        for seed in seeds:
+            done += 1
+            note(f"[{done}/{phases}] training" + (f" seed {seed}" if len(seeds) > 1 else "") + " "
+                 + (f"for {args.minutes:g} minutes" if steps == 10**9 else f"{steps} steps")
+                 + (f" (at most {args.minutes:g} minutes)" if args.minutes and steps != 10**9 else "")
+                 + (f"; --full for the config's {cfg.train.steps}" if args.steps is None and steps < cfg.train.steps
+                    else ""))
+            seed_cfg = seed_config(args, seed, run_dirs[seed])
+            training, after[seed], curves[seed] = train_and_evaluate(
+                seed_cfg, run_dirs[seed], steps, args, lambda m, t: evaluate_all(m, t, "after"))
+            runs.append({"seed": seed, "run": str(run_dirs[seed]), "training": training, "sets": {}, "per_task": {}})
+            for name in sets:
+                n = samples if name == "heldout" else 1
+                a = after[seed]
+                runs[-1]["sets"][name] = {"before": summary(before[name], n), "after": summary(a[name], n),
+                                          "change": compare(before[name], a[name], n, args.seed),
+                                          "seconds": {"before": before[name]["seconds"], "after": a[name]["seconds"]}}
+                runs[-1]["per_task"][name] = {when: {k: v for k, v in res[name].items() if k != "rows"}
+                                              for when, res in (("before", before), ("after", a))}
+            runs[-1]["curve"] = {k: {"steps": xs, "values": ys} for k, (xs, ys) in curves[seed].items()}
 
-        ckpt = latest_checkpoint(run_dir)
-        base, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
-        model, trained_steps = trained_policy(cfg, base, ckpt)
-        after = evaluate_all(model, tokenizer, scorer, "after")
-
-    curve = learning_curve(run_dir)
-    rq = _quarter_means(curve["fresh reward"][1])
-    tq = _quarter_means(curve["truncation share"][1])
     report = {
         "config": args.config, "overrides": args.set, "model": cfg.model.path, "samples": samples,
         "eval_max_new_tokens": max_new, "heldout_spec": args.heldout, "heldout_overlap_with_train": overlap,
         "humaneval_subset": bool(args.humaneval_limit) and "humaneval" in sets,
-        "training": {"steps": trained_steps, "minutes": round(train_minutes, 2), "budget_minutes": args.minutes,
-                     "schedule_steps": schedule_steps(cfg), "checkpoint": str(ckpt),
-                     "fresh_reward_first": rq[0], "fresh_reward_last": rq[1],
-                     "truncated_first": tq[0], "truncated_last": tq[1]},
-        "sets": {}, "per_task": {},
+        "over_seeds": over_seeds(runs, list(sets)),
     }
-    for name in sets:
-        n = samples if name == "heldout" else 1
-        report["sets"][name] = {"before": summary(before[name], n), "after": summary(after[name], n),
-                                "change": compare(before[name], after[name], n, args.seed),
-                                "seconds": {"before": before[name]["seconds"], "after": after[name]["seconds"]}}
-        report["per_task"][name] = {when: {k: v for k, v in res[name].items() if k != "rows"}
-                                    for when, res in (("before", before), ("after", after))}
-    report["curve"] = {k: {"steps": xs, "values": ys} for k, (xs, ys) in curve.items()}
-    png = plot_curve(out / "learning_curve.png", curve, f"{cfg.model.path}: learning curve ({trained_steps} steps)")
+    if len(seeds) == 1:
+        report.update({k: v for k, v in runs[0].items() if k not in ("seed", "run")})
+    else:
+        report["runs"] = runs
+    pngs = [plot_curve(out / ("learning_curve.png" if len(seeds) == 1 else f"learning_curve-seed{r['seed']}.png"),
+                       curves[r["seed"]], f"{cfg.model.path}: learning curve ({r['training']['steps']} steps"
+                       + (f", seed {r['seed']})" if len(seeds) > 1 else ")")) for r in runs]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     with open(out / "samples.jsonl", "w") as f:
-        for when, res in (("before", before), ("after", after)):
+        for name in sets:
+            for row in before[name]["rows"]:
+                f.write(json.dumps({"when": "before", "set": name, **row}) + "\n")
+        for seed in seeds:
             for name in sets:
-                for row in res[name]["rows"]:
-                    f.write(json.dumps({"when": when, "set": name, **row}) + "\n")
+                for row in after[seed][name]["rows"]:
+                    f.write(json.dumps({"when": "after", "seed": seed, "set": name, **row}) + "\n")
     md = markdown(report)
     (out / "report.md").write_text(md)
     print(md)
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {png}")
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {', '.join(str(p) for p in pngs)}")
     return report

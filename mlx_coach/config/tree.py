@@ -22,6 +22,7 @@ from mlx_coach.telemetry.alerts import AlertConfig
 from mlx_coach.rewards.cache import CacheConfig
 from mlx_coach.core.errors import UserError
 from mlx_coach.runtime.memory import MemoryConfig
+from mlx_coach.runtime.micro_batches import AUTO
 from mlx_coach.data.procedural import DEFAULT_COUNT, DEFAULT_HELDOUT, check_families
 from mlx_coach.rewards.sources import RewardConfig
 from mlx_coach.engine.rollout import RolloutConfig
@@ -115,7 +116,11 @@ class OptimConfig:
                              "`mlx-coach train` fixes it when a run starts (the larger of train.steps and "
                              "--steps), so --steps and --resume only say where to stop")
     grad_clip: float = _f(1.0, lo=0.0, help="max global grad norm; 0 = off")
-    grad_accum: int = _f(1, lo=1)
+    grad_accum: object = _f("auto", help="micro-batches the reference pass and the update split a step's rows into: "
+                            "an integer >= 1, or auto: each step the fewest whose predicted working memory each stays "
+                            "within micro_batch_gb (runtime/micro_batches.py)")
+    micro_batch_gb: float = _f(1.5, lo=0.0, lo_open=True, help="grad_accum auto: the memory plan's working memory "
+                               "(activations and logits) one micro-batch may take, in GB")
     share_prompts: bool = _f(True, help="compute each group's prompt once for its G samples in the reference pass "
                              "and the update (models whose head splits off: llama, mistral, qwen2, qwen3)")
 
@@ -299,9 +304,22 @@ def validate(cfg):
         raise UserError("config key 'model.lora_layers' must be -1 (all) or a positive number of layers")
     if cfg.model.lora_keys is not None and not all(isinstance(k, str) for k in cfg.model.lora_keys):
         raise UserError("config key 'model.lora_keys' must be a list of strings")
+    check_grad_accum(cfg.optim)
     check_template(cfg.rollout.user_template)
     check_dependent(cfg)
     check_store_folder(cfg.cache.sqlite_path)
+
+
+def check_grad_accum(optim):
+    """optim.grad_accum is auto or a whole number of micro-batches >= 1 (2.0 is read as 2)."""
+    value = optim.grad_accum
+    if value == AUTO:
+        return
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"config key 'optim.grad_accum' must be auto or an integer >= 1; got {value!r}")
+    optim.grad_accum = value
 
 
 def save_config(cfg, path):

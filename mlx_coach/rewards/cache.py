@@ -106,6 +106,10 @@ class ScoreCache:
     wall:  clock for the `created` stamp of SQLite rows, which only ages rows under a TTL. Wall-clock
            time because rows are shared between processes and outlive reboots, where monotonic clocks
            are not comparable.
+    shared_over: the World whose ranks use this cache as one (None: this process alone). Rank 0's
+           instance then holds the run's student entries, decides every lookup with its own clocks and
+           alone persists them (CachedScorer's shared path); the other ranks' instances are never asked
+           for student entries and open no SQLite store.
 
     Which SQLite rows this cache does not read back is decided by a row's writer and seq
     (cache_sqlite.py), never by a clock. `_hidden` holds (writer, after, until) windows: the rows a run
@@ -123,8 +127,9 @@ class ScoreCache:
     """
 
     def __init__(self, policy="lru", maxsize=100_000, ttl_s=3600.0, sqlite_path=None, on_corrupt="refuse", *,
-                 run=None, timer=time.monotonic, wall=time.time):
+                 run=None, timer=time.monotonic, wall=time.time, shared_over=None):
         self.config = CacheConfig(policy, maxsize, ttl_s, sqlite_path, on_corrupt)
+        self.shared_over = shared_over
         self._timer, self._wall = timer, wall
         self._lock = threading.RLock()
         self._tick = itertools.count()
@@ -138,12 +143,16 @@ class ScoreCache:
             self._hidden = [(self._run, self._db.checkpointed_seq(self._run), self._db.last_seq())]
 
     @classmethod
-    def from_config(cls, cfg: CacheConfig, run=None, timer=time.monotonic, wall=time.time) -> "ScoreCache":
+    def from_config(cls, cfg: CacheConfig, run=None, timer=time.monotonic, wall=time.time,
+                    shared_over=None) -> "ScoreCache":
         """The cache a run's `cache:` section describes. A sqlite_path that cannot be used is a UserError
-        naming it; a damaged one moved aside (on_corrupt: move-aside) is said in one line on stderr."""
+        naming it; a damaged one moved aside (on_corrupt: move-aside) is said in one line on stderr.
+        shared_over: the run's World; on its ranks other than 0 the SQLite store is not opened (rank 0
+        alone persists)."""
+        sqlite_path = cfg.sqlite_path if shared_over is None or shared_over.is_main else None
         try:
-            cache = cls(cfg.policy, cfg.maxsize, cfg.ttl_s, cfg.sqlite_path, cfg.on_corrupt, run=run, timer=timer,
-                        wall=wall)
+            cache = cls(cfg.policy, cfg.maxsize, cfg.ttl_s, sqlite_path, cfg.on_corrupt, run=run, timer=timer,
+                        wall=wall, shared_over=shared_over)
         except DamagedStore as e:
             raise UserError(f"cache.sqlite_path: {cfg.sqlite_path} is not a usable score store ({e}); to move it "
                             f"aside and start an empty one, set cache.on_corrupt: move-aside (--set "

@@ -14,6 +14,12 @@ weights (`Served.identity`), not by its loopback URL, whose port changes from ru
 The server runs in its own session so that a Ctrl-C at the terminal reaches only the trainer, which
 finishes its step (with the judge still answering) and checkpoints. Its watchdog ends it when the
 process that started it goes away, even by SIGKILL, so no server outlives its run.
+
+On several ranks one server serves them all: rank 0 alone starts it, on the address the other ranks
+reach rank 0 at (`runtime.distributed.main_host`), and hands its url, digit bias and identity to
+every rank through a collective; each rank then checks that it can reach /health, and a failure on any
+rank (rank 0's start included) is the same one-line error on every rank, so none waits for a server
+that is not coming.
 """
 
 from __future__ import annotations
@@ -21,18 +27,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.settings import check_fields, setting
 from mlx_coach.models.base_identity import fingerprint
+from mlx_coach.runtime.distributed import main_host, outside_group_env, world
 from mlx_coach.runtime.watchdog import watch_parent
 
 DIGIT_BIAS = 100.0
@@ -53,10 +62,10 @@ class TeacherServerConfig:
 
 @dataclass
 class Served:
-    url: str  # base_url for the judge: http://127.0.0.1:PORT/v1
+    url: str  # base_url for the judge: http://HOST:PORT/v1
     digit_bias: dict  # token id (str) -> DIGIT_BIAS for the served tokenizer's digits 0-9
     identity: str  # the served model: its spec and the fingerprint of its folder's weights, "SPEC@FINGERPRINT"
-    process: subprocess.Popen = dataclasses.field(repr=False)
+    process: subprocess.Popen | None = dataclasses.field(repr=False)  # None on ranks other than 0
 
 
 _LIVE: dict = {}  # id(TeacherServerConfig) -> Served, while its serve() is open
@@ -88,8 +97,8 @@ def _model_folder(spec):
     return info["path"], tokenizer
 
 
-def _healthy(port, timeout=2.0) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _healthy(port, timeout=2.0, host="127.0.0.1") -> bool:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", "/health")
         resp = conn.getresponse()
@@ -113,22 +122,22 @@ def _tail(path, n=400):
     return lines[-1] if lines else ""
 
 
-def start(tc: TeacherServerConfig) -> Served:
-    """Start the server for tc.model and wait until it answers; UserError (one line) if it does not."""
+def start(tc: TeacherServerConfig, host="127.0.0.1") -> Served:
+    """Start the server for tc.model on host and wait until it answers; UserError (one line) if it does not."""
     folder, tokenizer = _model_folder(tc.model)
     bias = {str(i): DIGIT_BIAS for i in digit_token_ids(tokenizer)}
     identity = f"{tc.model}@{fingerprint(folder)}"
-    port = free_port()
+    port = free_port(host)
     log = tempfile.NamedTemporaryFile(prefix="mlx-coach-teacher-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "mlx_coach.rewards.teacher_server", str(os.getpid()), "--model", folder,
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+           "--host", host, "--port", str(port), "--log-level", "WARNING",
            "--decode-concurrency", str(tc.decode_concurrency)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env=outside_group_env(os.environ))
     log.close()
     deadline = time.monotonic() + tc.startup_timeout_s
     try:
-        while not _healthy(port):
+        while not _healthy(port, host=host):
             if proc.poll() is not None:
                 raise UserError(f"teacher_server.model: the judge server for {tc.model!r} exited with code "
                                 f"{proc.returncode} ({_tail(log.name)})")
@@ -141,7 +150,37 @@ def start(tc: TeacherServerConfig) -> Served:
         os.unlink(log.name)
         raise
     os.unlink(log.name)  # the open descriptor keeps the server's output going nowhere visible
-    return Served(f"http://127.0.0.1:{port}/v1", bias, identity, proc)
+    return Served(f"http://{host}:{port}/v1", bias, identity, proc)
+
+
+def start_shared(tc: TeacherServerConfig, world_) -> Served:
+    """The run's one server: started by rank 0 and handed to every rank (module docstring). A start that
+    fails on rank 0, or a server some rank cannot reach, raises the same UserError on every rank."""
+    if world_.size == 1:
+        return start(tc)
+    served, failure, message = None, None, []
+    if world_.is_main:
+        try:
+            served = start(tc, host=main_host())
+            message = [json.dumps({"url": served.url, "digit_bias": served.digit_bias, "identity": served.identity})]
+        except BaseException as e:  # noqa: BLE001 - the others wait for the address: tell them, then raise
+            failure = e
+            message = [json.dumps({"error": str(e) if isinstance(e, UserError) else
+                                   f"teacher_server.model: rank 0 could not start the judge server for {tc.model!r}"})]
+    handed = json.loads(world_.gather_bytes([m.encode() for m in message])[0][0])
+    if failure is not None:
+        raise failure
+    if "error" in handed:
+        raise UserError(handed["error"])
+    served = served or Served(handed["url"], handed["digit_bias"], handed["identity"], None)
+    where = urllib.parse.urlsplit(served.url)
+    reached = world_.all_min(float(_healthy(where.port, host=where.hostname)))
+    if reached < 1.0:
+        if served.process is not None:
+            stop(served.process)
+        raise UserError(f"teacher_server: a rank cannot reach the judge server rank 0 started at {served.url} "
+                        f"(rank 0's address from the launcher's hostfile; check the firewall between the hosts)")
+    return served
 
 
 def stop(proc, grace_s=10.0):
@@ -161,13 +200,14 @@ def serve(cfg):
     if tc.model is None:
         yield None
         return
-    served = start(tc)
+    served = start_shared(tc, world())
     _LIVE[id(tc)] = served
     try:
         yield served
     finally:
         _LIVE.pop(id(tc), None)
-        stop(served.process)
+        if served.process is not None:  # rank 0's, which alone started it
+            stop(served.process)
 
 
 def point_at_served(r, cfg, key):

@@ -102,14 +102,11 @@ class AfterStep:
         return student["hits"], student["misses"]
 
     def cache_metrics(self):
-        """The step's hit rate (differences of the cache's counters) and the cache's totals."""
+        """The step's hit rate (differences of the cache's counters) and the cache's totals; on several
+        ranks rank 0's cache is the run's one cache (ScoreCache.shared_over), and rank 0 logs them."""
         student = self.cache.stats()["student"]
         (hits_before, misses_before), self.cache_counts = self.cache_counts, self._cache_counts()
         hits, misses = student["hits"] - hits_before, student["misses"] - misses_before
-        if self.world.size > 1:  # each rank has its own cache: counts summed over ranks
-            names = ("hits", "misses", "evictions", "expirations", "size", "corrupt_rows")
-            hits, misses, *totals = self.world.all_sum([hits, misses, *(student[k] for k in names)])
-            student = dict(zip(names, totals))
         return {"cache/hit_rate": hits / (hits + misses) if hits + misses else 0.0, "cache/step_hits": hits,
                 "cache/step_misses": misses, "cache/hits": student["hits"], "cache/misses": student["misses"],
                 "cache/evictions": student["evictions"], "cache/expirations": student["expirations"],

@@ -71,8 +71,14 @@ def step_metrics(batch, result, columns, entropies, gen, group_size, source_name
         "gen/rows_per_forward": stats.rows_per_forward,  # how full rollout.continuous kept the batch
         "gen/refills": stats.refills,
         "update/padding_frac": 1.0 - result.real_tokens / max(computed, 1),
+        "optim/micro_batches": result.micro_batches,  # this rank's (optim.grad_accum, or auto's choice)
         **result.group_norms,
     }
+    # the share of the step's drawn prompt groups whose rewards are not all equal (the groups with GRPO signal);
+    # dynamic sampling trains on informative groups only, so there it counts every group the step drew
+    drawn = batch.sampling.get("sampling/draws")
+    metrics["groups/informative_frac"] = (1.0 - batch.sampling["sampling/dropped_groups"] / drawn if drawn
+                                          else 1.0 - metrics["reward/frac_zero_std"])
     if batch.kl_observed is not None:  # steps with the reference pass (Trainer.reference_needed)
         metrics.update({"kl/mean": batch.kl_observed, "kl/max": batch.kl_max})
     if result.health:  # steps of train.health_every

@@ -27,7 +27,7 @@ from mlx_coach.engine.sampling import SampleKeys
 from mlx_coach.models import base_identity
 from mlx_coach.models.loader import load_policy
 from mlx_coach.models.lora import adapter_config, apply_lora, frozen_copy, unfreeze_all
-from mlx_coach.models.size import check_fits
+from mlx_coach.models.size import check_fits, plan_run
 from mlx_coach.rewards.cache import ScoreCache
 from mlx_coach.rewards.sources import RewardSet
 from mlx_coach.rl import dynamic_sampling, objective
@@ -42,7 +42,7 @@ from mlx_coach.rl.step_metrics import sample_columns, step_metrics
 from mlx_coach.rl.update import Updater, on_cadence
 from mlx_coach.runtime.checkpoint import (CheckpointError, latest_checkpoint, load_latest_intact, save_checkpoint,
                                           write_safetensors)
-from mlx_coach.runtime.distributed import shard_bounds, world
+from mlx_coach.runtime.distributed import shard_bounds, step_timing, world
 from mlx_coach.runtime.memory import MemoryManager
 from mlx_coach.runtime.memory_plan import GB
 from mlx_coach.runtime.rundir import claim, written_whole
@@ -79,7 +79,8 @@ class Trainer(AfterStep, ReferencePass):
         self.state = TrainerState(kl_controller=make_kl_controller(cfg.algo.beta, cfg.algo.kl_target,
                                                                    cfg.algo.kl_horizon))
         self._setup_policy(cfg, resume)
-        self.cache = ScoreCache.from_config(cfg.cache, run=self.run_dir)  # stamps its SQLite rows with this run
+        # stamps its SQLite rows with this run; one cache for all ranks, held by rank 0 (CachedScorer)
+        self.cache = ScoreCache.from_config(cfg.cache, run=self.run_dir, shared_over=self.world)
         self.rewards = RewardSet(cfg, self.cache)
         self.val_scorer = self.rewards.tests.impl if self.rewards.tests else None
         self.memory = MemoryManager(cfg.memory)
@@ -131,7 +132,8 @@ class Trainer(AfterStep, ReferencePass):
         self.share_prompts = cfg.optim.share_prompts and can_share_prompts(self.model)
         self.updater = Updater(self.model, self.optimizer, algo=cfg.algo, optim=cfg.optim, bucket=cfg.rollout.bucket,
                                share_prompts=self.share_prompts, temperature=self.temperature,
-                               max_len=cfg.rollout.max_new_tokens, world=self.world)
+                               max_len=cfg.rollout.max_new_tokens, world=self.world,
+                               group_size=cfg.rollout.group_size, plan=planned or self._loaded_plan(cfg))
         # the adapters' starting point, kept on disk so per-layer deltas survive a resume
         initial = self.run_dir / "initial_trainable.safetensors"
         if resume and initial.is_file():
@@ -141,6 +143,11 @@ class Trainer(AfterStep, ReferencePass):
             if model_cfg.fine_tune == "lora" and self.world.is_main:
                 with written_whole(initial) as tmp:
                     write_safetensors(tmp, self.initial_trainable)
+
+    def _loaded_plan(self, cfg):
+        """The memory plan from the loaded model's folder, for a model the plan could not describe before
+        loading (a hub id not yet downloaded); grad_accum auto splits steps by it."""
+        return plan_run(replace(cfg, model=replace(cfg.model, path=self.model_info["path"])), self.train_tasks)
 
     # ---------------------------------------------------------------- checkpoints
     def save(self):
@@ -366,7 +373,8 @@ class Trainer(AfterStep, ReferencePass):
         return self.add_run_metrics(metrics, columns, batch.phase, result)
 
     def _generation_totals(self, batch, result):
-        """Tokens and tok/s summed over ranks, phase times the slowest rank's (the step waits for it)."""
+        """Tokens and tok/s summed over ranks, phase times the slowest rank's (the step waits for it); on
+        several ranks also the dist/* timing tags (runtime.distributed.step_timing)."""
         stats = batch.rollout_stats
         sums = {"gen/tokens_per_sec": stats.tokens_per_sec, "gen/prefill_tokens": stats.prefill_tokens,
                 "gen/decode_tokens": stats.decode_tokens}
@@ -376,7 +384,8 @@ class Trainer(AfterStep, ReferencePass):
                  "time/reference_s": batch.times["reference"]}  # the reference forward, which scoring overlaps
         if self.world.size > 1:
             sums = dict(zip(sums, self.world.all_sum(list(sums.values()))))
-            times = dict(zip(times, self.world.all_max(list(times.values()))))
+            times = {**dict(zip(times, self.world.all_max(list(times.values())))),
+                     **step_timing(self.world, batch.times["generate"], result.allreduce_s)}
         return {**sums, **times}
 
 

@@ -1,23 +1,28 @@
 """The update: num_iterations optimizer steps on one StepBatch, each from weighted micro-batches.
 
 Each micro-batch is evaluated before the next one builds its graph, so peak memory is one
-micro-batch's. Micro-batches (and, on several ranks, the ranks) are weighted by their share of the
-objective's normaliser, so the summed gradient is exactly the full batch's. A non-finite loss or
+micro-batch's. optim.grad_accum N splits a step's rows into N near-equal runs; auto takes the fewest
+micro-batches within optim.micro_batch_gb of predicted working memory (runtime/micro_batches.py), from the
+step's rows alone. Micro-batches (and, on several ranks, the ranks) are weighted by their share of the
+objective's normaliser, so the summed gradient is exactly the full batch's whatever the split. A non-finite loss or
 gradient norm leaves weights and optimizer state exactly as they were (the step is not taken);
 nothing is clamped. LoRA dropout is active here only, never while sampling. Not compiled (see
 docs/decisions.md).
 """
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_coach.engine.buckets import round_up
 from mlx_coach.engine.logprobs import logprob_inputs, logprobs_from_inputs
 from mlx_coach.rl.batch import fit_width, micro_batches
 from mlx_coach.rl.objective import loss_aggregation, micro_batch_loss, micro_batch_weight, normaliser
+from mlx_coach.runtime.micro_batches import AUTO, budget_split
 from mlx_coach.telemetry.health import grad_norms_by_group, update_ratio
 
 
@@ -39,14 +44,25 @@ class UpdateResult:
     group_norms: dict = field(default_factory=dict)  # gradient norms by module group, last step taken
     seconds: float = 0.0
     shapes: list = field(default_factory=list)  # (rows, columns) of the update's forwards
+    micro_batches: int = 0  # how many the step's rows were split into
+    allreduce_s: float = 0.0  # this rank's time in the gradient all-reduce (several ranks), every iteration's
     real_tokens: int = 0  # real token positions among them
 
 
 class Updater:
-    def __init__(self, model, optimizer, *, algo, optim, bucket, share_prompts, temperature, max_len, world):
+    def __init__(self, model, optimizer, *, algo, optim, bucket, share_prompts, temperature, max_len, world,
+                 group_size=1, plan=None):
+        """plan: the memory plan's (arch, RunShape) of the run (models/size.py plan_run), which
+        optim.grad_accum auto needs; group_size: rows per prompt, consecutive."""
         self.model, self.optimizer, self.world = model, optimizer, world
         self.algo, self.optim, self.bucket, self.share_prompts = algo, optim, bucket, share_prompts
+        self.group_size = group_size
+        if optim.grad_accum == AUTO:
+            if plan is None:
+                raise ValueError("optim.grad_accum auto needs the run's memory plan")
+            self.arch, self.shape = plan[0], replace(plan[1], share_prompts=share_prompts)
         self.temperature = temperature
+        self.allreduce_s = 0.0  # the current update's time in the gradient all-reduce (several ranks)
         loss = partial(micro_batch_loss, algo=algo, temperature=temperature, max_len=max_len)
         self.loss_and_grad = nn.value_and_grad(
             model, lambda m, x, beta, first, nan: loss(m, x, beta, first_iteration=first, inject_nan=nan))
@@ -58,7 +74,15 @@ class Updater:
         """Each micro-batch's (rows, log-prob inputs): built once a step, for the reference pass, the
         memory manager's shapes and every iteration of the update."""
         return [(rows, self.inputs([prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]))
-                for rows in micro_batches(len(completion_ids), self.optim.grad_accum)]
+                for rows in self.split(prompt_ids, completion_ids)]
+
+    def split(self, prompt_ids, completion_ids):
+        """Row indices of each micro-batch: optim.grad_accum N near-equal runs, or auto's budget split."""
+        n = len(completion_ids)
+        if self.optim.grad_accum != AUTO:
+            return micro_batches(n, self.optim.grad_accum)
+        widths = partial(forward_widths, prompt_ids, completion_ids, self.share_prompts, self.bucket)
+        return budget_split(self.arch, self.shape, n, self.group_size, self.optim.micro_batch_gb, widths)
 
     def micro_inputs(self, batch, rows, x):
         """One micro-batch's log-prob inputs `x` with the batch's per-token columns cut or padded to
@@ -102,11 +126,13 @@ class Updater:
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * weight
             mx.eval(grads_sum, loss_sum, stats_sum)
-        if self.world.size > 1:
+        if self.world.size > 1:  # the micro-batches are evaluated: the timer measures the collectives alone
+            t0 = time.perf_counter()
             grads_sum = nn.average_gradients(grads_sum)
             loss_sum = mx.distributed.all_sum(loss_sum) / self.world.size
             stats_sum = {k: mx.distributed.all_sum(v) / self.world.size for k, v in stats_sum.items()}
             mx.eval(grads_sum, loss_sum, stats_sum)
+            self.allreduce_s += time.perf_counter() - t0
         return grads_sum, loss_sum, stats_sum
 
     def apply(self, grads, loss):
@@ -131,7 +157,8 @@ class Updater:
             for x in inputs:
                 x["old_logp"] = self.old_logprobs(x)
                 mx.eval(x["old_logp"])
-        result = UpdateResult(health=health)
+        result = UpdateResult(health=health, micro_batches=len(forwards))
+        self.allreduce_s = 0.0
         self.model.train()
         try:
             for iteration in range(self.algo.num_iterations):
@@ -153,6 +180,7 @@ class Updater:
                 result.update_ratio.append(update_ratio(before, dict(tree_flatten(self.model.trainable_parameters()))))
         finally:
             self.model.eval()
+        result.allreduce_s = self.allreduce_s
         return result
 
     def shapes(self, batch):
@@ -169,6 +197,16 @@ class Updater:
         if not self.share_prompts:
             real = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
         return shapes, real
+
+
+def forward_widths(prompt_ids, completion_ids, share_prompts, bucket, rows):
+    """(rows, distinct prompts, completion width, prompt width) of the log-prob forward of `rows`:
+    logprob_inputs pads both widths to the longest, rounded up to the bucket; without shared prompts
+    every row computes its own."""
+    prompts = {tuple(prompt_ids[i]) for i in rows}
+    completion = round_up(max(1, max(len(completion_ids[i]) for i in rows)), bucket)
+    prompt = round_up(max(len(p) for p in prompts), bucket)
+    return len(rows), len(prompts) if share_prompts else len(rows), completion, prompt
 
 
 def on_cadence(step, every):

@@ -11,6 +11,7 @@ Sharding is contiguous: rank r takes the r-th of `size` near-equal slices of the
 batch's order. `gather` relies on that to rebuild per-sample columns of the global batch.
 """
 
+import json
 import os
 
 import mlx.core as mx
@@ -79,6 +80,27 @@ class World:
     def all_gather_fixed(self, x):
         return mx.distributed.all_gather(mx.array(x), group=self.group)
 
+    def gather_bytes(self, blobs):
+        """Every rank's list of byte strings, as one list per rank in rank order (lists may differ in
+        length, even be empty): how strings (cache keys, encoded verdicts) cross ranks."""
+        blobs = [bytes(b) for b in blobs]
+        if self.size == 1:
+            return [blobs]
+        lengths = self.gather(np.array([[len(blobs)], *([len(b)] for b in blobs)], dtype=np.float32)).ravel()
+        payload = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.float32)  # bytes are exact in float32
+        data = self.gather(payload[:, None]).ravel().astype(np.uint8).tobytes()
+        out, i, at = [], 0, 0
+        for _ in range(self.size):  # lengths holds, per rank, its count then its blobs' lengths
+            count = int(lengths[i])
+            sizes = [int(n) for n in lengths[i + 1: i + 1 + count]]
+            i += 1 + count
+            mine = []
+            for n in sizes:
+                mine.append(data[at: at + n])
+                at += n
+            out.append(mine)
+        return out
+
     def from_main(self, value):
         """Rank 0's float on every rank (for decisions only rank 0 may take, e.g. a learning-rate cut)."""
         if self.size == 1:
@@ -110,6 +132,40 @@ def launched_backend():
     if os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE"):
         return "mpi"
     return None
+
+
+def step_timing(world_, rollout_s, allreduce_s):
+    """The dist/* timing tags of a step on several ranks ({} on one): each rank's rollout time (the
+    slowest and the fastest), the gap the others wait for the slowest (straggler), and rank 0's time
+    for the gradient all-reduce. Every rank takes part in the collectives; rank 0 logs the result."""
+    if world_.size == 1:
+        return {}
+    slowest, fastest = world_.all_max(rollout_s), world_.all_min(rollout_s)
+    return {"dist/rollout_s_max": slowest, "dist/rollout_s_min": fastest, "dist/straggler_s": slowest - fastest,
+            "dist/allreduce_s": world_.from_main(allreduce_s)}
+
+
+GROUP_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR",
+             "MLX_JACCL_RING", "MLX_RING_VERBOSE")
+GROUP_ENV_PREFIXES = ("OMPI_", "PMI_", "PMIX_")
+
+
+def outside_group_env(env):
+    """`env` without the variables mlx.launch (ring, JACCL) or MPI set for this run's group: a child
+    process given it (a judge server: mlx_lm.server calls mx.distributed.init()) does not try to join
+    the group as this rank and wait for peers that never come."""
+    return {k: v for k, v in env.items() if k not in GROUP_ENV and not k.startswith(GROUP_ENV_PREFIXES)}
+
+
+def main_host():
+    """The address the other ranks reach rank 0 at: its first IP in the ring backend's hostfile
+    (MLX_HOSTFILE: a JSON list, per rank, of "ip:port"), else loopback (ranks on one machine)."""
+    path = os.environ.get("MLX_HOSTFILE")
+    try:
+        with open(path) as f:
+            return json.load(f)[0][0].rsplit(":", 1)[0]
+    except (TypeError, OSError, ValueError, IndexError, KeyError, AttributeError):
+        return "127.0.0.1"
 
 
 def tree_checksum(flat_params):
