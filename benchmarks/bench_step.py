@@ -13,10 +13,11 @@ shared machine falls on all alike; every step seeds MLX from (seed, step), so th
 the same completions until their weights drift apart by rounding):
   all-on            the defaults: optim.share_prompts (each group's prompt computed once for its G samples
                     in the reference pass and the update), rollout.continuous (finished rows refilled by
-                    waiting prompts); the whole batch in one micro-batch
+                    waiting prompts); optim.grad_accum auto (2 micro-batches on the peer job)
   per-sample        each sample's prompt computed again
   batch-after-batch rollout.continuous off
-  two-micro-batches optim.grad_accum 2: the reference pass and the update in two halves (memory)
+  one-micro-batch   optim.grad_accum 1: the reference pass and the update on the whole batch at once
+                    (what auto's split saves in memory, and what it costs in time)
   health-every-step train.health_every 1: gradient norms by group and the update ratio at every step
                     (the default computes them at step 1 and every 10th: this variant is their cost)
 
@@ -69,7 +70,7 @@ KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 VARIANTS = {"all-on": {},
             "per-sample": {"optim": {"share_prompts": False}},
             "batch-after-batch": {"rollout": {"continuous": False}},
-            "two-micro-batches": {"optim": {"grad_accum": 2}},
+            "one-micro-batch": {"optim": {"grad_accum": 1}},
             "health-every-step": {"train": {"health_every": 1}}}
 STEPS, FULL_STEPS = 3, 5  # steps per variant: the default's, --full's
 DEFAULT_VARIANTS = ["all-on"]  # --full: all of VARIANTS

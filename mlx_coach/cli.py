@@ -4,7 +4,8 @@ Every stop is one line on stderr and an exit code: bad input (config, dataset, a
 exits 2; a run stopped on purpose (rewards[].on_outage: stop) exits 3 after checkpointing its finished
 steps; a write that failed (disk full, read-only, no permission; runtime/stops.py) exits 4; a stop
 signal exits 128 + its number (Ctrl-C 130, SIGHUP 129, SIGTERM 143; `train` checkpoints its last
-finished step first).
+finished step first); a rank of `mlx-coach launch` stopped because another rank or the launcher is gone
+exits 5 (runtime/watchdog.py), and `launch` itself exits with the failing rank's code.
 Each command's module is imported only when that command runs, so `--help` stays fast.
 """
 

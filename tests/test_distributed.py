@@ -88,13 +88,18 @@ print("RESULT", __import__("json").dumps(out), flush=True)
 """
 
 
+def rank_results(p):
+    """The RESULT lines every rank printed, as JSON, in rank order."""
+    return sorted((json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RESULT")),
+                  key=lambda r: r["rank"])
+
+
 def test_collectives_across_two_real_ranks(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
     p = launch([str(script)], timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    results = sorted((json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RESULT")),
-                     key=lambda r: r["rank"])
+    results = rank_results(p)
     assert [r["rank"] for r in results] == [0, 1] and all(r["size"] == 2 for r in results)
     for r in results:  # every rank sees the same global answers
         assert r["gather"] == [0.0, 100.0, 101.0]  # uneven shares, concatenated in rank order
@@ -287,8 +292,7 @@ def test_rank_0_alone_starts_the_teacher_server_and_every_rank_is_told_where(tmp
     script.write_text(TEACHER)
     p = launch([str(script)], timeout=180)
     assert p.returncode == 0, p.stderr[-2000:]
-    results = sorted((json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RESULT")),
-                     key=lambda r: r["rank"])
+    results = rank_results(p)
     assert [r["rank"] for r in results] == [0, 1]
     assert [r["started"] for r in results] == [True, False]  # one server for the run
     assert all(r["healthy"] for r in results)
