@@ -1,5 +1,6 @@
 """Data-parallel training: sharding, collectives across real ranks (mlx.launch over loopback), the
-2-rank run against the 1-rank run, resume rules, and the single-process defaults."""
+2-rank run (two hosts in two network namespaces, as root) against the 1-rank run, resume rules, and the
+single-process defaults."""
 
 import json
 import os
@@ -131,10 +132,27 @@ EQUIVALENCE = {
 
 
 def _plain(args):
-    """`python ARGS` in one process, without mlx.launch: the plain single-process command."""
+    """`python ARGS` as a plain command, without mlx.launch (a 1-rank run, or `mlx-coach launch`)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env,
                           check=False)
+
+
+# As root with iproute2 (as in CI), the 2-rank runs are two hosts: `mlx-coach launch --netns` puts each rank in
+# its own network namespace, joined by a rate-shaped veth pair, from a hostfile of their addresses; elsewhere
+# they run over loopback with mlx.launch.
+TWO_HOSTS = os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def netns_names():
+    p = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {line.split()[0] for line in p.stdout.splitlines() if line.startswith("mlx-coach-")}
+
+
+def two_ranks(args):
+    if not TWO_HOSTS:
+        return launch(args)
+    return _plain(["-m", "mlx_coach", "launch", "--netns", "--shape", "rate=10gbit", "--", *args[2:]])
 
 
 @pytest.fixture(scope="module")
@@ -144,20 +162,23 @@ def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     cfg = base / "eq.yaml"
     cfg.write_text(yaml.safe_dump(EQUIVALENCE))
+    namespaces = netns_names() if TWO_HOSTS else set()
     runs = {}
     for ranks in (1, 2):
         out = base / f"ranks{ranks}"
         args = ["-m", "mlx_coach", "train", "-c", str(cfg), "--output", str(out)]
-        p = _plain(args) if ranks == 1 else launch(args)
+        p = _plain(args) if ranks == 1 else two_ranks(args)
         assert p.returncode == 0, p.stderr[-3000:]
         runs[ranks] = (out, p)
     # the straight 2-rank run as it stood after step 2 (its checkpoint there, its later rows purged on resume)
     out = base / "resumed"
     shutil.copytree(runs[2][0], out)
     shutil.rmtree(out / "checkpoints/step-3")
-    p = launch(["-m", "mlx_coach", "train", "--resume", str(out)])
+    p = two_ranks(["-m", "mlx_coach", "train", "--resume", str(out)])
     assert p.returncode == 0, p.stderr[-3000:]
     runs["resumed"] = (out, p)
+    if TWO_HOSTS:
+        assert netns_names() <= namespaces  # every launch tore its namespaces down
     return runs
 
 
