@@ -89,18 +89,18 @@ print("RESULT", __import__("json").dumps(out), flush=True)
 """
 
 
-def rank_results(p):
-    """The RESULT lines every rank printed, as JSON, in rank order."""
+def run_on_two_ranks(script, source, timeout):
+    """Write `source` to `script`, run it on two ranks (mlx.launch, loopback), and return the RESULT lines every
+    rank printed, as JSON, in rank order."""
+    script.write_text(source)
+    p = launch([str(script)], timeout=timeout)
+    assert p.returncode == 0, p.stderr[-2000:]
     return sorted((json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RESULT")),
                   key=lambda r: r["rank"])
 
 
 def test_collectives_across_two_real_ranks(tmp_path):
-    script = tmp_path / "collectives.py"
-    script.write_text(COLLECTIVES)
-    p = launch([str(script)], timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    results = rank_results(p)
+    results = run_on_two_ranks(tmp_path / "collectives.py", COLLECTIVES, timeout=120)
     assert [r["rank"] for r in results] == [0, 1] and all(r["size"] == 2 for r in results)
     for r in results:  # every rank sees the same global answers
         assert r["gather"] == [0.0, 100.0, 101.0]  # uneven shares, concatenated in rank order
@@ -309,11 +309,7 @@ print("RESULT", json.dumps(out), flush=True)
 
 
 def test_rank_0_alone_starts_the_teacher_server_and_every_rank_is_told_where(tmp_path):
-    script = tmp_path / "teacher.py"
-    script.write_text(TEACHER)
-    p = launch([str(script)], timeout=180)
-    assert p.returncode == 0, p.stderr[-2000:]
-    results = rank_results(p)
+    results = run_on_two_ranks(tmp_path / "teacher.py", TEACHER, timeout=180)
     assert [r["rank"] for r in results] == [0, 1]
     assert [r["started"] for r in results] == [True, False]  # one server for the run
     assert all(r["healthy"] for r in results)

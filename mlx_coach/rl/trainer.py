@@ -384,8 +384,8 @@ class Trainer(AfterStep, ReferencePass):
                  "time/reference_s": batch.times["reference"]}  # the reference forward, which scoring overlaps
         if self.world.size > 1:
             sums = dict(zip(sums, self.world.all_sum(list(sums.values()))))
-            times = {**dict(zip(times, self.world.all_max(list(times.values())))),
-                     **step_timing(self.world, batch.times["generate"], result.allreduce_s)}
+            times = dict(zip(times, self.world.all_max(list(times.values()))))
+            times.update(step_timing(self.world, batch.times["generate"], times["time/generate_s"], result.allreduce_s))
         return {**sums, **times}
 
 

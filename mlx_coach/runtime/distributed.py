@@ -134,13 +134,14 @@ def launched_backend():
     return None
 
 
-def step_timing(world_, rollout_s, allreduce_s):
+def step_timing(world_, rollout_s, slowest, allreduce_s):
     """The dist/* timing tags of a step on several ranks ({} on one): each rank's rollout time (the
-    slowest and the fastest), the gap the others wait for the slowest (straggler), and rank 0's time
-    for the gradient all-reduce. Every rank takes part in the collectives; rank 0 logs the result."""
+    slowest, which the caller has already reduced for time/generate_s, and the fastest), the gap the
+    others wait for the slowest (straggler), and rank 0's time for the gradient all-reduce. Every rank
+    takes part in the collectives; rank 0 logs the result."""
     if world_.size == 1:
         return {}
-    slowest, fastest = world_.all_max(rollout_s), world_.all_min(rollout_s)
+    fastest = world_.all_min(rollout_s)
     return {"dist/rollout_s_max": slowest, "dist/rollout_s_min": fastest, "dist/straggler_s": slowest - fastest,
             "dist/allreduce_s": world_.from_main(allreduce_s)}
 
