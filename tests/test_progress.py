@@ -35,8 +35,11 @@ def test_a_bar_with_an_eta_on_a_terminal():
         "        progress.update(1)\n"
         "        progress.refresh()\n"
         "terminal.flush()\n"
-        "if select.select([master], [], [], 5)[0]:\n"
-        "    print(os.read(master, 65536).decode(errors='replace'))\n"
+        # a pty hands written bytes to its master side asynchronously: one read may see only part
+        "drawn = b''\n"
+        "while b'4/4' not in drawn and select.select([master], [], [], 30)[0]:\n"
+        "    drawn += os.read(master, 65536)\n"
+        "print(drawn.decode(errors='replace'))\n"
     )
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
                           start_new_session=True)
