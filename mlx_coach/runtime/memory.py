@@ -182,6 +182,9 @@ class MemoryManager:
         self.cache_history = []  # cache bytes at the end of each step (the growth rule), bounded
         self.shapes = set()  # (phase, rows, tokens) the current step asked for
         self.seen_shapes = set()  # every shape earlier steps asked for
+        # the first step's peak is its own, not what the process held before the trainer existed (bench
+        # learn evaluates the base model first, in the same process)
+        mx.reset_peak_memory()
 
     def apply_limits(self):
         """Set the configured limits in MLX; returns {name: bytes} for those set."""
