@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_coach.core.errors import UserError
-from mlx_coach.rl.dynamic_sampling import DifficultyTracker, next_round_size, task_weight
+from mlx_coach.rl.dynamic_sampling import LEVEL_DECAY, DifficultyTracker, next_round_size, task_level, task_weight
 from mlx_coach.rl.trainer import Trainer
 from mlx_coach.rl.setup import epoch_order, select_tasks
 from mlx_coach.rl.loop import train
@@ -146,6 +146,69 @@ def test_tracker_counts_fresh_scores_only_and_reports_the_distribution():
     assert u.counts == t.counts
     t.observe(["d"] * 5, [True] * 4 + [False], ["fresh", "duplicate", "duplicate", "unjudged", "fallback"])
     assert t.counts["d"] == [1, 1]  # copies, and samples with no verdict, are not counted
+
+
+def test_levels_pool_fresh_verdicts_decay_per_step_and_rate_tasks_never_seen():
+    t = DifficultyTracker()
+    floor = 0.05
+    # step 1: level a/1 solved by all 8 fresh samples, b/2 by half; a cached copy counts in neither
+    t.observe(["a1"] * 4 + ["a2"] * 4 + ["b1"] * 8 + ["a1"], [True] * 8 + [True, False] * 4 + [True],
+              ["fresh"] * 16 + ["cached"], ["a/1"] * 8 + ["b/2"] * 8 + ["a/1"])
+    assert t.levels == {"a/1": [8.0, 8.0], "b/2": [8.0, 4.0]}
+    saturated, mixed = t.weight("a9", floor, "a/1"), t.weight("b9", floor, "b/2")
+    assert saturated == task_weight(8, 8, floor) < 0.4 and mixed == pytest.approx(1.0)
+    assert t.weight("c9", floor, "c/3") == t.weight("c9", floor) == 1.0  # no pool yet, or none: unseen
+    assert t.weight("a1", floor, "b/2") == task_weight(4, 4, floor)  # a task seen keeps its own rate
+    # step 2: only b/2 sampled; a/1's verdicts fade, so it is tried again as steps pass without it
+    t.observe(["b2"] * 2, [False, False], ["fresh", "fresh"], ["b/2", "b/2"])
+    assert t.levels["a/1"] == pytest.approx([8 * LEVEL_DECAY] * 2)
+    assert t.levels["b/2"] == pytest.approx([8 * LEVEL_DECAY + 2, 4 * LEVEL_DECAY])
+    assert t.weight("a9", floor, "a/1") > saturated
+    assert t.metrics()["difficulty/level/b/2"] == pytest.approx(4 * LEVEL_DECAY / (8 * LEVEL_DECAY + 2))
+    # the pools go into the checkpoint; one written before them loads with none
+    u = DifficultyTracker()
+    u.load(json.loads(json.dumps(t.state_dict())))
+    assert (u.counts, u.levels) == (t.counts, t.levels)
+    u.load({"counts": t.state_dict()["counts"]})
+    assert u.levels == {} and u.counts == t.counts
+
+
+def test_procedural_tasks_pool_by_family_and_difficulty():
+    from mlx_coach.data.procedural import generate
+
+    tasks = generate(12, seed=0, difficulty=(1, 3))
+    levels = {task_level(t) for t in tasks}
+    assert all(lv == f"{t.tags['category']}/{t.tags['difficulty']}" for t, lv in zip(tasks, map(task_level, tasks)))
+    assert len(levels) > 1
+    from mlx_coach.data.task import Task
+
+    assert task_level(Task("t/0", "def f():\n", "f", "def check(c):\n    assert c() == 1\n")) is None  # no tags
+
+
+def test_the_walk_moves_past_a_saturated_level(tmp_path):
+    """Procedural tasks never seen: with one level's pool at 40/40 passes every other level's tasks are
+    taken and few of the saturated level's; with difficulty_by_level off every task is taken."""
+    data = {"tasks": "procedural", "procedural_count": 120, "procedural_heldout": 4, "difficulty_max": 2}
+    picked = {}
+    for by_level in (True, False):
+        cfg = tiny_cfg(tmp_path, data=data, rewards=[{"type": "tests"}],
+                       algo={"difficulty_weighting": True, "difficulty_floor": 0.05, "difficulty_by_level": by_level})
+        trainer = Trainer(cfg, tmp_path / f"run-{by_level}")
+        try:
+            saturated = trainer.task_levels[trainer.train_tasks[0].task_id]
+            trainer.state.difficulty.levels[saturated] = [40.0, 40.0]
+            ids = []
+            while trainer.state.pos < len(trainer.order):
+                ids += [t.task_id for t in trainer.next_prompts()[0]]
+            in_level = [i for i, lv in trainer.task_levels.items() if lv == saturated]
+            picked[by_level] = (set(ids), in_level, set(trainer.task_levels) - set(in_level))
+        finally:
+            trainer.close()
+    ids, in_level, others = picked[True]
+    assert others <= ids and len(in_level) >= 10
+    assert len(ids & set(in_level)) < 0.5 * len(in_level)  # expected 0.09 of them (4 p (1 - p), p = 41/42)
+    ids, in_level, others = picked[False]
+    assert ids == set(in_level) | others
 
 
 def test_tracker_counts_copies_of_a_text_in_a_batch_once():

@@ -103,6 +103,9 @@ class AlgoConfig:
                                                 "running pass rates away from 0 and 1 (unseen tasks always)")
     difficulty_floor: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True,
                                  help="difficulty weighting: the lowest probability of taking a task")
+    difficulty_by_level: bool = _f(True, help="difficulty weighting: a task not seen yet takes its level's recent "
+                                              "pass rate (procedural tasks: family and difficulty) instead of "
+                                              "always being taken, so the walk moves past saturated levels")
 
 
 @dataclass

@@ -17,6 +17,12 @@ algo.difficulty_weighting on, the trainer's walk through the epoch order takes e
 probability `task_weight`: 1 for a task never seen (exploration), else 4 p (1 - p) with the
 smoothed pass rate p = (passes + 1) / (samples + 2), floored at algo.difficulty_floor, so a task the
 model sometimes solves is taken and one it always fails or always passes is mostly passed over.
+With algo.difficulty_by_level (the default) a task never seen takes its level's rate instead of 1: the
+fresh verdicts of every task of its level (procedural tasks: family and difficulty, `task_level`), each
+step's counts first multiplied by LEVEL_DECAY so that the rate follows the policy as it improves. A
+procedural run rarely meets a task twice, so the per-task rates alone leave nearly every task "unseen";
+pooled by level, the walk moves past the levels the model has saturated (a curriculum) and back to the
+ones it still fails sometimes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ import numpy as np
 from mlx_coach.engine.rollout import RolloutBatch
 
 QUANTILES = (0.1, 0.5, 0.9)
+LEVEL_DECAY = 0.9  # per step: a level's verdicts of ~10 steps ago weigh a third of this step's
+
+
+def task_level(task) -> str | None:
+    """The level a task's pass rate is pooled in: "family/difficulty" for tasks that carry both tags
+    (procedural ones), else None (no pooling)."""
+    tags = getattr(task, "tags", None) or {}
+    if "category" in tags and "difficulty" in tags:
+        return f"{tags['category']}/{tags['difficulty']}"
+    return None
 
 
 def task_weight(passes: int, samples: int, floor: float) -> float:
@@ -40,48 +56,67 @@ def task_weight(passes: int, samples: int, floor: float) -> float:
 
 
 class DifficultyTracker:
-    """Fresh samples and passes per task id; its state is plain JSON (it goes into the checkpoint)."""
+    """Fresh samples and passes per task id, and per level (decayed); its state is plain JSON (it goes
+    into the checkpoint)."""
 
     def __init__(self):
         self.counts: dict[str, list[int]] = {}  # task_id -> [fresh samples, passes]
+        self.levels: dict[str, list[float]] = {}  # level -> [fresh samples, passes], decayed per step
 
-    def observe(self, task_ids, passed, provenance):
-        """Count the fresh verdicts among one round's samples: each distinct (task, completion) the round
+    def observe(self, task_ids, passed, provenance, levels=None):
+        """Count the fresh verdicts among one step's samples: each distinct (task, completion) the step
         scored counts once. Skipped: "cached" (an earlier verdict), "duplicate" (a copy of a sample counted here),
-        "fallback" and "unjudged" (no verdict)."""
-        for task_id, ok, prov in zip(task_ids, passed, provenance):
+        "fallback" and "unjudged" (no verdict). levels: each sample's task_level (or None); the levels'
+        earlier counts are decayed by LEVEL_DECAY first."""
+        for c in self.levels.values():
+            c[0] *= LEVEL_DECAY
+            c[1] *= LEVEL_DECAY
+        for i, (task_id, ok, prov) in enumerate(zip(task_ids, passed, provenance)):
             if prov != "fresh":
                 continue
             c = self.counts.setdefault(task_id, [0, 0])
             c[0] += 1
             c[1] += int(bool(ok))
+            level = levels[i] if levels is not None else None
+            if level is not None:
+                lc = self.levels.setdefault(level, [0.0, 0.0])
+                lc[0] += 1.0
+                lc[1] += float(bool(ok))
 
     def pass_rate(self, task_id):
         c = self.counts.get(task_id)
         return None if c is None else c[1] / c[0]
 
-    def weight(self, task_id, floor):
-        samples, passes = self.counts.get(task_id, (0, 0))
+    def weight(self, task_id, floor, level=None):
+        """task_weight of the task's own counts; for a task never seen, of its level's counts when a
+        level is given and has any, else 1 (unseen)."""
+        samples, passes = self.counts.get(task_id) or self.levels.get(level) or (0, 0)
         return task_weight(passes, samples, floor)
 
     def rates(self):
         return [p / n for n, p in self.counts.values()]
 
     def metrics(self):
-        """Counts of tracked tasks at pass rate 0, strictly between, and 1, and quantiles of the rates."""
+        """Counts of tracked tasks at pass rate 0, strictly between, and 1, quantiles of the rates, and
+        each level's decayed pass rate."""
         rates = np.array(self.rates(), dtype=np.float64)
         out = {"difficulty/tasks_seen": len(rates), "difficulty/at_0": int(np.sum(rates == 0.0)),
                "difficulty/mid": int(np.sum((rates > 0.0) & (rates < 1.0))), "difficulty/at_1": int(np.sum(rates == 1.0))}
         if len(rates):
             for q in QUANTILES:
                 out[f"difficulty/pass_rate_p{round(q * 100)}"] = float(np.quantile(rates, q))
+        for level, (n, p) in sorted(self.levels.items()):
+            out[f"difficulty/level/{level}"] = p / n
         return out
 
     def state_dict(self):
-        return {"counts": {k: list(v) for k, v in self.counts.items()}}
+        return {"counts": {k: list(v) for k, v in self.counts.items()},
+                "levels": {k: list(v) for k, v in self.levels.items()}}
 
     def load(self, state):
         self.counts = {k: [int(v[0]), int(v[1])] for k, v in state["counts"].items()}
+        # checkpoints written before levels were pooled have none: the pools start empty
+        self.levels = {k: [float(v[0]), float(v[1])] for k, v in state.get("levels", {}).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class Trainer(AfterStep, ReferencePass):
 
     def _setup(self, cfg, resume):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
+        self.task_levels = {t.task_id: dynamic_sampling.task_level(t) for t in self.train_tasks}
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
         check_shards(len(self.train_tasks), cfg.rollout.prompts_per_step, cfg.algo, self.world.size)
@@ -221,9 +222,9 @@ class Trainer(AfterStep, ReferencePass):
     def next_prompts(self, n=None):
         """Up to n (default prompts_per_step) next prompts of this epoch's seeded order, and the epoch
         fraction done before them. With algo.difficulty_weighting each task is taken with probability
-        dynamic_sampling.task_weight (from its running pass rate) and otherwise passed over until next
-        epoch; the draws come from a generator seeded by (seed, epoch, position), so a resumed run walks
-        the same way. The last task of the order is always taken when the step has none yet."""
+        dynamic_sampling.task_weight (from its running pass rate, or its level's while it has none) and
+        otherwise passed over until next epoch; the draws come from a generator seeded by (seed, epoch,
+        position), so a resumed run walks the same way. The last task of the order is always taken when the step has none yet."""
         algo, state = self.cfg.algo, self.state
         n = n or self.cfg.rollout.prompts_per_step
         position = state.pos / len(self.order)
@@ -234,7 +235,9 @@ class Trainer(AfterStep, ReferencePass):
             task = self.train_tasks[self.order[state.pos]]
             state.pos += 1
             last_chance = not picked and state.pos == len(self.order)
-            if rng is None or last_chance or rng.random() < state.difficulty.weight(task.task_id, algo.difficulty_floor):
+            level = self.task_levels[task.task_id] if algo.difficulty_by_level else None
+            weight = 1.0 if rng is None else state.difficulty.weight(task.task_id, algo.difficulty_floor, level)
+            if rng is None or last_chance or rng.random() < weight:
                 picked.append(task)
             else:
                 self.passed_over += 1
@@ -317,7 +320,8 @@ class Trainer(AfterStep, ReferencePass):
             ids = [self.train_tasks[int(i)].task_id for i in columns["task"]]
             passed = [bool(p) for p in columns["passed"]]
             provenance = ["fresh" if f else "cached" for f in columns["fresh"]]
-        self.state.difficulty.observe(ids, passed, provenance)
+        levels = [self.task_levels.get(i) for i in ids]
+        self.state.difficulty.observe(ids, passed, provenance, levels)
 
     def compute_advantages(self, batch):
         """Advantages on the global batch (as on one rank), unjudged samples out of the statistics;
