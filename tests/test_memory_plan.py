@@ -121,6 +121,7 @@ def test_plan_command_prints_both_peaks_and_a_fix_that_fits(capsys):
     assert main(["plan", "-c", "configs/tiny.yaml"]) == 0
     out = capsys.readouterr().out
     assert "MLX" in out and "RSS" in out and "this machine" in out and ": fits" in out
+    assert "grad_accum auto: " in out  # the default, with the count it takes for this run
     big = ["plan", "-c", "configs/tiny.yaml", "--set", "optim.grad_accum=1", "--set", "rollout.group_size=20000",
            "--set", "rollout.max_new_tokens=48", "--memory", "8,16,32"]
     assert main(big) == 0

@@ -8,6 +8,7 @@ for Macs of those sizes instead.
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.runtime.memory_plan import GB, mac, suggestions
+from mlx_coach.runtime.micro_batches import AUTO
 
 
 def add_arguments(p):
@@ -55,8 +56,10 @@ def run(args):
     print(f"model {cfg.model.path}: {arch.get('model_type', '?')}, {plan.params / 1e6:.1f}M parameters, {kind}, "
           f"{plan.dtype} compute; {tuning}, {plan.trainable / 1e6:.2f}M trainable")
     rows = shape.group_size * shape.prompts_per_step
+    accum = (f"grad_accum auto: {shape.grad_accum} within optim.micro_batch_gb {cfg.optim.micro_batch_gb:g}"
+             if cfg.optim.grad_accum == AUTO else f"grad_accum {shape.grad_accum}")
     print(f"rows {rows} ({shape.group_size} x {shape.prompts_per_step}), {-(-rows // shape.grad_accum)} per "
-          f"micro-batch (grad_accum {shape.grad_accum}); tokens {shape.prompt_tokens} prompt (longest, estimated) "
+          f"micro-batch ({accum}); tokens {shape.prompt_tokens} prompt (longest, estimated) "
           f"+ {shape.max_new_tokens} new")
     for name, size in plan.parts.items():
         print(f"  {name:20} {size / GB:9.3f} GB")
