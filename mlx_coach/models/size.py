@@ -18,7 +18,7 @@ from pathlib import Path
 from mlx_coach.core.errors import UserError
 from mlx_coach.runtime.memory import _device_info, _physical_memory
 from mlx_coach.runtime.memory_plan import Capacity, predict, refusal, shape_of
-from mlx_coach.runtime.micro_batches import AUTO, planned_count
+from mlx_coach.runtime.micro_batches import AUTO, auto_plan
 from mlx_coach.models.builtin_qwen2 import builtin_qwen2_path
 from mlx_coach.models.builtin_tiny import TINY_CONFIG, TINY_SPECIALS
 from mlx_coach.models.gguf import gguf_config
@@ -149,8 +149,9 @@ def plan_run(cfg, tasks):
         return None
     longest = max((len(t.prompt) for t in tasks), default=0)
     shape = shape_of(cfg, arch, longest, share_prompts=arch.get("model_type") in SHARED_PROMPT_TYPES)
-    if shape.grad_accum == AUTO:  # the count grad_accum auto picks for completions max_new_tokens long
-        shape = replace(shape, grad_accum=planned_count(arch, shape, cfg.optim.micro_batch_gb))
+    if shape.grad_accum == AUTO:  # the count auto picks for the longest rows, the peak of its worst step
+        count, plan = auto_plan(arch, shape, cfg.optim.micro_batch_gb)
+        return arch, replace(shape, grad_accum=count), plan
     return arch, shape, predict(arch, shape)
 
 

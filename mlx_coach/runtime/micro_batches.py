@@ -12,15 +12,16 @@ update), so parts of a group are only slower, never different.
 
 The split reads nothing but the rows' token counts and the settings: a resumed run splits each step as
 the straight run did. `planned_count` is the count for rows as long as the run allows (prompts as long as
-the plan estimates them), the one the memory plan predicts with; every step's micro-batches keep to the same
-budget.
+the plan estimates them). `auto_plan` is the memory plan of such a run: a step whose rows are shorter may
+take fewer, larger micro-batches, each up to the budget, so its peak is bounded by the budget, not by the
+count's share of the longest rows.
 """
 
 import math
 from dataclasses import replace
 from functools import lru_cache
 
-from mlx_coach.runtime.memory_plan import GB, predict
+from mlx_coach.runtime.memory_plan import GB, RSS_BASE, RSS_PER_MLX, predict
 
 AUTO = "auto"
 
@@ -80,6 +81,25 @@ def planned_count(arch, shape, budget_gb):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
     return largest(lo)[0]
+
+
+def auto_plan(arch, shape, budget_gb):
+    """(count, Plan) of a run under grad_accum auto: `planned_count`, and the peak of the worst step auto
+    may take. At the count, the longest rows' micro-batches may hold well under the budget; a step of shorter
+    rows then takes fewer micro-batches, each at most the budget's working memory (or, if less, that of one
+    micro-batch of all the longest rows). The update phase is planned at that bound (part
+    "auto_working_bound")."""
+    count = planned_count(arch, shape, budget_gb)
+    plan = predict(arch, replace(shape, grad_accum=count))
+    rows = shape.group_size * shape.prompts_per_step
+    prompts = shape.prompts_per_step if shape.share_prompts else rows
+    worst = min(budget_gb * GB, working_bytes(arch, shape, rows, prompts, shape.max_new_tokens, shape.prompt_tokens))
+    parts = plan.parts
+    bound = (parts["weights"] + parts["reference"] + parts["trainable_state"] + parts["update_gradients"] + worst)
+    if count > 1 and bound > plan.mlx_peak:
+        plan = replace(plan, parts={**parts, "auto_working_bound": worst}, mlx_peak=bound,
+                       rss_peak=RSS_BASE + RSS_PER_MLX * bound, phase="update")
+    return count, plan
 
 
 def _near_equal(items, k):
