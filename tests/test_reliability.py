@@ -33,9 +33,15 @@ def cli(*args):
 
 @contextlib.contextmanager
 def running(*args):
-    """A `python -m mlx_coach` process, killed if the test leaves it running."""
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_coach", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    """A `python -m mlx_coach` process, killed if the test leaves it running. It starts with SIGHUP at its
+    default, as from a terminal: under nohup this process ignores SIGHUP, a child inherits that, and
+    mlx-coach leaves an ignored SIGHUP ignored (nohup's meaning)."""
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_coach", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
     try:
         yield proc
     finally:
