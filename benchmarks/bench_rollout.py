@@ -10,7 +10,8 @@ least multiply B token vectors by every weight matrix (the layers' projections a
 which reads every weight once. So decode tok/s is bounded by B / (time of those matrix products
 alone, with the machine's BLAS at the decode shape): the matmul bound, which includes reading the
 weights. Each engine's tok/s is also given as a fraction of it. Attention, sampling, the KV cache
-and the elementwise work between the products are left out, so it is a ceiling no engine reaches.
+and the elementwise work between the products are left out, so it is a ceiling no engine reaches;
+one decode step, timed part by part (`decode_breakdown`), says what the rest costs.
 (The rate the products read weights at one row is printed too. An earlier version also gave a bound
 from the bandwidth of an element-wise copy; MLX's CPU copy runs on one thread while OpenBLAS reads
 the weights on all of them, so both engines beat that "bound" on an idle machine, and it was dropped.)
@@ -187,6 +188,36 @@ def hardware_limits(model, rows):
         "matmul_params": sum(w.size for w in mats), "rows": rows}
 
 
+def decode_breakdown(model, rows, context, top_p=0.95):
+    """Where one decode step's time goes, at `rows` sequences with `context` tokens already cached
+    (medians of 5): the one-token forward with its KV cache (its matrix products, then the rest:
+    attention, norms, activations, the cache), and `engine.sampling.sample` at temperature 1 (of which
+    one exp over the vocabulary). Seconds per step; the engine's own step adds its bookkeeping."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_coach.engine.sampling import sample
+
+    cache = make_prompt_cache(model)
+    prompt = mx.random.randint(0, 1000, (rows, context))
+    logits = model(prompt, cache=cache)[:, -1, :]
+    mx.eval(logits, [c.state for c in cache])
+    token = mx.argmax(logits, axis=-1)[:, None]
+    # each forward appends one position to the cache: 6 calls move the context by 6 of `context`
+    forward = _median_time(lambda: mx.eval(model(token, cache=cache)))
+    u = mx.random.uniform(shape=(rows, 1))
+    sampling = _median_time(lambda: mx.eval(sample(logits, 1.0, top_p, u)))
+    exp = _median_time(lambda: mx.eval(mx.exp(logits - logits.max(axis=-1, keepdims=True))))
+    mats = weight_matrices(model)
+    xs = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in mats}
+    mx.eval(list(xs.values()))
+    products = _median_time(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in mats]))
+    step = forward + sampling
+    return {"rows": rows, "context": context, "step_s": step, "forward_s": forward, "products_s": products,
+            "forward_rest_s": forward - products, "sample_s": sampling, "exp_s": exp,
+            "shares": {"products": products / step, "forward rest": (forward - products) / step,
+                       "sampling": sampling / step, "of which exp": exp / step}}
+
+
 def bench_model(spec, args):
     model, tokenizer, info = load_policy(spec, dtype=args.dtype)
     tokenizer.eos_token_ids = set()  # both engines: every sequence runs to max tokens
@@ -215,8 +246,11 @@ def bench_model(spec, args):
     ours, theirs = summary(ours), summary(theirs)
     note(f"{spec}: the matmul bound")
     bound, limits = hardware_limits(model, args.prompts * args.group_size)
+    note(f"{spec}: one decode step, part by part")
+    breakdown = decode_breakdown(model, args.prompts * args.group_size, args.prompt_len + args.max_tokens // 2)
     return {
         "limits": {**limits, "matmul_bound_tps": bound},
+        "decode_step": breakdown,
         "ours_frac_of_bound": ours["decode_tps"] / bound,
         "mlx_lm_frac_of_bound": theirs["decode_tps"] / bound,
         "model": spec,
@@ -354,6 +388,10 @@ def main(argv=None):
               f"({lim['gemm_gflops']:.0f} GFLOP/s on {lim['matmul_params'] / 1e6:.1f}M weights, {lim['weight_gb']:.2f} GB, "
               f"read at {lim['weight_read_gb_per_s_at_one_row']:.1f} GB/s at one row); "
               f"ours {r['ours_frac_of_bound']:.0%} of it, mlx-lm {r['mlx_lm_frac_of_bound']:.0%}")
+        d = r["decode_step"]
+        print(f"{'':<36} one decode step at {d['rows']} rows, context {d['context']}: {d['step_s'] * 1e3:.1f} ms = "
+              + ", ".join(f"{name} {share:.0%}" for name, share in d["shares"].items())
+              + f" (engine: {d['rows'] / r['ours']['decode_tps'] * 1e3:.1f} ms a step)")
     if args.refill_prompts:
         print(f"\ncontinuous batching: {args.refill_prompts} prompts x {args.group_size} samples, "
               f"{args.refill_rows} rows at most, ids that are multiples of {args.refill_stop_every} end a sequence; "
