@@ -10,12 +10,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_coach.cli import main
-from mlx_coach.models.size import describe, plan_run
+from mlx_coach.core.errors import UserError
+from mlx_coach.models.size import check_fits, describe, plan_run
 from mlx_coach.rl.batch import StepBatch
 from mlx_coach.rl.setup import select_tasks
 from mlx_coach.rl.trainer import Trainer
 from mlx_coach.rl.update import forward_widths
-from mlx_coach.runtime.memory_plan import GB, RunShape, predict
+from mlx_coach.runtime.memory_plan import GB, Capacity, RunShape, predict
 from mlx_coach.runtime.micro_batches import budget_split, candidate_splits, planned_count, working_bytes
 from test_trainer import perturb, tiny_cfg, tree_gap
 
@@ -167,6 +168,10 @@ def test_the_plan_bounds_every_step_auto_may_take(tmp_path):
                 for w in range(8, 257, 8))
     assert fixed + worst <= plan.mlx_peak * (1 + 1e-9)
     assert fixed + worst > predict(arch, shape).mlx_peak  # what the count's own prediction misses
+    # train's check before loading refuses by the same bound: a working set between the two figures
+    between = Capacity(physical=1e15, working_set=(predict(arch, shape).mlx_peak + plan.mlx_peak) / 2)
+    with pytest.raises(UserError, match="cannot fit"):
+        check_fits(cfg, tasks, between)
 
 
 def test_a_step_logs_its_micro_batch_count(tmp_path):

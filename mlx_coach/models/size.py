@@ -167,8 +167,8 @@ def check_fits(cfg, tasks, capacity=None):
     """The run's plan (as plan_run), after refusing with UserError a run that cannot fit the machine."""
     planned = plan_run(cfg, tasks)
     if planned is not None:
-        arch, shape, _ = planned
-        reason = refusal(arch, shape, capacity or machine())
+        arch, shape, plan = planned
+        reason = refusal(arch, shape, capacity or machine(), plan)
         if reason:
             raise UserError(reason)
     return planned

@@ -284,9 +284,10 @@ def culprit(arch, shape):
     return best
 
 
-def refusal(arch, shape, capacity):
-    """None when the run fits; else the one-line reason, naming the setting to change."""
-    plan = predict(arch, shape)
+def refusal(arch, shape, capacity, plan=None):
+    """None when the run fits; else the one-line reason, naming the setting to change. plan: the run's own
+    (grad_accum auto's bounds the update by its budget, micro_batches.auto_plan), else predicted here."""
+    plan = plan or predict(arch, shape)
     if capacity.fits(plan):
         return None
     blamed = culprit(arch, shape)
