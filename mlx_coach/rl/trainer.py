@@ -224,7 +224,8 @@ class Trainer(AfterStep, ReferencePass):
         fraction done before them. With algo.difficulty_weighting each task is taken with probability
         dynamic_sampling.task_weight (from its running pass rate, or its level's while it has none) and
         otherwise passed over until next epoch; the draws come from a generator seeded by (seed, epoch,
-        position), so a resumed run walks the same way. The last task of the order is always taken when the step has none yet."""
+        position), so a resumed run walks the same way. The last task of the order is always taken when the
+        step has none yet."""
         algo, state = self.cfg.algo, self.state
         n = n or self.cfg.rollout.prompts_per_step
         position = state.pos / len(self.order)
