@@ -100,7 +100,8 @@ class AlgoConfig:
     max_draw_factor: float = _f(3.0, lo=1.0, help="dynamic sampling: a step draws at most prompts_per_step x this "
                                                   "many prompts; then it trains on what it has")
     difficulty_weighting: bool = _f(False, help="take each task of the epoch order with a probability favouring "
-                                                "running pass rates away from 0 and 1 (unseen tasks always)")
+                                                "running pass rates away from 0 and 1 (a task never scored: its level's "
+                                                "rate, see difficulty_by_level, else always)")
     difficulty_floor: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True,
                                  help="difficulty weighting: the lowest probability of taking a task")
     difficulty_by_level: bool = _f(True, help="difficulty weighting: a task not seen yet takes its level's recent "
