@@ -169,18 +169,18 @@ def weight_matrices(model):
     return mats
 
 
+def products_time(mats, rows):
+    """Median seconds of multiplying `rows` random token vectors by every matrix in `mats`."""
+    xs = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in mats}
+    mx.eval(list(xs.values()))
+    return _median_time(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in mats]))
+
+
 def hardware_limits(model, rows):
     """Decode tok/s bound at `rows` sequences (the matmul bound) and its details."""
     mats = weight_matrices(model)
 
-    def products_at(n):
-        xs = {}
-        for w in mats:
-            xs.setdefault(w.shape[1], mx.random.normal((n, w.shape[1])))
-        mx.eval(list(xs.values()))
-        return _median_time(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in mats]))
-
-    t_mm, t_one = products_at(rows), products_at(1)
+    t_mm, t_one = products_time(mats, rows), products_time(mats, 1)
     weight_bytes = sum(w.nbytes for w in mats)
     return rows / t_mm, {
         "gemm_gflops": 2 * rows * sum(w.size for w in mats) / t_mm / 1e9, "weight_gb": weight_bytes / 1e9,
@@ -207,10 +207,7 @@ def decode_breakdown(model, rows, context, top_p=0.95):
     u = mx.random.uniform(shape=(rows, 1))
     sampling = _median_time(lambda: mx.eval(sample(logits, 1.0, top_p, u)))
     exp = _median_time(lambda: mx.eval(mx.exp(logits - logits.max(axis=-1, keepdims=True))))
-    mats = weight_matrices(model)
-    xs = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in mats}
-    mx.eval(list(xs.values()))
-    products = _median_time(lambda: mx.eval([xs[w.shape[1]] @ w.T for w in mats]))
+    products = products_time(weight_matrices(model), rows)
     step = forward + sampling
     return {"rows": rows, "context": context, "step_s": step, "forward_s": forward, "products_s": products,
             "forward_rest_s": forward - products, "sample_s": sampling, "exp_s": exp,

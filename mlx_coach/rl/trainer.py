@@ -237,8 +237,8 @@ class Trainer(AfterStep, ReferencePass):
             state.pos += 1
             last_chance = not picked and state.pos == len(self.order)
             level = self.task_levels[task.task_id] if algo.difficulty_by_level else None
-            weight = 1.0 if rng is None else state.difficulty.weight(task.task_id, algo.difficulty_floor, level)
-            if rng is None or last_chance or rng.random() < weight:
+            if rng is None or last_chance or rng.random() < state.difficulty.weight(task.task_id, algo.difficulty_floor,
+                                                                                    level):
                 picked.append(task)
             else:
                 self.passed_over += 1

@@ -21,6 +21,7 @@ import math
 from dataclasses import replace
 from functools import lru_cache
 
+from mlx_coach.runtime.distributed import shard_bounds
 from mlx_coach.runtime.memory_plan import GB, RSS_BASE, RSS_PER_MLX, predict
 
 AUTO = "auto"
@@ -103,7 +104,6 @@ def auto_plan(arch, shape, budget_gb):
 
 
 def _near_equal(items, k):
-    """items in k consecutive runs whose lengths differ by at most one, longer runs first."""
-    size, extra = divmod(len(items), k)
-    bounds = [i * size + min(i, extra) for i in range(k + 1)]
-    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    """items in k consecutive runs whose lengths differ by at most one, longer runs first (as ranks share
+    a step: runtime.distributed.shard_bounds)."""
+    return [items[slice(*shard_bounds(len(items), k, i))] for i in range(k)]
