@@ -6,11 +6,16 @@ its MLX peak over the whole run (mx.get_peak_memory, never reset: the trainer's 
 off in that process) and its peak RSS (getrusage ru_maxrss). Beside them: `mlx-coach plan`'s prediction for
 the prompts those steps drew (the first steps x prompts_per_step tasks of the epoch's order), and the error.
 Validation is off in these runs (the plan is of the training steps).
+
+The plan is of the run's worst case: every completion max_new_tokens long. A model that stops early (EOS, a stop
+string, rollout.stop_after_code) peaks lower; `--full-length` measures that worst case instead, the stop rules
+switched off in the measuring process, so that the prediction and the measurement are of the same run shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -65,7 +70,22 @@ CALIBRATION = [
 
 
 def overrides(entry):
-    return [f"model.path={entry['model']}", *entry["set"], *QUIET]
+    full = ["rollout.stop_after_code=false"] if entry.get("full_length") else []
+    return [f"model.path={entry['model']}", *entry["set"], *full, *QUIET]
+
+
+@contextlib.contextmanager
+def run_to_length():
+    """In this process, decoding ignores EOS and stop strings: every completion runs to max_new_tokens."""
+    from mlx_coach.engine.decoding import _Seq
+
+    add = _Seq.add
+    _Seq.add = lambda s, token, lp, ent, table, eos, stops, max_stop, max_new: add(
+        s, token, lp, ent, table, (), [], max_stop, max_new)
+    try:
+        yield
+    finally:
+        _Seq.add = add
 
 
 def child(spec):
@@ -76,6 +96,8 @@ def child(spec):
     from mlx_coach.cli import main
 
     entry = json.loads(spec)
+    if entry.get("full_length"):
+        run_to_length().__enter__()  # for the life of this process
     argv = ["train", "-c", str(ROOT / entry["config"]), "--steps", str(entry["steps"]), "--output", entry["output"]]
     for item in overrides(entry):
         argv += ["--set", item]
@@ -111,6 +133,8 @@ def main(argv=None):
     p.add_argument("--calibration", action="store_true", help="the calibration configurations, not the held-out")
     p.add_argument("--steps", type=positive_int, default=3, help="training steps per configuration (default 3)")
     p.add_argument("--only", action="append", default=[], help="run only this configuration (repeatable)")
+    p.add_argument("--full-length", action="store_true",
+                   help="switch off EOS and stop rules in the runs, so every completion is max_new_tokens long")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -122,6 +146,7 @@ def main(argv=None):
     entries = CALIBRATION if args.calibration else yaml.safe_load(HOLDOUT.read_text())["holdout"]
     if args.only:
         entries = [e for e in entries if e["name"] in args.only]
+    entries = [dict(e, full_length=args.full_length) for e in entries]
     rows = []
     print(f"{'configuration':28} {'MLX pred':>9} {'MLX meas':>9} {'err':>6} {'RSS pred':>9} {'RSS meas':>9} {'err':>6}"
           "  (GB)", flush=True)
@@ -133,6 +158,7 @@ def main(argv=None):
             got = measure(entry, args.steps, Path(tmp))
             row = {"name": entry["name"], "mlx_pred": plan.mlx_peak, "mlx_meas": got["mlx_peak"],
                    "rss_pred": plan.rss_peak, "rss_meas": got["rss_peak"], "phase": plan.phase,
+                   "full_length": args.full_length,
                    "parts": plan.parts}
             rows.append(row)
             print(f"{entry['name']:28} {row['mlx_pred'] / 1e9:9.3f} {row['mlx_meas'] / 1e9:9.3f} "

@@ -2,12 +2,17 @@
 model's architecture and the run's sizes, before loading; sizes that cannot fit refused in one line."""
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 from mlx_coach.cli import main
+from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts
+from mlx_coach.models.builtin_tiny import save_builtin_tiny
+from mlx_coach.models.loader import load_policy
 from mlx_coach.models.size import describe, describe_gguf
 from mlx_coach.runtime.memory_plan import Capacity, RunShape, mac, predict, refusal, suggestions
 from mlx_coach.telemetry.alert_rules import memory_over_plan
@@ -18,6 +23,7 @@ from tests.test_trainer import rows, tiny_cfg
 SMOL = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
         "stored_dtype": "float16"}
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = RunShape(group_size=4, prompts_per_step=2, max_new_tokens=64, prompt_tokens=100, lora_rank=8)
 
 
@@ -224,3 +230,21 @@ def test_the_plans_logits_copies_are_what_the_update_and_reference_pass_hold(dty
     predicted = [b - a for a, b in zip(planned(16), planned(64))]
     for got, want in zip(measured, predicted):
         assert 0.85 < want / got < 1.2, (dtype, got, want)
+
+
+def test_bench_plans_full_length_switches_off_eos_and_stop_strings(tmp_path, monkeypatch):
+    # `bench plan --full-length` measures the run shape the plan predicts: every completion max_new_tokens long
+    spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "benchmarks" / "bench_plan.py")
+    bench_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_plan)
+    model, tok, _ = load_policy(str(save_builtin_tiny(tmp_path / "m", seed=0)))
+    monkeypatch.setattr(tok, "eos_token_ids", set(range(tok.vocab_size)), raising=False)  # any token ends
+    cfg = RolloutConfig(temperature=1.0, group_size=4, max_new_tokens=10, stop=["a", "e", " ", "\n"])
+
+    def lengths():
+        return [len(r.token_ids) for r in generate_rollouts(model, tok, ["def f(x):\n"], cfg).rollouts]
+
+    assert lengths() == [1] * 4
+    with bench_plan.run_to_length():
+        assert lengths() == [10] * 4
+    assert lengths() == [1] * 4  # switched back on when the block ends
