@@ -12,6 +12,7 @@ import pytest
 from mlx_coach.cli import main
 from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts
 from mlx_coach.models.builtin_tiny import save_builtin_tiny
+from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
 from mlx_coach.models.size import describe, describe_gguf
 from mlx_coach.runtime.memory_plan import Capacity, RunShape, mac, predict, refusal, suggestions
@@ -248,3 +249,12 @@ def test_bench_plans_full_length_switches_off_eos_and_stop_strings(tmp_path, mon
     with bench_plan.run_to_length():
         assert lengths() == [10] * 4
     assert lengths() == [1] * 4  # switched back on when the block ends
+
+
+@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-8bit", "builtin:smollm2", "builtin:smollm2-4bit"])
+def test_the_plan_sizes_the_dtype_a_load_without_one_computes_in(spec):
+    # model.dtype null: the plan (before loading) and the load must agree on what the model computes in
+    if "smollm2" in spec and find_smollm2_gguf() is None:
+        pytest.skip("SmolLM2 GGUF not found (see find_smollm2_gguf)")
+    _, _, info = load_policy(spec, dtype=None)
+    assert describe(spec)["stored_dtype"] == info["dtype"]

@@ -2,7 +2,8 @@
 
 Returns the mlx-lm config (HF names: hidden_size, num_hidden_layers, heads, intermediate_size, vocab_size,
 tie_word_embeddings, and mlx-lm's "quantization" entry when the weights are quantized) plus "stored_dtype",
-the float dtype the weights load in when `model.dtype` is null. Builtin specs come from code, folders from
+the float dtype the weights load in when `model.dtype` is null, and for a GGUF "disk_dtype", the dtype its
+converted folder holds them in. Builtin specs come from code, folders from
 their config.json, GGUF files from their header (metadata and tensor names, read without the tensor data).
 A hub id is described from the local Hugging Face cache; one not there cannot be described before it is
 downloaded (`describe` returns None; `huggingface-cli download REPO config.json` fetches what it needs).
@@ -34,8 +35,9 @@ def describe(spec):
         name, bits, seed = parse_builtin(spec)
         if name == "smollm2":
             config = describe_gguf(smollm2_gguf(spec))
-            if bits:  # the Q4_1 weights kept quantized: GGUF's group of 32, float16 scales
+            if bits:  # the Q4_1 weights kept quantized: GGUF's group of 32, float16 scales, which it computes in
                 config["quantization"] = {"bits": 4, "group_size": 32, "scales_dtype": "float16"}
+                config["stored_dtype"] = config["disk_dtype"] = "float16"
             return config
         if name == "qwen2-mini":  # a miniature of a few hundred kB: its folder (written once, as the loader does)
             return describe(str(builtin_qwen2_path(seed, bits=bits)))
@@ -109,8 +111,9 @@ class _Reader:
 
 
 def describe_gguf(path):
-    """The architecture of a llama/qwen2 GGUF file from its header; its weights load as float16 (the
-    GGUF conversion dequantizes quantized tensors to float16)."""
+    """The architecture of a llama/qwen2 GGUF file from its header. Its conversion (models/gguf.py) holds
+    dequantized tensors as float16 but says float32, the dtype it dequantizes in: a load without a dtype
+    reads float16 and computes in float32."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -134,7 +137,7 @@ def describe_gguf(path):
     arch = md.get("general.architecture")
     config["vocab_size"] = int(md.get(f"{arch}.vocab_size") or md.get("tokenizer.ggml.tokens") or 0)
     config["tie_word_embeddings"] = "output.weight" not in names
-    config["stored_dtype"] = "float16"
+    config["stored_dtype"], config["disk_dtype"] = "float32", "float16"
     return config
 
 

@@ -154,7 +154,8 @@ def predict(arch, shape):
     d = DTYPE_BYTES[dtype]
     quant = arch.get("quantization")
     weights, params, floats = weight_bytes(arch, d, quant)
-    stored, _, _ = weight_bytes(arch, DTYPE_BYTES[arch.get("stored_dtype") or dtype], quant)
+    on_disk = arch.get("disk_dtype") or arch.get("stored_dtype") or dtype
+    stored, _, _ = weight_bytes(arch, DTYPE_BYTES[on_disk], quant)
     h, inter, vocab = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
     heads = arch["num_attention_heads"]
     kv = arch.get("num_key_value_heads") or heads
@@ -187,7 +188,7 @@ def predict(arch, shape):
     update_logits = logits * (LOGIT_COPIES * 4 + head)
     update = 2 * trainable * dt + activations + update_logits
     reference_pass = logits * (REF_LOGIT_COPIES * 4 + head)
-    cast = quant is None and arch.get("stored_dtype", dtype) != dtype  # mlx-lm reads, then the loader casts
+    cast = quant is None and on_disk != dtype  # mlx-lm reads, then the loader casts
     phases = {"load": stored + weights if cast else weights,
               "rollout": resident + rollout, "update": resident + update, "reference_pass": resident + reference_pass}
     phase = max(phases, key=phases.get)
