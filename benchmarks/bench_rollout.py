@@ -51,7 +51,9 @@ import mlx.core as mx  # noqa: E402
 
 from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
+from mlx_coach.engine.logprobs import sequence_logprobs  # noqa: E402
 from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts  # noqa: E402
+from mlx_coach.rl.objective import sampler_mismatch  # noqa: E402
 from mlx_coach.engine.text import encode_prompt, token_bytes  # noqa: E402
 from mlx_coach.telemetry.progress import bench_note  # noqa: E402
 
@@ -264,6 +266,28 @@ def bench_model(spec, args):
 FIGURES = ("tokens_per_wall_s", "wall_s", "decode_tokens", "rows_per_forward")
 
 
+def bench_mismatch(spec, args):
+    """The sampler's log-probs against the training forward's on the same tokens, at the sampling temperature:
+    `policy/sampler_mismatch` (token mean of |pi_train / pi_sampler - 1|) and the largest token's."""
+    model, tokenizer, info = load_policy(spec, dtype=args.dtype)
+    prompts = make_prompts(tokenizer, args.prompts, args.prompt_len)
+    cfg = RolloutConfig(group_size=args.group_size, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                        stop=[])
+    mx.random.seed(0)
+    note(f"{spec}: sampling {args.prompts * args.group_size} sequences x up to {args.max_tokens} tokens")
+    batch = generate_rollouts(model, tokenizer, prompts, cfg)
+    rows = batch.rollouts
+    note(f"{spec}: the training forward over them")
+    logp, mask, _ = sequence_logprobs(model, [r.prompt_ids for r in rows], [r.token_ids for r in rows],
+                                      temperature=args.temperature)
+    T = logp.shape[1]
+    sampled = mx.array([r.logprobs + [0.0] * (T - len(r.logprobs)) for r in rows])
+    per_token = mx.abs(mx.exp(logp - sampled) - 1.0) * mask
+    return {"model": spec, "dtype": info["dtype"], "quantization": info.get("quantization"),
+            "temperature": args.temperature, "tokens": int(mask.sum().item()),
+            "sampler_mismatch": sampler_mismatch(logp, sampled, mask).item(), "max": per_token.max().item()}
+
+
 def compare_ways(ways, repeats, base="batch after batch", label=""):
     """Run each way (name -> a function returning its figures) `repeats` times, alternating the order so
     that a shared machine's load hits all alike, every run seeded alike; the median of each figure (NaN
@@ -343,6 +367,10 @@ def main(argv=None):
                     help="continuous batching: token ids that are multiples of this end a sequence")
     ap.add_argument("--refill-config", type=Path, help="continuous batching on this training config's rollout "
                     "settings and validation tasks instead (natural lengths; --model is not used)")
+    ap.add_argument("--mismatch", action="store_true",
+                    help="this section alone: each model's sampler log-probs against its training forward's "
+                         "(policy/sampler_mismatch) on --prompts x --group-size samples of --max-tokens tokens")
+    ap.add_argument("--temperature", type=float, default=1.0, help="--mismatch: the sampling temperature")
     ap.add_argument("--json", type=Path, help="write results here")
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each row as soon as it is measured, into a pipe or file too
@@ -358,6 +386,15 @@ def main(argv=None):
         "runs": [],
     }
     print(results["machine"])
+    if args.mismatch:  # this section alone
+        results["mismatch"] = []
+        print(f"{'model':<36} {'dtype':>9} {'bits':>5} {'tokens':>7} {'mismatch':>10} {'largest':>10}")
+        for spec in args.model:
+            r = bench_mismatch(spec, args)
+            results["mismatch"].append(r)
+            print(f"{Path(spec).name[-36:]:<36} {r['dtype']:>9} {(r['quantization'] or {}).get('bits', '-'):>5} "
+                  f"{r['tokens']:>7} {r['sampler_mismatch']:>10.3g} {r['max']:>10.3g}")
+        return _write(results, args.json)
     if args.refill_config:  # this section alone
         r = bench_refill_recipe(args.refill_config, args)
         results["refill_recipe"] = r

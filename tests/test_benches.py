@@ -1,6 +1,7 @@
 """The benchmarks a user runs through `mlx-coach bench`: a short default that says what it measures on
 stderr, `--full` for the long version, and bad flags refused in one line with exit code 2."""
 
+import json
 import sys
 
 import pytest
@@ -45,3 +46,16 @@ def test_bench_learn_defaults_to_the_short_version_and_full_lifts_its_caps():
     assert (full.heldout_limit, full.humaneval_limit) == (0, 0)
     explicit = parse_args(["-c", "configs/tiny.yaml", "--full", "--heldout-limit", "3", "--steps", "2"])
     assert (explicit.heldout_limit, explicit.humaneval_limit, explicit.steps) == (3, 0, 2)
+
+
+def test_bench_rollout_mismatch_compares_the_sampler_with_the_training_forward(tmp_path, capsys):
+    # float32 on one backend: the sampler's log-probs and the training forward's agree to float rounding, at
+    # the sampling temperature; a log-prob taken at another temperature would be off by far more than 1e-3
+    out = tmp_path / "mismatch.json"
+    assert main(["bench", "rollout", "--mismatch", "--model", "builtin:tiny", "--dtype", "float32", "--prompts", "2",
+                 "--group-size", "3", "--max-tokens", "12", "--prompt-len", "16", "--temperature", "0.7",
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["mismatch"]
+    assert row["dtype"] == "float32" and row["temperature"] == 0.7 and 6 <= row["tokens"] <= 6 * 12
+    assert 0.0 <= row["sampler_mismatch"] <= row["max"] < 1e-3
+    assert "builtin:tiny" in capsys.readouterr().out

@@ -188,6 +188,12 @@ def _token_mean(x, mask):
     return aggregate(x, mask, "token")
 
 
+def sampler_mismatch(train_logp, sampler_logp, mask):
+    """How far the sampler's log-probs are from the training forward's (`policy/sampler_mismatch`): the
+    token mean of |pi_train / pi_sampler - 1|."""
+    return _token_mean(mx.abs(mx.exp(train_logp - sampler_logp) - 1.0), mask)
+
+
 def mask_truncated(mask, truncated):
     """Zero the rows of completions cut off by the length limit (truncated: [B] bool)."""
     keep = 1.0 - mx.array(truncated).astype(mask.dtype)
@@ -349,8 +355,7 @@ def micro_batch_loss(model, x, beta, *, algo, temperature, max_len, first_iterat
         aggregation=loss_aggregation(algo), max_len=max_len, ref_logp=x.get("ref_logp") if in_loss else None,
         beta=beta if in_loss else 0.0, kl_kind=algo.kl_estimator, entropy=entropy, entropy_coef=algo.entropy_coef,
         importance=algo.importance_level, token_weight=weight)
-    # how far the sampler's log-probs are from this forward's: |pi_train / pi_sampler - 1| per token
-    stats["sampler_mismatch"] = mx.stop_gradient(_token_mean(mx.abs(mx.exp(gap) - 1.0), mask))
+    stats["sampler_mismatch"] = mx.stop_gradient(sampler_mismatch(detached, x["sampler_logp"], mask))
     if inject_nan:  # train.debug_nan_steps: exercises the non-finite guard
         loss = loss * mx.array(float("nan"))
     return loss, stats
