@@ -675,3 +675,14 @@ def test_stopping_at_n_and_resuming_to_2n_is_a_straight_2n_run_with_a_cosine_sch
     b = mx.load(str(straight / "checkpoints/step-8/adapters.safetensors"))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("epochs_val", [False, True])
+def test_val_every_scores_each_multiple_once_epoch_ends_included(tmp_path, epochs_val):
+    # 32 training tasks, 16 prompts a step: epochs of 2 steps; val_every 2 falls on every epoch end, where the
+    # epoch's own validation (epochs_val) must not be doubled and its absence must not skip val_every
+    cfg = tiny_cfg(tmp_path, rollout={"group_size": 2, "prompts_per_step": 16, "max_new_tokens": 4},
+                   train={"steps": 4, "val_every": 2, "epochs_val": epochs_val, "val_limit": 2},
+                   rewards=[{"type": "tests"}])  # validation scores with the unit tests
+    train(cfg, tmp_path / "run")
+    assert [r["step"] for r in rows(tmp_path / "run") if "eval/pass@1" in r] == [2, 4]

@@ -130,7 +130,8 @@ def _steps(trainer, cfg, total, deadline, stop):
                 line = progress_line(trainer.state.step, "budget", last)
             print(f"{line} | ETA {eta}", file=sys.stderr, flush=True)
         val_every = cfg.train.val_every
-        if val_every and trainer.state.step % val_every == 0 and trainer.state.pos:  # pos 0: end_epoch validated
+        # at an epoch's end (pos 0) end_epoch has validated, if train.epochs_val asks it to
+        if val_every and trainer.state.step % val_every == 0 and (trainer.state.pos or not cfg.train.epochs_val):
             trainer.validate_midway()
         if every and trainer.state.step % every == 0:
             trainer.save()
