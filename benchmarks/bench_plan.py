@@ -70,18 +70,22 @@ CALIBRATION = [
 
 
 def overrides(entry):
-    full = ["rollout.stop_after_code=false"] if entry.get("full_length") else []
-    return [f"model.path={entry['model']}", *entry["set"], *full, *QUIET]
+    return [f"model.path={entry['model']}", *entry["set"], *QUIET]
 
 
 @contextlib.contextmanager
 def run_to_length():
-    """In this process, decoding ignores EOS and stop strings: every completion runs to max_new_tokens."""
+    """In this process, decoding ignores EOS, stop strings and rollout.stop_after_code: every completion runs to
+    max_new_tokens."""
     from mlx_coach.engine.decoding import _Seq
 
     add = _Seq.add
-    _Seq.add = lambda s, token, lp, ent, table, eos, stops, max_stop, max_new: add(
-        s, token, lp, ent, table, (), [], max_stop, max_new)
+
+    def to_length(s, token, lp, ent, table, eos, stops, max_stop, max_new):
+        s.fence = False
+        return add(s, token, lp, ent, table, (), [], max_stop, max_new)
+
+    _Seq.add = to_length
     try:
         yield
     finally:

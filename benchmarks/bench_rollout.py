@@ -53,7 +53,7 @@ from mlx_coach.models.gguf import find_smollm2_gguf
 from mlx_coach.models.loader import load_policy
 from mlx_coach.engine.logprobs import sequence_logprobs  # noqa: E402
 from mlx_coach.engine.rollout import RolloutConfig, generate_rollouts  # noqa: E402
-from mlx_coach.rl.objective import sampler_mismatch  # noqa: E402
+from mlx_coach.rl.objective import sampler_gap, sampler_mismatch  # noqa: E402
 from mlx_coach.engine.text import encode_prompt, token_bytes  # noqa: E402
 from mlx_coach.telemetry.progress import bench_note  # noqa: E402
 
@@ -282,7 +282,7 @@ def bench_mismatch(spec, args):
                                       temperature=args.temperature)
     T = logp.shape[1]
     sampled = mx.array([r.logprobs + [0.0] * (T - len(r.logprobs)) for r in rows])
-    per_token = mx.abs(mx.exp(logp - sampled) - 1.0) * mask
+    per_token = sampler_gap(logp, sampled) * mask
     return {"model": spec, "dtype": info["dtype"], "quantization": info.get("quantization"),
             "temperature": args.temperature, "tokens": int(mask.sum().item()),
             "sampler_mismatch": sampler_mismatch(logp, sampled, mask).item(), "max": per_token.max().item()}

@@ -188,10 +188,14 @@ def _token_mean(x, mask):
     return aggregate(x, mask, "token")
 
 
+def sampler_gap(train_logp, sampler_logp):
+    """|pi_train / pi_sampler - 1| per token: how far the sampler's log-probs are from the training forward's."""
+    return mx.abs(mx.exp(train_logp - sampler_logp) - 1.0)
+
+
 def sampler_mismatch(train_logp, sampler_logp, mask):
-    """How far the sampler's log-probs are from the training forward's (`policy/sampler_mismatch`): the
-    token mean of |pi_train / pi_sampler - 1|."""
-    return _token_mean(mx.abs(mx.exp(train_logp - sampler_logp) - 1.0), mask)
+    """`policy/sampler_mismatch`: the token mean of `sampler_gap`."""
+    return _token_mean(sampler_gap(train_logp, sampler_logp), mask)
 
 
 def mask_truncated(mask, truncated):
