@@ -2,6 +2,7 @@
 numbers that equal separate `mlx-coach eval` runs of the base model and of the run's final adapters,
 the lift over seeds with its interval, and the per-step share of informative groups it reports."""
 
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -9,7 +10,7 @@ import pytest
 
 from mlx_coach.cli import main
 from mlx_coach.commands import stats
-from mlx_coach.commands.learn_report import boot_p_text, learning_curve, over_seeds, quarter_means
+from mlx_coach.commands.learn_report import FAILURES, boot_p_text, learning_curve, over_seeds, quarter_means
 from mlx_coach.rl.loop import train
 from mlx_coach.rl.setup import select_tasks
 from mlx_coach.telemetry.passk import pass_at_k
@@ -65,6 +66,12 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
 
     # the same answers as separate evals of the base model and of the final checkpoint's adapters
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    # every greedy failure has one kind, and the report counts samples.jsonl's
+    for name, block in report["sets"].items():
+        for when in ("before", "after"):
+            kinds = [r["failure"] for r in rows if (r["when"], r["set"], r["mode"]) == (when, name, "greedy")]
+            assert sum(k is not None for k in kinds) == block[when]["tasks"] - block[when]["passed"]
+            assert block[when]["failures"] == {k: kinds.count(k) for k in FAILURES}
     ckpt = report["training"]["checkpoint"]
     for when, extra in (("before", ()), ("after", ("--adapter", ckpt))):
         greedy = _eval_rows(tmp_path, f"{when}-greedy", *extra)
@@ -175,3 +182,72 @@ def test_the_interval_over_seeds_is_the_t_interval_of_the_per_seed_lifts():
     assert (s["lift_mean"], s["lift_ci_low"], s["lift_ci_high"]) == pytest.approx((ci["mean"], ci["lo"], ci["hi"]))
     assert s["lift_mean"] == pytest.approx(0.2) and s["lift_ci_low"] < s["lift_mean"] < s["lift_ci_high"]
     assert summary["informative_frac_by_quarter"] == [0.5, 0.5, 0.25, None]
+
+
+def _answer(text, reason="stop", extract=True, timeout_s=5.0):
+    """An evaluated answer as generate_and_score records it, scored by the real sandbox."""
+    from mlx_coach.engine.text import extract_code
+    from mlx_coach.rewards.scoring.sandbox import run_sample
+    from mlx_coach.rewards.scoring.sandbox_config import SandboxConfig
+    from test_sandbox import ADD
+
+    # the stub as the recipes' tasks give it: a docstring, so that an answer's own definition follows it
+    task = dataclasses.replace(ADD, prompt='def add(a, b):\n    """The sum of a and b."""\n')
+    code = extract_code(text) if extract else text
+    score = run_sample(task, code, SandboxConfig(timeout_s=timeout_s))
+    return {"text": text, "completion": code, "finish_reason": reason, "passed": score.passed,
+            "status": score.status, "error": score.error}
+
+
+@pytest.mark.parametrize("text, reason, extract, kind", [
+    ("```python\ndef add(a, b):\n    return a + b\n```", "stop", True, None),
+    ("```python\ndef add(a, b):\n    return a - b\n```", "stop", True, "wrong answer"),
+    ("```python\ndef add(a, b):\n    return a / 0\n```", "stop", True, "error"),
+    ("```python\ndef add(a, b):\n    return a +\n```", "stop", True, "error"),
+    ("Add a and b with the plus operator.", "stop", True, "format"),
+    # a fenced block that never defines add: the tests call the stub's add, which returns None
+    ("```python\ndef plus(a, b):\n    return a + b\n```", "stop", True, "format"),
+    ("```python\ndef add(a, b):\n    return (a +", "length", True, "truncation"),
+    ("    return a - b\n", "stop", False, "wrong answer"),
+    ("", "eos", False, "format"),
+])
+def test_an_answer_failure_is_classified_from_the_real_sandbox_verdict(text, reason, extract, kind):
+    from mlx_coach.commands.learn_report import answer_failure
+
+    assert answer_failure(_answer(text, reason, extract), "add", extract) == kind
+
+
+def test_an_answer_the_sandbox_could_not_judge_is_unjudged_not_a_failure_of_the_code():
+    from mlx_coach.commands.learn_report import answer_failure
+
+    record = _answer("```python\ndef add(a, b):\n    while True:\n        pass\n```", timeout_s=0.5)
+    assert record["status"] == "timeout" and answer_failure(record, "add", True) == "unjudged"
+
+
+def test_a_bench_stopped_between_seeds_keeps_the_finished_seeds_report(tmp_path, monkeypatch):
+    """Ctrl-C in the second seed's training: report.json, report.md and samples.jsonl hold the base model's
+    evaluation and the first seed's, with its lift."""
+    from mlx_coach.rl import loop
+
+    real, calls = loop.train, []
+
+    def dies_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", dies_the_second_time)
+    out = tmp_path / "learn"
+    assert main(["bench", "learn", "-c", "configs/tiny.yaml", "--seeds", "2", "--steps", "1", "--heldout",
+              "builtin:val", "--heldout-limit", "3", "--samples", "0", "--no-humaneval", "--eval-max-new-tokens",
+              "8", "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set",
+              "train.epochs_val=false", "--set", "telemetry.tensorboard=false", "--output", str(out)]) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds_planned"] == [0, 1] and report["seeds_done"] == [0]
+    (row,) = report["over_seeds"]["sets"]["heldout"]["per_seed"]
+    per = report["runs"][0]["per_task"]["heldout"]
+    assert row["seed"] == 0 and row["lift"] == pytest.approx((sum(per["after"]["greedy"]) - sum(per["before"]["greedy"])) / 3)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["when"], r.get("seed")) for r in rows] == [("before", None)] * 3 + [("after", 0)] * 3
+    assert "Seeds finished: 1 of 2" in (out / "report.md").read_text()

@@ -23,11 +23,14 @@ evaluates each run's final checkpoint. report.json:
 - one seed: the run's "training", "sets" ({SET: {"before", "after", "change", "seconds"}}), "per_task" and
   "curve" at the top level; several: "runs", a list of {"seed", "run", "training", "sets", "per_task", "curve"}.
 "training" carries the share of informative groups (rewards not all equal, the per-step
-`groups/informative_frac`) by quarter of the run.
+`groups/informative_frac`) by quarter of the run. Each set's "before" and "after" count the greedy answers
+that failed by kind ("failures": format, truncation, wrong answer, error, unjudged; `learn_report.answer_failure`).
 
-Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/samples.jsonl (every answer; "after" rows name their
-seed), and per seed its learning curve and run: OUTPUT/learning_curve.png and OUTPUT/run with one seed,
-OUTPUT/learning_curve-seedS.png and OUTPUT/run-seedS with several.
+Writes OUTPUT/report.json, OUTPUT/report.md, OUTPUT/samples.jsonl (every answer with its text, the code
+scored, its verdict and, greedy, why it failed; "after" rows name their seed), and per seed its learning
+curve and run: OUTPUT/learning_curve.png and OUTPUT/run with one seed, OUTPUT/learning_curve-seedS.png and
+OUTPUT/run-seedS with several. The report is written again after each seed ("seeds_done" of
+"seeds_planned"), so a bench stopped between seeds keeps its finished seeds' figures.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_coach.commands.evaluate import eval_rollout
-from mlx_coach.commands.learn_report import (first_last, learning_curve, markdown, over_seeds, plot_curve,
-                                             quarter_means)
+from mlx_coach.commands.learn_report import (answer_failure, failure_counts, first_last, learning_curve, markdown,
+                                             over_seeds, plot_curve, quarter_means)
 from mlx_coach.commands.stats import discordant_counts, mcnemar_exact_p, paired_bootstrap
 from mlx_coach.core.errors import UserError
 from mlx_coach.core.keys import draw_seed
@@ -117,9 +120,13 @@ def heldout_tasks(cfg, spec, limit):
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _sample_rows(records, mode):
+def _sample_rows(records, mode, failures=None):
+    """samples.jsonl's rows: each answer's text, the code scored, its verdict and (greedy) why it failed."""
+    failures = failures or [None] * len(records)
     return [{"mode": mode, "task_id": r["task_id"], "completion_index": r["completion_index"], "passed": r["passed"],
-             "status": r["status"], "finish_reason": r["finish_reason"], "completion": r["completion"]} for r in records]
+             "status": r["status"], "error": r["error"], "finish_reason": r["finish_reason"], "text": r["text"],
+             "completion": r["completion"], **({"failure": f} if mode == "greedy" else {})}
+            for r, f in zip(records, failures)]
 
 
 def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, samples, seed):
@@ -129,9 +136,11 @@ def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, sample
 
     t0 = time.perf_counter()
     greedy = generate_and_score(model, tokenizer, tasks, eval_rollout(cfg, max_new_tokens), scorer)
+    failures = [answer_failure(r, t.entry_point, cfg.rollout.extract_code) for r, t in zip(greedy, tasks)]
     out = {"tasks": [t.task_id for t in tasks], "greedy": [bool(r["passed"]) for r in greedy],
            "greedy_truncated": [r["finish_reason"] == "length" for r in greedy],
-           "greedy_statuses": [r["status"] for r in greedy], "rows": _sample_rows(greedy, "greedy")}
+           "greedy_statuses": [r["status"] for r in greedy],
+           "greedy_failures": failures, "rows": _sample_rows(greedy, "greedy", failures)}
     if samples > 1:
         # the same keys before and after training: the sampled pass@k's are paired draw for draw
         mx.random.seed(draw_seed(seed, "eval_sample"))
@@ -150,7 +159,8 @@ def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, sample
 def summary(result, samples):
     """pass@1 (greedy), pass@1 and pass@k (sampled, unbiased estimator) and the truncation share."""
     s = {"tasks": len(result["tasks"]), "pass@1": float(np.mean(result["greedy"])),
-         "passed": int(sum(result["greedy"])), "truncated_frac": float(np.mean(result["greedy_truncated"]))}
+         "passed": int(sum(result["greedy"])), "truncated_frac": float(np.mean(result["greedy_truncated"])),
+         "failures": failure_counts(result["greedy_failures"])}
     if "sampled_correct" in result:
         for k in sorted({1, samples}):
             s[f"sampled_pass@{k}"] = float(np.mean([pass_at_k(samples, c, k) for c in result["sampled_correct"]]))
@@ -239,7 +249,7 @@ def train_and_evaluate(cfg, run_dir, steps, args, evaluate_all):
 
 
 def run(argv):
-    from mlx_coach.runtime.rundir import writable_dir
+    from mlx_coach.runtime.rundir import writable_dir, written_whole
     from mlx_coach.models.loader import load_policy
     from mlx_coach.rewards.scoring.sandbox_scorer import SandboxScorer
     from mlx_coach.data.tasks import load_tasks
@@ -286,11 +296,38 @@ def run(argv):
         return res
 
     runs, after, curves = [], {}, {}
+    head = {"config": args.config, "overrides": args.set, "model": cfg.model.path, "samples": samples,
+            "eval_max_new_tokens": max_new, "heldout_spec": args.heldout, "heldout_overlap_with_train": overlap,
+            "humaneval_subset": bool(args.humaneval_limit) and "humaneval" in sets}
+
+    def write_report():
+        """report.json and report.md of the seeds finished so far, each file replaced whole: a run stopped
+        between seeds keeps what its finished seeds measured ("seeds_done" < "seeds_planned")."""
+        report = {**head, "seeds_planned": seeds, "seeds_done": [r["seed"] for r in runs],
+                  "over_seeds": over_seeds(runs, list(sets))}
+        if len(seeds) == 1:
+            report.update({k: v for k, v in runs[0].items() if k not in ("seed", "run")})
+        else:
+            report["runs"] = runs
+        md = markdown(report)
+        for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", md)):
+            with written_whole(out / name) as tmp:
+                tmp.write_text(text)
+        return report, md
+
+    def append_samples(when, results, seed=None):
+        with open(out / "samples.jsonl", "a" if when == "after" else "w") as f:
+            for name in sets:
+                for row in results[name]["rows"]:
+                    f.write(json.dumps({"when": when, **({"seed": seed} if when == "after" else {}), "set": name,
+                                        **row}) + "\n")
+
     with SandboxScorer(cfg.sandbox) as scorer:
         # the base model's evaluation is the same for every seed (the decoding's seed is --seed): once
         model, tokenizer, _ = load_policy(cfg.model.path, dtype=cfg.model.dtype)
         model.eval()
         before = evaluate_all(model, tokenizer, "before")
+        append_samples("before", before)
         del model
         for seed in seeds:
             done += 1
@@ -312,31 +349,12 @@ def run(argv):
                 runs[-1]["per_task"][name] = {when: {k: v for k, v in res[name].items() if k != "rows"}
                                               for when, res in (("before", before), ("after", a))}
             runs[-1]["curve"] = {k: {"steps": xs, "values": ys} for k, (xs, ys) in curves[seed].items()}
+            append_samples("after", after[seed], seed)
+            report, md = write_report()
 
-    report = {
-        "config": args.config, "overrides": args.set, "model": cfg.model.path, "samples": samples,
-        "eval_max_new_tokens": max_new, "heldout_spec": args.heldout, "heldout_overlap_with_train": overlap,
-        "humaneval_subset": bool(args.humaneval_limit) and "humaneval" in sets,
-        "over_seeds": over_seeds(runs, list(sets)),
-    }
-    if len(seeds) == 1:
-        report.update({k: v for k, v in runs[0].items() if k not in ("seed", "run")})
-    else:
-        report["runs"] = runs
     pngs = [plot_curve(out / ("learning_curve.png" if len(seeds) == 1 else f"learning_curve-seed{r['seed']}.png"),
                        curves[r["seed"]], f"{cfg.model.path}: learning curve ({r['training']['steps']} steps"
                        + (f", seed {r['seed']})" if len(seeds) > 1 else ")")) for r in runs]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    with open(out / "samples.jsonl", "w") as f:
-        for name in sets:
-            for row in before[name]["rows"]:
-                f.write(json.dumps({"when": "before", "set": name, **row}) + "\n")
-        for seed in seeds:
-            for name in sets:
-                for row in after[seed][name]["rows"]:
-                    f.write(json.dumps({"when": "after", "seed": seed, "set": name, **row}) + "\n")
-    md = markdown(report)
-    (out / "report.md").write_text(md)
     print(md)
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {', '.join(str(p) for p in pngs)}")
     return report

@@ -8,6 +8,7 @@ A lift is after - before greedy pass@1 on one task set, as a fraction (0.155 = +
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,37 @@ CURVE_KEYS = {"reward/fresh_mean": "fresh reward", "eval/pass@1": "validation pa
               "gen/truncated_frac": "truncation share", "groups/informative_frac": "informative share",
               "kl/mean": "KL", "policy/entropy": "entropy"}
 LEVEL = 0.95  # of the across-seed interval
+# why an answer failed, in the order the report lists them (answer_failure)
+FAILURES = ("format", "truncation", "wrong answer", "error", "unjudged")
+
+
+def answer_failure(record, entry_point, extract_code):
+    """Why one evaluated answer (a `generate_and_score` record) failed, or None when it passed:
+    - unjudged: the sandbox gave no verdict (timeout, infrastructure);
+    - truncation: cut at the token limit;
+    - format: nothing to run, or (rollout.extract_code) no fenced block, or code that never defines the
+      task's function (the stub's own definition, which returns None, is then what the tests call);
+    - wrong answer: the program ran and a test's assert failed;
+    - error: the program raised anything else (a syntax error included) or was killed."""
+    from mlx_coach.engine.text import has_fenced_block
+    from mlx_coach.rewards.scoring.base import UNJUDGED_STATUSES
+
+    if record["passed"]:
+        return None
+    if record["status"] in UNJUDGED_STATUSES:
+        return "unjudged"
+    if record["finish_reason"] == "length":
+        return "truncation"
+    code = record["completion"]
+    defines = re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", code, re.M)
+    if not code.strip() or (extract_code and not (has_fenced_block(record["text"]) and defines)):
+        return "format"
+    return "wrong answer" if record["status"] == "failed" else "error"
+
+
+def failure_counts(failures):
+    """{kind: answers} over FAILURES, from a list of answer_failure results (None: passed)."""
+    return {kind: sum(f == kind for f in failures) for kind in FAILURES}
 
 
 def learning_curve(run_dir):
@@ -135,6 +167,9 @@ def run_table(sets, samples):
                              f"{100 * bk['ci_low']:+.1f}..{100 * bk['ci_high']:+.1f}) | | | bootstrap {boot_p_text(bk)} |")
         lines.append(f"| {label} | truncated (greedy) | {pct_text(b['truncated_frac'])} | "
                      f"{pct_text(a['truncated_frac'])} | | | | |")
+        for kind in FAILURES:
+            nb, na = b["failures"][kind], a["failures"][kind]
+            lines.append(f"| {label} | failed: {kind} (greedy) | {nb} | {na} | {na - nb:+d} | | | |")
     return lines
 
 
@@ -162,6 +197,9 @@ def markdown(report):
         return "\n".join(run_table(report["sets"], report["samples"]) + ["", training_line(report["training"])]) + "\n"
     summary = report["over_seeds"]
     lines = seeds_table(summary)
+    if len(report["seeds_done"]) < len(report["seeds_planned"]):
+        lines = [f"Seeds finished: {len(report['seeds_done'])} of {len(report['seeds_planned'])} (the bench stopped "
+                 f"or is still running).", ""] + lines
     lines += ["", f"Informative groups by quarter, mean over seeds: {_quarters_text(summary['informative_frac_by_quarter'])}."]
     for r in report["runs"]:
         lines += ["", f"### seed {r['seed']}", ""] + run_table(r["sets"], report["samples"])

@@ -29,7 +29,7 @@ def generate_and_score(model, tokenizer, tasks, rc, scorer, *, bypass_cache=True
     records = []
     for r, (task, completion), s in zip(rb.rollouts, items, scores):
         records.append({
-            "task_id": task.task_id, "completion_index": r.sample_index, "completion": completion,
+            "task_id": task.task_id, "completion_index": r.sample_index, "text": r.text, "completion": completion,
             "status": s.status, "passed": s.passed, "score": s.value, "error": s.error,
             "finish_reason": r.finish_reason, "tokens": len(r.token_ids),
             "category": task.tags.get("category", "none"), "prompt": task.prompt,

@@ -19,6 +19,11 @@ def extract_code(text: str) -> str:
     return blocks[0][1] if blocks else text
 
 
+def has_fenced_block(text: str) -> bool:
+    """Whether the answer opens a fenced code block (closed or cut off)."""
+    return _FENCED.search(text) is not None
+
+
 def closed_block_end(buf: bytes):
     """Byte offset just past the closing fence of the first fenced block in `buf`, or None while no
     block is closed. A fence is three backticks at the start of a line (the opening one may follow text
