@@ -33,3 +33,9 @@ def odd_tasks_signal(prompts, completions, **columns):
         else:
             out.append(0.0)
     return out
+
+
+def distinct_kinds(prompts, completions, **columns):
+    """Every sample of the batch gets the share of the 4 "kind" tag values its tasks cover."""
+    kinds = {tags["kind"] for tags in columns["tags"]}
+    return [len(kinds) / 4 for _ in completions]

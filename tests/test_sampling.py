@@ -290,3 +290,43 @@ def test_config_refuses_what_cannot_work(tmp_path):
         tiny_cfg(tmp_path, algo={"difficulty_weighting": True})  # its rewards have no tests source
     with pytest.raises(UserError, match="algo.max_draw_factor"):
         tiny_cfg(tmp_path, algo={"max_draw_factor": 0.5})
+
+
+@pytest.mark.parametrize("sizes", [(5, 5, 5, 5), (7, 2, 4, 1)])
+def test_an_interleaved_epoch_order_takes_the_keys_round_robin(sizes):
+    """A permutation of every task, in rounds: each round holds each key that still has tasks once (so
+    while all keys have tasks, any len(keys) draws from a round's start cover every key)."""
+    groups = [k for k, n in enumerate(sizes) for _ in range(n)]
+    order = epoch_order(len(groups), 3, 1, groups)
+    assert sorted(order) == list(range(len(groups)))
+    left, at = list(sizes), 0
+    while at < len(order):
+        live = [k for k, n in enumerate(left) if n]
+        assert sorted(groups[i] for i in order[at:at + len(live)]) == live
+        for k in live:
+            left[k] -= 1
+        at += len(live)
+    assert epoch_order(len(groups), 3, 1, groups) == order
+    assert epoch_order(len(groups), 3, 2, groups) != order  # each epoch its own order
+    assert epoch_order(len(groups), 3, 1) == np.random.default_rng([3, 1]).permutation(len(groups)).tolist()
+
+
+def test_a_run_interleaved_by_a_tag_covers_its_values_in_every_step(tmp_path):
+    """4 "kind" values over 40 tasks, 4 prompts a step: interleaved, every step's batch holds all 4 kinds
+    (the reward is the share of kinds the batch covers)."""
+    path = tmp_path / "kinds.jsonl"
+    path.write_text("".join(json.dumps({"task_id": f"s/{i}", "prompt": f"def f{i}(x):\n", "entry_point": f"f{i}",
+                                        "test": "def check(c):\n    assert c(1) == 1\n", "tags": {"kind": i % 4}}) + "\n"
+                            for i in range(40)))
+    cfg = dyn_cfg(tmp_path, "distinct_kinds", algo={"dynamic_sampling": False}, data={"tasks": str(path),
+                  "interleave_by": "kind"}, train={"steps": 3})
+    train_tasks, _ = select_tasks(cfg.data)
+    assert min(sum(t.tags["kind"] == k for t in train_tasks) for k in range(4)) >= 3
+    train(cfg, tmp_path / "run")
+    assert [r["reward/mean"] for r in step_rows(tmp_path / "run")] == [1.0, 1.0, 1.0]
+
+
+def test_interleaving_by_a_tag_no_task_has_is_refused(tmp_path):
+    cfg = dyn_cfg(tmp_path, "zero", data={"interleave_by": "nope"})
+    with pytest.raises(UserError, match="data.interleave_by"):
+        train(cfg, tmp_path / "run")

@@ -56,6 +56,9 @@ class DataConfig:
     split_seed: int = _f(0)
     limit: int = _f(0, lo=0, help="use only the first N tasks (0 = all; procedural: N training tasks)")
     categories: Optional[list] = _f(None, help="keep only tasks whose category tag is listed")
+    interleave_by: Optional[str] = _f(None, help="a task tag (procedural: template, category, difficulty): each "
+                                                 "epoch takes the tasks round-robin over its values, so consecutive "
+                                                 "steps cover different ones; null = one seeded shuffle")
     # procedural tasks (data.procedural): generated functions in five families, difficulty levels 1-5
     procedural_count: int = _f(DEFAULT_COUNT, lo=1, help="procedural: training tasks generated")
     procedural_heldout: int = _f(DEFAULT_HELDOUT, lo=0, help="procedural: held-out tasks (the validation split), "

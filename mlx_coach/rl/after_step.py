@@ -175,7 +175,7 @@ class AfterStep:
             log_images(self.telemetry, write_report(self.run_dir), step)
         state.epoch += 1
         state.pos = 0
-        self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, state.epoch)
+        self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, state.epoch, self.task_groups)
         state.phases.reset()
         self._log_cache_clear(self.cache.on_epoch_start(state.epoch), step)
 

@@ -17,8 +17,33 @@ from mlx_coach.data.tasks import load_tasks, split_tasks
 from mlx_coach.runtime.rundir import copy_folder, written_whole
 
 
-def epoch_order(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+def epoch_order(n, seed, epoch, groups=None):
+    """The epoch's order of the n training tasks: a permutation seeded by (seed, epoch). With `groups`
+    (one key per task, from data.interleave_by) the tasks come round-robin over the keys: each key's
+    tasks in seeded order, each round visiting the keys that still hold tasks in a new seeded order, so
+    a run of consecutive draws spreads over the keys instead of clustering on a few."""
+    rng = np.random.default_rng([seed, epoch])
+    shuffled = rng.permutation(n).tolist()
+    if groups is None:
+        return shuffled
+    queues = {}
+    for i in shuffled:
+        queues.setdefault(groups[i], []).append(i)
+    queues, order = list(queues.values()), []
+    while queues:
+        order += [queues[j].pop() for j in rng.permutation(len(queues)).tolist()]
+        queues = [q for q in queues if q]
+    return order
+
+
+def interleave_groups(tasks, tag):
+    """Each task's value of the tag data.interleave_by names (None: no interleaving)."""
+    if tag is None:
+        return None
+    groups = [t.tags.get(tag) for t in tasks]
+    if all(g is None for g in groups):
+        raise UserError(f"config key 'data.interleave_by': no training task has the tag {tag!r}")
+    return groups
 
 
 def select_tasks(data):
