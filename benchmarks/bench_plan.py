@@ -113,12 +113,11 @@ def child(spec):
 def predicted(entry, steps):
     from mlx_coach.config.tree import load_config
     from mlx_coach.models.size import plan_run
-    from mlx_coach.rl.setup import epoch_order, interleave_groups, select_tasks
+    from mlx_coach.rl.setup import run_order, select_tasks
 
     cfg = load_config(ROOT / entry["config"], overrides(entry))
     tasks, _ = select_tasks(cfg.data)
-    order = epoch_order(len(tasks), cfg.train.seed, 0, interleave_groups(tasks, cfg.data.interleave_by))
-    order = order[: steps * cfg.rollout.prompts_per_step]
+    order = run_order(tasks, cfg, 0)[: steps * cfg.rollout.prompts_per_step]
     return plan_run(cfg, [tasks[i] for i in order])[2]
 
 

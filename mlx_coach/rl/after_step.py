@@ -7,7 +7,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_coach.engine.generate import generate_and_score, pass_at_k_summary
-from mlx_coach.rl.setup import epoch_order
+from mlx_coach.rl.setup import run_order
 from mlx_coach.runtime.distributed import checksum_spread, shard_bounds
 from mlx_coach.telemetry.alert_rules import (evaluate as evaluate_alerts, evaluate_epoch, lr_adjustment,
                                               memory_over_plan)
@@ -175,7 +175,7 @@ class AfterStep:
             log_images(self.telemetry, write_report(self.run_dir), step)
         state.epoch += 1
         state.pos = 0
-        self.order = epoch_order(len(self.train_tasks), self.cfg.train.seed, state.epoch, self.task_groups)
+        self.order = run_order(self.train_tasks, self.cfg, state.epoch)
         state.phases.reset()
         self._log_cache_clear(self.cache.on_epoch_start(state.epoch), step)
 

@@ -36,6 +36,11 @@ def epoch_order(n, seed, epoch, groups=None):
     return order
 
 
+def run_order(tasks, cfg, epoch):
+    """The run's order of its training tasks for an epoch: epoch_order under train.seed and data.interleave_by."""
+    return epoch_order(len(tasks), cfg.train.seed, epoch, interleave_groups(tasks, cfg.data.interleave_by))
+
+
 def interleave_groups(tasks, tag):
     """Each task's value of the tag data.interleave_by names (None: no interleaving)."""
     if tag is None:

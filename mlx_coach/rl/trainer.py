@@ -35,8 +35,8 @@ from mlx_coach.rl.batch import StepBatch, judged_rows
 from mlx_coach.rl.kl_control import make_kl_controller
 from mlx_coach.rl.after_step import AfterStep
 from mlx_coach.rl.reference import ReferencePass
-from mlx_coach.rl.setup import (base_model_folder, check_shards, epoch_order, interleave_groups, make_optimizer,
-                                schedule_steps, select_tasks)
+from mlx_coach.rl.setup import (base_model_folder, check_shards, make_optimizer, run_order, schedule_steps,
+                                select_tasks)
 from mlx_coach.rl.state import TrainerState
 from mlx_coach.rl.step_metrics import sample_columns, step_metrics
 from mlx_coach.rl.update import Updater, on_cadence
@@ -92,8 +92,7 @@ class Trainer(AfterStep, ReferencePass):
         self.placed = 0  # the place in the step of the next round's first task: its samples' keys
         if resume:
             self._resume()
-        self.task_groups = interleave_groups(self.train_tasks, cfg.data.interleave_by)
-        self.order = epoch_order(len(self.train_tasks), cfg.train.seed, self.state.epoch, self.task_groups)
+        self.order = run_order(self.train_tasks, cfg, self.state.epoch)
         if self.world.is_main:
             self.telemetry = Telemetry(self.run_dir, tensorboard=cfg.telemetry.tensorboard,
                                        console=cfg.telemetry.progress,
