@@ -46,6 +46,8 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
         gained = sum(1 for b, a in zip(per["before"]["greedy"], per["after"]["greedy"]) if a and not b)
         assert change["fail_to_pass"] == gained and 0.0 <= change["mcnemar_p"] <= 1.0
         assert change["bootstrap_pass@1"]["delta"] == pytest.approx(after["pass@1"] - before["pass@1"])
+        # builtin and HumanEval tasks carry no template: each is its own cluster
+        assert change["bootstrap_pass@1"]["clusters"] == n_tasks
     assert "sampled_pass@2" in report["sets"]["heldout"]["before"]
     # report.md has a greedy pass@1 row for each set, showing before and after as report.json holds them
     md = [[c.strip() for c in line.strip().strip("|").split("|")] for line in
@@ -169,7 +171,8 @@ def test_the_interval_over_seeds_is_the_t_interval_of_the_per_seed_lifts():
     def run_block(seed, gained):
         after = [i < gained for i in range(10)]
         block = {"before": {"pass@1": 0.0}, "after": {"pass@1": gained / 10},
-                 "change": {"mcnemar_p": stats.mcnemar_exact_p(gained, 0), "fail_to_pass": gained, "pass_to_fail": 0}}
+                 "change": {"mcnemar_p": stats.mcnemar_exact_p(gained, 0), "fail_to_pass": gained, "pass_to_fail": 0,
+                            "bootstrap_pass@1": stats.paired_bootstrap(before, after, seed=seed)}}
         assert stats.discordant_counts(before, after) == (gained, 0)
         return {"seed": seed, "training": {"informative_frac_by_quarter": [0.5, 0.5, 0.25, None]},
                 "sets": {"heldout": block}}
@@ -178,6 +181,8 @@ def test_the_interval_over_seeds_is_the_t_interval_of_the_per_seed_lifts():
     s = summary["sets"]["heldout"]
     assert [row["lift"] for row in s["per_seed"]] == pytest.approx([0.1, 0.3, 0.2])
     assert [row["p"] for row in s["per_seed"]] == [1.0, 0.25, 0.5]
+    # each seed's own interval is its bootstrap's, around its lift
+    assert all(row["ci_low"] <= row["lift"] <= row["ci_high"] for row in s["per_seed"])
     ci = stats.mean_ci([0.1, 0.3, 0.2])
     assert (s["lift_mean"], s["lift_ci_low"], s["lift_ci_high"]) == pytest.approx((ci["mean"], ci["lo"], ci["hi"]))
     assert s["lift_mean"] == pytest.approx(0.2) and s["lift_ci_low"] < s["lift_mean"] < s["lift_ci_high"]
@@ -251,3 +256,16 @@ def test_a_bench_stopped_between_seeds_keeps_the_finished_seeds_report(tmp_path,
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["when"], r.get("seed")) for r in rows] == [("before", None)] * 3 + [("after", 0)] * 3
     assert "Seeds finished: 1 of 2" in (out / "report.md").read_text()
+
+
+def test_procedural_tasks_cluster_by_their_template_and_others_stand_alone():
+    from mlx_coach.commands.learn_bench import task_cluster
+    from mlx_coach.data.procedural import procedural_split
+    from mlx_coach.data.tasks import load_tasks
+
+    _, heldout = procedural_split(count=50, val_count=120, difficulty=(1, 2))
+    clusters = {task_cluster(t) for t in heldout}
+    templates = {t.tags["template"] for t in heldout}
+    assert clusters == templates and 1 < len(clusters) < len(heldout)
+    builtin = load_tasks("builtin")
+    assert len({task_cluster(t) for t in builtin}) == len(builtin)

@@ -72,3 +72,38 @@ def test_bootstrap_of_no_change_is_not_significant():
     with pytest.raises(ValueError):
         paired_bootstrap([], [])
     assert math.isfinite(paired_bootstrap([0, 1, 1], [1, 1, 0])["se"])
+
+
+def test_a_bootstrap_over_single_task_clusters_is_the_bootstrap_over_tasks():
+    rng = np.random.default_rng(3)
+    before, after = rng.random(50) < 0.4, rng.random(50) < 0.6
+    plain = paired_bootstrap(before, after, seed=5)
+    single = paired_bootstrap(before, after, clusters=[f"t{i:02d}" for i in range(50)], seed=5)
+    assert single == pytest.approx(plain) and plain["clusters"] == 50
+
+
+def test_a_bootstrap_over_templates_that_flip_whole_is_as_wide_as_the_templates_allow():
+    # 10 templates of 10 tasks; training learned 3 templates whole. Over tasks the SE would be
+    # sqrt(0.3 * 0.7 / 100) = 0.046; the evidence is 10 templates, 3 of them gained: SE sqrt(0.21 / 10) = 0.145
+    clusters = [f"template{i // 10}" for i in range(100)]
+    before = [False] * 100
+    after = [i < 30 for i in range(100)]
+    over_tasks = paired_bootstrap(before, after, resamples=20000, seed=2)
+    over_templates = paired_bootstrap(before, after, clusters=clusters, resamples=20000, seed=2)
+    assert over_tasks["se"] == pytest.approx(math.sqrt(0.21 / 100), rel=0.05)
+    assert over_templates["se"] == pytest.approx(math.sqrt(0.21 / 10), rel=0.05)
+    assert over_templates["delta"] == over_tasks["delta"] == pytest.approx(0.3)
+    assert over_templates["clusters"] == 10
+    # 3 gained clusters of 10 drawn as none with probability 0.7^10 = 2.8%: no longer "p < 1e-4"
+    assert over_tasks["p"] < 1e-3 < 0.01 < over_templates["p"] < 0.1
+    assert over_templates["ci_low"] < over_tasks["ci_low"] and over_templates["ci_high"] > over_tasks["ci_high"]
+
+
+def test_a_bootstrap_over_unequal_clusters_weights_each_task_once():
+    # two templates of 1 and 3 tasks: the resample "1 + 1" weighs the single task's change double,
+    # "3 + 3" gives 0, and the observed difference is the task mean (1/4), not the template mean (1/2)
+    out = paired_bootstrap([0, 0, 0, 0], [1, 0, 0, 0], clusters=["a", "b", "b", "b"], resamples=4000, seed=0)
+    assert out["delta"] == pytest.approx(0.25) and out["clusters"] == 2
+    assert out["ci_low"] == 0.0 and out["ci_high"] == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap([0, 1], [1, 1], clusters=["a"])

@@ -4,7 +4,9 @@ Both evaluations score the same held-out tasks and HumanEval with the same promp
 sandbox as the run's own validation (`engine.generate.generate_and_score`, at the config's rollout settings):
 greedy pass@1, and pass@k from n sampled answers per task at the rollout temperature (the unbiased
 estimator, `telemetry.passk.pass_at_k`). The change is judged per task (paired): tasks that went fail->pass and
-pass->fail, the exact McNemar p-value, and a paired bootstrap interval (`commands.stats`). The run's own
+pass->fail, the exact McNemar p-value (which takes the tasks as independent), and a paired bootstrap interval
+(`commands.stats`) that resamples whole templates of procedural tasks, whose instances flip together, and
+single tasks otherwise (`task_cluster`). The run's own
 metrics.jsonl gives the learning curve (fresh reward, validation pass@1, truncation share, informative share,
 KL, entropy).
 
@@ -16,9 +18,10 @@ the config's train.steps and evaluates every task. An explicit flag wins over bo
 `--seeds N` trains N runs (train.seed = the config's seed + 0..N-1) from the same base model, whose
 evaluation is done once (greedy decoding and the sampled draws' --seed do not depend on train.seed), and
 evaluates each run's final checkpoint. report.json:
-- "over_seeds": {"seeds": [...], "sets": {SET: {"before", "per_seed": [{"seed", "lift", "p", "fail_to_pass",
-  "pass_to_fail", "after"}], "lift_mean", "lift_ci_low", "lift_ci_high", "level"}}, "informative_frac_by_quarter"}:
-  SET is heldout or humaneval, lift = after - before greedy pass@1 (a fraction), p its exact McNemar p-value,
+- "over_seeds": {"seeds": [...], "sets": {SET: {"before", "per_seed": [{"seed", "lift", "p", "ci_low", "ci_high",
+  "fail_to_pass", "pass_to_fail", "after"}], "lift_mean", "lift_ci_low", "lift_ci_high", "level"}},
+  "informative_frac_by_quarter"}: SET is heldout or humaneval, lift = after - before greedy pass@1 (a fraction),
+  p its exact McNemar p-value, ci_low..ci_high its clustered bootstrap interval,
   the interval the t interval of the per-seed lifts (`commands.stats.mean_ci`; None with one seed);
 - one seed: the run's "training", "sets" ({SET: {"before", "after", "change", "seconds"}}), "per_task" and
   "curve" at the top level; several: "runs", a list of {"seed", "run", "training", "sets", "per_task", "curve"}.
@@ -54,6 +57,8 @@ from mlx_coach.telemetry.progress import bench_note
 
 # the default's caps; --full lifts them (0 = no cap, as the flags take it)
 SHORT = {"steps": 20, "heldout_limit": 20, "humaneval_limit": 20}
+# the tag whose tasks are resampled together in the bootstrap (procedural tasks carry their template)
+CLUSTER_TAG = "template"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,6 +134,12 @@ def _sample_rows(records, mode, failures=None):
             for r, f in zip(records, failures)]
 
 
+def task_cluster(task):
+    """The group a task's verdict is not independent of: a procedural task's template (its instances share
+    one solution idea and flip together when training learns it), else the task alone."""
+    return str(task.tags.get(CLUSTER_TAG, task.task_id))
+
+
 def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, samples, seed):
     """Per-task results on one task set: greedy verdicts and (samples > 1) sampled pass counts;
     "rows" holds every answer (written to samples.jsonl, not to the report)."""
@@ -137,7 +148,8 @@ def evaluate_set(model, tokenizer, tasks, cfg, scorer, *, max_new_tokens, sample
     t0 = time.perf_counter()
     greedy = generate_and_score(model, tokenizer, tasks, eval_rollout(cfg, max_new_tokens), scorer)
     failures = [answer_failure(r, t.entry_point, cfg.rollout.extract_code) for r, t in zip(greedy, tasks)]
-    out = {"tasks": [t.task_id for t in tasks], "greedy": [bool(r["passed"]) for r in greedy],
+    out = {"tasks": [t.task_id for t in tasks], "clusters": [task_cluster(t) for t in tasks],
+           "greedy": [bool(r["passed"]) for r in greedy],
            "greedy_truncated": [r["finish_reason"] == "length" for r in greedy],
            "greedy_statuses": [r["status"] for r in greedy],
            "greedy_failures": failures, "rows": _sample_rows(greedy, "greedy", failures)}
@@ -169,17 +181,19 @@ def summary(result, samples):
 
 
 def compare(before, after, samples, seed):
-    """The paired change on one task set: counts, McNemar exact p and bootstrap of greedy pass@1;
-    a bootstrap of sampled pass@k per task when there are samples."""
+    """The paired change on one task set: counts, McNemar exact p (tasks taken as independent) and a
+    bootstrap of greedy pass@1 over the tasks' clusters (`task_cluster`); a bootstrap of sampled pass@k
+    when there are samples."""
     gained, lost = discordant_counts(before["greedy"], after["greedy"])
+    clusters = before["clusters"]
     out = {"fail_to_pass": gained, "pass_to_fail": lost, "mcnemar_p": mcnemar_exact_p(gained, lost),
-           "bootstrap_pass@1": paired_bootstrap(before["greedy"], after["greedy"], seed=seed),
+           "bootstrap_pass@1": paired_bootstrap(before["greedy"], after["greedy"], clusters=clusters, seed=seed),
            "gained_tasks": [t for t, b, a in zip(before["tasks"], before["greedy"], after["greedy"]) if a and not b],
            "lost_tasks": [t for t, b, a in zip(before["tasks"], before["greedy"], after["greedy"]) if b and not a]}
     if "sampled_correct" in before and "sampled_correct" in after:
         k = samples
         est = lambda res: [pass_at_k(samples, c, k) for c in res["sampled_correct"]]  # noqa: E731
-        out[f"bootstrap_sampled_pass@{k}"] = paired_bootstrap(est(before), est(after), seed=seed)
+        out[f"bootstrap_sampled_pass@{k}"] = paired_bootstrap(est(before), est(after), clusters=clusters, seed=seed)
     return out
 
 

@@ -94,8 +94,8 @@ def _finite_or_none(x):
 
 
 def over_seeds(runs, set_names):
-    """{"seeds", "sets": {name: {"before", "per_seed": [{"seed", "lift", "p", "fail_to_pass", "pass_to_fail",
-    "after"}], "lift_mean", "lift_ci_low", "lift_ci_high", "level"}}, "informative_frac_by_quarter"}.
+    """{"seeds", "sets": {name: {"before", "per_seed": [{"seed", "lift", "p", "ci_low", "ci_high", "fail_to_pass",
+    "pass_to_fail", "after"}], "lift_mean", "lift_ci_low", "lift_ci_high", "level"}}, "informative_frac_by_quarter"}.
 
     runs: one block per seed ({"seed", "training", "sets"}). The interval is `stats.mean_ci` of the per-seed
     lifts (None with one seed); the informative share per quarter is its mean over the seeds."""
@@ -104,8 +104,10 @@ def over_seeds(runs, set_names):
         per_seed = []
         for r in runs:
             block = r["sets"][name]
+            boot = block["change"]["bootstrap_pass@1"]
             per_seed.append({"seed": r["seed"], "lift": block["after"]["pass@1"] - block["before"]["pass@1"],
-                             "p": block["change"]["mcnemar_p"], "fail_to_pass": block["change"]["fail_to_pass"],
+                             "p": block["change"]["mcnemar_p"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
+                             "fail_to_pass": block["change"]["fail_to_pass"],
                              "pass_to_fail": block["change"]["pass_to_fail"], "after": block["after"]["pass@1"]})
         ci = stats.mean_ci([s["lift"] for s in per_seed], LEVEL)
         out["sets"][name] = {"before": runs[0]["sets"][name]["before"]["pass@1"], "per_seed": per_seed,
@@ -150,8 +152,9 @@ def run_table(sets, samples):
              "|---|---|---|---|---|---|---|---|"]
     for name, block in sets.items():
         b, a, c = block["before"], block["after"], block["change"]
-        label = f"{name} ({b['tasks']} tasks)"
         boot = c["bootstrap_pass@1"]
+        grouped = f", {boot['clusters']} templates" if boot["clusters"] < b["tasks"] else ""
+        label = f"{name} ({b['tasks']} tasks{grouped})"
         lines.append(f"| {label} | pass@1 greedy | {pct_text(b['pass@1'])} | {pct_text(a['pass@1'])} | "
                      f"{100 * boot['delta']:+.1f} pts (95% CI {100 * boot['ci_low']:+.1f}..{100 * boot['ci_high']:+.1f}) | "
                      f"{c['fail_to_pass']} | {c['pass_to_fail']} | McNemar {c['mcnemar_p']:.3g}, bootstrap "
@@ -174,13 +177,15 @@ def run_table(sets, samples):
 
 
 def seeds_table(summary):
-    """Each seed's greedy pass@1 lift with its McNemar p, then the mean lift with its t interval, per set."""
-    lines = ["| set | seed | before | after | lift | fail->pass | pass->fail | McNemar p |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Each seed's greedy pass@1 lift with its McNemar p and clustered bootstrap interval, then the mean lift
+    with its t interval, per set."""
+    lines = ["| set | seed | before | after | lift | 95% bootstrap CI | fail->pass | pass->fail | McNemar p |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["sets"].items():
         for row in s["per_seed"]:
             lines.append(f"| {name} | {row['seed']} | {pct_text(s['before'])} | {pct_text(row['after'])} | "
-                         f"{pts_text(row['lift'])} | {row['fail_to_pass']} | {row['pass_to_fail']} | {row['p']:.3g} |")
+                         f"{pts_text(row['lift'])} | {100 * row['ci_low']:+.1f}..{100 * row['ci_high']:+.1f} | "
+                         f"{row['fail_to_pass']} | {row['pass_to_fail']} | {row['p']:.3g} |")
     n = len(summary["seeds"])
     lines += ["", f"| set | mean lift over {n} seeds | {round(100 * LEVEL)}% t interval |", "|---|---|---|"]
     for name, s in summary["sets"].items():

@@ -5,8 +5,9 @@
   sums of Abramowitz & Stegun 26.7.3-4), so no statistics package is needed; its quantile is found by
   bisection on that CDF.
 - Over tasks scored twice (`bench learn`, before and after training): the exact McNemar test and a
-  paired bootstrap. A task that is easy or hard for both models cancels out: only the tasks that
-  changed carry evidence. pass@k itself is `telemetry.passk.pass_at_k`; this module only compares.
+  paired bootstrap (over tasks, or over clusters of tasks such as a generator's templates). A task that
+  is easy or hard for both models cancels out: only the tasks that changed carry evidence. pass@k
+  itself is `telemetry.passk.pass_at_k`; this module only compares.
 """
 
 
@@ -164,23 +165,31 @@ def mcnemar_exact_p(gained: int, lost: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def paired_bootstrap(before, after, *, resamples=10000, seed=0, level=0.95):
+def paired_bootstrap(before, after, *, clusters=None, resamples=10000, seed=0, level=0.95):
     """Bootstrap of mean(after - before) over tasks resampled with replacement (pairs kept together).
 
-    Returns {delta, se, ci_low, ci_high, p}: the observed mean difference, the bootstrap standard
-    error, a percentile interval at `level`, and a two-sided p-value 2 * min(P(d* <= 0), P(d* >= 0))
-    (the share of resampled differences on the far side of zero), capped at 1.
-    Values may be 0/1 verdicts or per-task pass@k estimates.
+    Returns {delta, se, ci_low, ci_high, p, resamples, clusters}: the observed mean difference, the
+    bootstrap standard error, a percentile interval at `level`, and a two-sided p-value
+    2 * min(P(d* <= 0), P(d* >= 0)) (the share of resampled differences on the far side of zero), capped
+    at 1. Values may be 0/1 verdicts or per-task pass@k estimates.
+
+    `clusters` (one label per task) resamples whole clusters instead: tasks drawn from one template
+    succeed or fail together, so treating them as independent would narrow the interval. A resample's
+    difference is then the mean over the tasks of the clusters drawn; "clusters" is how many there are.
     """
     b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
     if b.shape != a.shape or b.ndim != 1 or len(b) == 0:
         raise ValueError("paired_bootstrap needs two equal-length, non-empty 1-D sequences")
     d = a - b
+    labels = np.arange(len(d)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    if labels.shape != d.shape:
+        raise ValueError(f"paired_bootstrap: {len(labels)} cluster labels for {len(d)} tasks")
+    sums, sizes = np.bincount(labels, weights=d), np.bincount(labels).astype(float)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(resamples, len(d)))
-    means = d[idx].mean(axis=1)
+    idx = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     alpha = (1.0 - level) / 2
     p = 2.0 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0)))
     return {"delta": float(d.mean()), "se": float(means.std(ddof=1)),
             "ci_low": float(np.quantile(means, alpha)), "ci_high": float(np.quantile(means, 1 - alpha)),
-            "p": min(1.0, p), "resamples": resamples}
+            "p": min(1.0, p), "resamples": resamples, "clusters": len(sums)}
