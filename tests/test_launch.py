@@ -3,6 +3,7 @@ killed launcher leaves no rank alive. (Two ranks in two network namespaces are t
 runs, as root.)"""
 
 import fcntl
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from waiting import wait_exited, wait_until
 
 from mlx_coach.core.errors import UserError
 from mlx_coach.runtime.checkpoint import latest_checkpoint, read_checkpoint
-from mlx_coach.runtime.launch import read_hostfile, ssh_argv
+from mlx_coach.runtime.launch import _Output, read_hostfile, ssh_argv
 from mlx_coach.runtime.netns import parse_shape
 from mlx_coach.runtime.watchdog import PEER_GONE_EXIT
 
@@ -128,16 +129,24 @@ def test_a_rank_killed_mid_run_ends_the_run_with_its_code_and_keeps_checkpoints(
     os.kill(rank1, signal.SIGKILL)
     _, err = p.communicate(timeout=ENDED_S)
     assert p.returncode == 128 + signal.SIGKILL, err[-2000:]
-    # the launcher's line comes last; a rank stopped mid-write (MLX's "[ring] Socket ..." warning, unterminated)
-    # may leave the start of that same line
+    # the launcher's line comes last and whole, even after a rank stopped mid-write (MLX's unterminated
+    # "[ring] Socket N was closed" warning)
     last = err.strip().splitlines()[-1]
-    assert last.endswith("mlx-coach: error: rank 1 was killed by SIGKILL, the other ranks were stopped"), err[-2000:]
+    assert last == "mlx-coach: error: rank 1 was killed by SIGKILL, the other ranks were stopped", err[-2000:]
     assert PEER_GONE_EXIT != p.returncode and all(wait_exited(pid, timeout=1) for pid in ranks)
     with open(run / ".lock", "a") as f:  # the run's lock went with rank 0
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     newest = latest_checkpoint(run)
     assert newest is not None
     read_checkpoint(newest)  # verifies every file against the manifest
+
+
+def test_a_rank_output_cut_mid_line_is_ended_so_the_next_line_starts_its_own():
+    out, shared = _Output(), io.BytesIO()
+    out.pump(1, io.BytesIO(b"step 3\n[ring] Socket 4"), shared)  # a rank killed while writing its warning
+    shared.write(b"mlx-coach: error: rank 1 was killed by SIGKILL\n")
+    assert shared.getvalue().decode().splitlines() == [
+        "[rank 1] step 3", "[rank 1] [ring] Socket 4", "mlx-coach: error: rank 1 was killed by SIGKILL"]
 
 
 def test_hostfile_and_shape_errors_are_one_line(tmp_path):

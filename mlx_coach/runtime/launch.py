@@ -105,9 +105,11 @@ class _Output:
         self._lock = threading.Lock()
 
     def pump(self, rank, stream, to):
-        """Pass `stream`'s lines on to `to` (a binary stream)."""
+        """Pass `stream`'s lines on to `to` (a binary stream). A rank stopped mid-write leaves its last line
+        unterminated: it is ended here, so that the next line, another rank's or the launcher's, starts its own."""
         prefix = b"" if rank == 0 else f"[rank {rank}] ".encode()
         for line in iter(stream.readline, b""):
+            line = line if line.endswith(b"\n") else line + b"\n"
             if line.startswith(CLOSING):
                 with self._lock:
                     self.closing.setdefault(rank, []).append(line)
