@@ -28,7 +28,8 @@ def _eval_rows(tmp_path, name, *extra):
 def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsys):
     out = tmp_path / "learn"
     argv = ["bench", "learn", "-c", "configs/tiny.yaml", "--steps", "2", "--heldout", "builtin:val",
-            "--heldout-limit", "4", "--samples", "2", "--humaneval-limit", "2", "--eval-max-new-tokens", "24",
+            "--heldout-limit", "4", "--samples", "2", "--humaneval-limit", "2", "--humaneval-samples", "3",
+            "--eval-max-new-tokens", "24",
             "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=2", "--set", "train.epochs_val=false",
             "--set", "telemetry.tensorboard=false", "--set", "rollout.temperature=1.0", "--set", "rollout.top_p=1.0",
             "--output", str(out)]  # the sampling of the separate evals below (`--temperature 1.0`, top_p 1)
@@ -48,7 +49,10 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
         assert change["bootstrap_pass@1"]["delta"] == pytest.approx(after["pass@1"] - before["pass@1"])
         # builtin and HumanEval tasks carry no template: each is its own cluster
         assert change["bootstrap_pass@1"]["clusters"] == n_tasks
+    # each set's sampled pass@k has its own n: pass@3 on HumanEval, pass@2 held out
     assert "sampled_pass@2" in report["sets"]["heldout"]["before"]
+    assert report["humaneval_samples"] == 3 and "sampled_pass@3" in report["sets"]["humaneval"]["after"]
+    assert "bootstrap_sampled_pass@3" in report["sets"]["humaneval"]["change"]
     # report.md has a greedy pass@1 row for each set, showing before and after as report.json holds them
     md = [[c.strip() for c in line.strip().strip("|").split("|")] for line in
           (out / "report.md").read_text().splitlines() if line.startswith("|")]
@@ -57,6 +61,7 @@ def test_bench_learn_reports_the_paired_change_of_separate_evals(tmp_path, capsy
         (row,) = [r for r in md[2:] if r[0].startswith(name) and "pass@1" in r[1] and "greedy" in r[1]]
         shown = [float(row[col].rstrip("%")) for col in (before_col, after_col)]
         assert shown == [pytest.approx(100 * block[when]["pass@1"], abs=0.05) for when in ("before", "after")], name
+    assert any(r[0].startswith("humaneval") and r[1] == "pass@3 (n=3)" for r in md[2:])
     assert (out / "learning_curve.png").stat().st_size > 0
     curve = learning_curve(out / "run")
     assert curve["fresh reward"][0] == [1, 2] and len(curve["KL"][1]) == 2 and len(curve["truncation share"][1]) == 2

@@ -83,6 +83,8 @@ def parse_args(argv):
                    "(at rollout.temperature; 0 = greedy only)")
     p.add_argument("--humaneval-limit", type=int, help=f"first N HumanEval tasks (0 = all 164; default "
                    f"{SHORT['humaneval_limit']}, --full: all)")
+    p.add_argument("--humaneval-samples", type=int, default=0, help="sampled answers per HumanEval task for "
+                   "pass@k (at rollout.temperature; 0 = greedy only)")
     p.add_argument("--no-humaneval", action="store_true", help="skip HumanEval")
     p.add_argument("--eval-max-new-tokens", type=int, default=0,
                    help="answer length for the evaluations (0 = train.val_max_new_tokens, else rollout.max_new_tokens)")
@@ -96,7 +98,7 @@ def parse_args(argv):
         raise UserError("bench learn: --minutes must be >= 0")
     if args.seeds < 1:
         raise UserError(f"bench learn: --seeds must be >= 1; got {args.seeds}")
-    for flag in ("steps", "heldout_limit", "samples", "humaneval_limit", "eval_max_new_tokens"):
+    for flag in ("steps", "heldout_limit", "samples", "humaneval_limit", "humaneval_samples", "eval_max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UserError(f"bench learn: --{flag.replace('_', '-')} must be >= 0")
     for flag in ("heldout_limit", "humaneval_limit"):  # unset: the short version's cap, or all with --full
@@ -287,6 +289,8 @@ def run(argv):
         sets["humaneval"] = he[: args.humaneval_limit] if args.humaneval_limit else he
     max_new = args.eval_max_new_tokens or cfg.train.val_max_new_tokens or cfg.rollout.max_new_tokens
     samples = args.samples if args.samples > 1 else 1
+    # sampled answers per task, per set (1: greedy only)
+    n_of = {"heldout": samples, "humaneval": max(args.humaneval_samples, 1)}
     if args.steps is None and not (args.full or args.minutes):
         steps = min(cfg.train.steps, SHORT["steps"])
     else:
@@ -300,7 +304,7 @@ def run(argv):
         nonlocal done
         res = {}
         for name, tasks in sets.items():
-            n = samples if name == "heldout" else 1
+            n = n_of[name]
             done += 1
             note(f"[{done}/{phases}] {when} training: evaluating {name}, {len(tasks)} tasks "
                  f"(greedy{f' + {n} sampled' if n > 1 else ''} answers each)")
@@ -311,6 +315,7 @@ def run(argv):
 
     runs, after, curves = [], {}, {}
     head = {"config": args.config, "overrides": args.set, "model": cfg.model.path, "samples": samples,
+            "humaneval_samples": n_of["humaneval"],
             "eval_max_new_tokens": max_new, "heldout_spec": args.heldout, "heldout_overlap_with_train": overlap,
             "humaneval_subset": bool(args.humaneval_limit) and "humaneval" in sets}
 
@@ -355,7 +360,7 @@ def run(argv):
                 seed_cfg, run_dirs[seed], steps, args, lambda m, t: evaluate_all(m, t, "after"))
             runs.append({"seed": seed, "run": str(run_dirs[seed]), "training": training, "sets": {}, "per_task": {}})
             for name in sets:
-                n = samples if name == "heldout" else 1
+                n = n_of[name]
                 a = after[seed]
                 runs[-1]["sets"][name] = {"before": summary(before[name], n), "after": summary(a[name], n),
                                           "change": compare(before[name], a[name], n, args.seed),

@@ -146,6 +146,11 @@ def training_line(t):
             f"quarter {_quarters_text(t['informative_frac_by_quarter'])}.")
 
 
+def set_samples(report):
+    """Sampled answers per task of each set (1: greedy only)."""
+    return {"heldout": report["samples"], "humaneval": report["humaneval_samples"]}
+
+
 def run_table(sets, samples):
     """One run's table: per set, greedy pass@1 with its paired tests, sampled pass@1 and pass@k, truncation."""
     lines = ["| set | metric | before | after | change | fail->pass | pass->fail | p |",
@@ -159,7 +164,7 @@ def run_table(sets, samples):
                      f"{100 * boot['delta']:+.1f} pts (95% CI {100 * boot['ci_low']:+.1f}..{100 * boot['ci_high']:+.1f}) | "
                      f"{c['fail_to_pass']} | {c['pass_to_fail']} | McNemar {c['mcnemar_p']:.3g}, bootstrap "
                      f"{boot_p_text(boot)} |")
-        k = samples
+        k = samples[name]
         if f"sampled_pass@{k}" in b and f"sampled_pass@{k}" in a:
             lines.append(f"| {label} | pass@1 sampled (n={k}) | {pct_text(b['sampled_pass@1'])} | "
                          f"{pct_text(a['sampled_pass@1'])} | {100 * (a['sampled_pass@1'] - b['sampled_pass@1']):+.1f} pts | | | |")
@@ -199,7 +204,7 @@ def markdown(report):
     """One seed: the run's table and training line. Several: the per-seed lifts and their interval, then
     each seed's table and training line."""
     if "runs" not in report:
-        return "\n".join(run_table(report["sets"], report["samples"]) + ["", training_line(report["training"])]) + "\n"
+        return "\n".join(run_table(report["sets"], set_samples(report)) + ["", training_line(report["training"])]) + "\n"
     summary = report["over_seeds"]
     lines = seeds_table(summary)
     if len(report["seeds_done"]) < len(report["seeds_planned"]):
@@ -207,6 +212,6 @@ def markdown(report):
                  f"or is still running).", ""] + lines
     lines += ["", f"Informative groups by quarter, mean over seeds: {_quarters_text(summary['informative_frac_by_quarter'])}."]
     for r in report["runs"]:
-        lines += ["", f"### seed {r['seed']}", ""] + run_table(r["sets"], report["samples"])
+        lines += ["", f"### seed {r['seed']}", ""] + run_table(r["sets"], set_samples(report))
         lines += ["", training_line(r["training"])]
     return "\n".join(lines) + "\n"
