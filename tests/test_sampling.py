@@ -183,6 +183,10 @@ def test_procedural_tasks_pool_by_family_and_difficulty():
     from mlx_coach.data.task import Task
 
     assert task_level(Task("t/0", "def f():\n", "f", "def check(c):\n    assert c() == 1\n")) is None  # no tags
+    # by template: one pool per template within its level
+    by_template = [task_level(t, "template") for t in tasks]
+    assert by_template == [f"{task_level(t)}/{t.tags['template']}" for t in tasks]
+    assert len(set(by_template)) >= len(levels)
 
 
 def test_the_walk_moves_past_a_saturated_level(tmp_path):
@@ -209,6 +213,28 @@ def test_the_walk_moves_past_a_saturated_level(tmp_path):
     assert len(ids & set(in_level)) < 0.5 * len(in_level)  # expected 0.09 of them (4 p (1 - p), p = 41/42)
     ids, in_level, others = picked[False]
     assert ids == set(in_level) | others
+
+
+def test_the_walk_pooled_by_template_moves_past_a_learned_template_not_its_level(tmp_path):
+    """A template learned whole (its pool at 40/40) is mostly passed over; the other templates of its level,
+    whose pool is their own, are all taken."""
+    data = {"tasks": "procedural", "procedural_count": 160, "procedural_heldout": 4, "difficulty_max": 2}
+    cfg = tiny_cfg(tmp_path, data=data, rewards=[{"type": "tests"}],
+                   algo={"difficulty_weighting": True, "difficulty_floor": 0.05, "difficulty_pool": "template"})
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        first = trainer.train_tasks[0]
+        learned = trainer.task_levels[first.task_id]
+        trainer.state.difficulty.levels[learned] = [40.0, 40.0]
+        ids = set()
+        while trainer.state.pos < len(trainer.order):
+            ids |= {t.task_id for t in trainer.next_prompts()[0]}
+        of_template = {t.task_id for t in trainer.train_tasks if trainer.task_levels[t.task_id] == learned}
+        same_level = {t.task_id for t in trainer.train_tasks if task_level(t) == task_level(first)} - of_template
+    finally:
+        trainer.close()
+    assert len(of_template) >= 5 and same_level and same_level <= ids
+    assert len(ids & of_template) < 0.5 * len(of_template)  # expected 0.09 of them, as for a level
 
 
 def test_tracker_counts_copies_of_a_text_in_a_batch_once():

@@ -110,6 +110,9 @@ class AlgoConfig:
     difficulty_by_level: bool = _f(True, help="difficulty weighting: a task not seen yet takes its level's recent "
                                               "pass rate (procedural tasks: family and difficulty) instead of "
                                               "always being taken, so the walk moves past saturated levels")
+    difficulty_pool: str = _f("level", choices=("level", "template"),
+                              help="difficulty_by_level: what a level is: family and difficulty, or the task's "
+                                   "template (procedural tasks), which saturates on its own when learned")
 
 
 @dataclass

@@ -22,7 +22,8 @@ fresh verdicts of every task of its level (procedural tasks: family and difficul
 step's counts first multiplied by LEVEL_DECAY so that the rate follows the policy as it improves. A
 procedural run rarely meets a task twice, so the per-task rates alone leave nearly every task "unseen";
 pooled by level, the walk moves past the levels the model has saturated (a curriculum) and back to the
-ones it still fails sometimes.
+ones it still fails sometimes. algo.difficulty_pool "template" pools by template within a level instead: a
+run learns a template whole (all its instances pass), while the level's other templates still fail.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ QUANTILES = (0.1, 0.5, 0.9)
 LEVEL_DECAY = 0.9  # per step: a level's verdicts of ~10 steps ago weigh a third of this step's
 
 
-def task_level(task) -> str | None:
+def task_level(task, pool="level") -> str | None:
     """The level a task's pass rate is pooled in: "family/difficulty" for tasks that carry both tags
-    (procedural ones), else None (no pooling)."""
+    (procedural ones), with pool "template" "family/difficulty/template" for tasks that also carry a
+    template; else None (no pooling)."""
     tags = getattr(task, "tags", None) or {}
-    if "category" in tags and "difficulty" in tags:
-        return f"{tags['category']}/{tags['difficulty']}"
-    return None
+    if "category" not in tags or "difficulty" not in tags or (pool == "template" and "template" not in tags):
+        return None
+    level = f"{tags['category']}/{tags['difficulty']}"
+    return f"{level}/{tags['template']}" if pool == "template" else level
 
 
 def task_weight(passes: int, samples: int, floor: float) -> float:

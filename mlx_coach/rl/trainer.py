@@ -73,7 +73,8 @@ class Trainer(AfterStep, ReferencePass):
 
     def _setup(self, cfg, resume):
         self.train_tasks, self.val_tasks = select_tasks(cfg.data)
-        self.task_levels = {t.task_id: dynamic_sampling.task_level(t) for t in self.train_tasks}
+        self.task_levels = {t.task_id: dynamic_sampling.task_level(t, cfg.algo.difficulty_pool)
+                            for t in self.train_tasks}
         if cfg.train.val_limit:
             self.val_tasks = self.val_tasks[: cfg.train.val_limit]
         check_shards(len(self.train_tasks), cfg.rollout.prompts_per_step, cfg.algo, self.world.size)
