@@ -26,8 +26,8 @@ def _set(obj, name):
     return getattr(obj, name) != _default(obj, name)
 
 
-# A setting that only tunes another (tis_cap, max_draw_factor, difficulty_floor, kl_horizon, min_lr_ratio,
-# lora_*, procedural_*, ttl_s) stays accepted while that one is off: `mlx-coach ab` turns the other on and
+# A setting that only tunes another (tis_cap, max_draw_factor, difficulty_floor, difficulty_pool, kl_horizon,
+# min_lr_ratio, lora_*, procedural_*, ttl_s) stays accepted while that one is off: `mlx-coach ab` turns the other on and
 # off across the arms of one base config (`--policies lru,ttl` on a config with ttl_s), and its off arm is
 # a valid run. Refused are those no arm would turn: a judge server no reward asks, and a reward item's
 # settings of another type.
