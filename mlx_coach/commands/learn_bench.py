@@ -365,7 +365,8 @@ def run(argv):
                 runs[-1]["sets"][name] = {"before": summary(before[name], n), "after": summary(a[name], n),
                                           "change": compare(before[name], a[name], n, args.seed),
                                           "seconds": {"before": before[name]["seconds"], "after": a[name]["seconds"]}}
-                runs[-1]["per_task"][name] = {when: {k: v for k, v in res[name].items() if k != "rows"}
+                # rows go to samples.jsonl; clusters follow from the task ids
+                runs[-1]["per_task"][name] = {when: {k: v for k, v in res[name].items() if k not in ("rows", "clusters")}
                                               for when, res in (("before", before), ("after", a))}
             runs[-1]["curve"] = {k: {"steps": xs, "values": ys} for k, (xs, ys) in curves[seed].items()}
             append_samples("after", after[seed], seed)
